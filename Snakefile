@@ -1,0 +1,190 @@
+# The pipeline: data -> text embeddings -> Phase 1 per preset -> Phase 2 per variant and
+# seed -> evaluation on the test split -> paired bootstrap comparisons.
+# Rules are thin: each calls the `defectfusion` CLI. params.yaml is the single source of
+# hyperparameters; a profile is an overlay: snakemake --cores all --configfile configs/micro.yaml
+import json
+from pathlib import Path
+
+configfile: "params.yaml"
+
+P = config["pipeline"]
+CONFIGS = " ".join(["params.yaml", *P.get("overlays", [])])
+CODE = "code/defectfusion"
+DATA = config["data"]["dir"]
+PRESETS = P["presets"]
+MAIN = config["model"]["preset"]
+VARIANTS = list(P["variants"])
+SEEDS = P["seeds"]
+SPLITS = [f"{DATA}/annotations/{s}.json" for s in ("train", "val", "test")]
+
+
+def sets(overrides):
+    """--set flags for a dict of dotted keys (a preset's or a variant's overrides)."""
+    return " ".join(f"--set {k}={json.dumps(v)}" for k, v in overrides.items())
+
+
+def section(*keys):
+    """The params a rule depends on: Snakemake reruns it when they change, and only then."""
+    return {k: config[k] for k in keys}
+
+
+rule all:
+    input:
+        expand("results/phase1/{preset}/test_metrics.json", preset=PRESETS),
+        expand("results/phase2/{variant}/seed{seed}/test_metrics.json", variant=VARIANTS, seed=SEEDS),
+        expand("results/compare/{variant}_seed{seed}.json", variant=VARIANTS, seed=SEEDS),
+
+
+rule data:
+    output:
+        SPLITS,
+    input:
+        f"{CODE}/data/synth.py",
+        f"{CODE}/data/importers.py",
+    params:
+        dataset=P["dataset"],
+        size=config["data"]["image_size"],
+    log:
+        "logs/data.log",
+    benchmark:
+        "benchmarks/results/data.tsv"
+    run:
+        d = params.dataset
+        if d["kind"] == "synth":
+            cmd = (f"defectfusion data synth --out {DATA} --seed {d['seed']} --n-train {d['n_train']} "
+                   f"--n-val {d['n_val']} --n-test {d['n_test']} --image-size {params.size}")
+        elif d["kind"] == "neu":
+            cmd = f"defectfusion data import-neu --src {d['src']} --out {DATA} --seed {d['seed']}"
+        else:
+            cmd = (f"defectfusion data import-coco --images {d['src']} --annotations {d['annotations']} "
+                   f"--out {DATA} --seed {d['seed']}")
+        shell(f"{cmd} > {log} 2>&1")
+
+
+rule text_embed:
+    output:
+        "results/text/embeddings.pt",
+        "results/text/embeddings.json",
+    input:
+        SPLITS[0],
+        config["text"]["prompts"],
+        f"{CODE}/text.py",
+    params:
+        section("text"),
+    log:
+        "logs/text_embed.log",
+    benchmark:
+        "benchmarks/results/text_embed.tsv"
+    shell:
+        "defectfusion text embed --config {CONFIGS} --out {output[0]} > {log} 2>&1"
+
+
+rule phase1:
+    output:
+        ckpt="runs/phase1/{preset}/best.pt",
+        history="results/phase1/{preset}/history.jsonl",
+    input:
+        SPLITS,
+        f"{CODE}/train/phase1.py",
+        f"{CODE}/train/engine.py",
+        f"{CODE}/models.py",
+        f"{CODE}/losses.py",
+    params:
+        cfg=section("seed", "data", "model", "phase1", "eval"),
+        overrides=lambda w: sets(P["preset_overrides"].get(w.preset, {})),
+    resources:
+        gpu=1 if P["requires_gpu"] else 0,
+    threads: workflow.cores
+    log:
+        "logs/phase1/{preset}.log",
+    benchmark:
+        "benchmarks/results/phase1_{preset}.tsv"
+    shell:
+        "defectfusion train phase1 --config {CONFIGS} --set model.preset={wildcards.preset} "
+        "{params.overrides} --out runs/phase1/{wildcards.preset} --resume > {log} 2>&1 && "
+        "cp runs/phase1/{wildcards.preset}/history.jsonl {output.history}"
+
+
+rule evaluate_phase1:
+    output:
+        "results/phase1/{preset}/test_metrics.json",
+        "results/phase1/{preset}/test_metrics.predictions.json",
+    input:
+        ckpt="runs/phase1/{preset}/best.pt",
+        split=SPLITS[2],
+        code=f"{CODE}/evaluate.py",
+    params:
+        section("data", "eval"),
+    log:
+        "logs/evaluate/phase1_{preset}.log",
+    benchmark:
+        "benchmarks/results/evaluate_phase1_{preset}.tsv"
+    shell:
+        "defectfusion evaluate --checkpoint {input.ckpt} --data {input.split} --out {output[0]} "
+        "--config {CONFIGS} > {log} 2>&1"
+
+
+rule phase2:
+    output:
+        ckpt="runs/phase2/{variant}/seed{seed}/best.pt",
+        history="results/phase2/{variant}/seed{seed}/history.jsonl",
+        steps="results/phase2/{variant}/seed{seed}/steps.jsonl",
+    input:
+        SPLITS,
+        phase1=f"runs/phase1/{MAIN}/best.pt",
+        text="results/text/embeddings.pt",
+        code=[f"{CODE}/train/phase2.py", f"{CODE}/fusion.py", f"{CODE}/train/engine.py", f"{CODE}/losses.py"],
+    params:
+        cfg=section("seed", "data", "model", "phase2", "eval", "text", "fusion"),
+        overrides=lambda w: sets({**P["variants"][w.variant], **P["variant_overrides"].get(w.variant, {})}),
+    resources:
+        gpu=1 if P["requires_gpu"] else 0,
+    threads: workflow.cores
+    log:
+        "logs/phase2/{variant}_seed{seed}.log",
+    benchmark:
+        "benchmarks/results/phase2_{variant}_seed{seed}.tsv"
+    shell:
+        "defectfusion train phase2 --config {CONFIGS} --set seed={wildcards.seed} {params.overrides} "
+        "--phase1 {input.phase1} --out runs/phase2/{wildcards.variant}/seed{wildcards.seed} --resume > {log} 2>&1 && "
+        "cp runs/phase2/{wildcards.variant}/seed{wildcards.seed}/history.jsonl {output.history} && "
+        "cp runs/phase2/{wildcards.variant}/seed{wildcards.seed}/steps.jsonl {output.steps}"
+
+
+rule evaluate_phase2:
+    output:
+        "results/phase2/{variant}/seed{seed}/test_metrics.json",
+        "results/phase2/{variant}/seed{seed}/test_metrics.predictions.json",
+    input:
+        ckpt="runs/phase2/{variant}/seed{seed}/best.pt",
+        split=SPLITS[2],
+        code=f"{CODE}/evaluate.py",
+    params:
+        section("data", "eval"),
+    log:
+        "logs/evaluate/phase2_{variant}_seed{seed}.log",
+    benchmark:
+        "benchmarks/results/evaluate_phase2_{variant}_seed{seed}.tsv"
+    shell:
+        "defectfusion evaluate --checkpoint {input.ckpt} --data {input.split} --out {output[0]} "
+        "--config {CONFIGS} > {log} 2>&1"
+
+
+rule compare:
+    output:
+        "results/compare/{variant}_seed{seed}.json",
+    input:
+        a=f"results/phase1/{MAIN}/test_metrics.json",
+        b="results/phase2/{variant}/seed{seed}/test_metrics.json",
+        split=SPLITS[2],
+        code=f"{CODE}/compare.py",
+    params:
+        n=P["bootstrap"],
+        cfg=section("data", "eval"),
+    log:
+        "logs/compare/{variant}_seed{seed}.log",
+    benchmark:
+        "benchmarks/results/compare_{variant}_seed{seed}.tsv"
+    shell:
+        "defectfusion compare --a {input.a} --b {input.b} --data {input.split} --out {output} "
+        "--n-boot {params.n} --seed {wildcards.seed} --config {CONFIGS} > {log} 2>&1"

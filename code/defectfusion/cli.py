@@ -1,0 +1,240 @@
+"""The `defectfusion` command: argument parsing and user-facing errors, nothing else.
+
+Each subcommand imports its stage lazily, so `--help` is instant and a data command
+does not pay for importing torch. A `UserError` (bad input) is printed as one line
+and exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from defectfusion.errors import UserError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+# ---- handlers: translate arguments into calls to the stages ----------------------------
+
+
+def _data_synth(a: argparse.Namespace) -> None:
+    from defectfusion.data.synth import SynthSpec, generate
+
+    spec = SynthSpec(
+        seed=a.seed, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test, image_size=a.image_size
+    )
+    generate(a.out, spec)
+
+
+def _data_import_neu(a: argparse.Namespace) -> None:
+    from defectfusion.data.importers import import_neu
+
+    import_neu(a.src, a.out, seed=a.seed)
+
+
+def _data_import_coco(a: argparse.Namespace) -> None:
+    from defectfusion.data.importers import import_coco
+
+    import_coco(a.images, a.annotations, a.out, seed=a.seed, splits=a.split)
+
+
+def _data_validate(a: argparse.Namespace) -> int:
+    from defectfusion.data.validate import validate_path
+
+    report = validate_path(a.path, check_images=not a.skip_images)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _models_list(a: argparse.Namespace) -> None:
+    from defectfusion.models import print_presets
+
+    print_presets()
+
+
+def _load_config(a: argparse.Namespace):
+    from defectfusion.config import load_config
+
+    return load_config(a.config, overrides=a.set)
+
+
+def _train_phase1(a: argparse.Namespace) -> None:
+    from defectfusion.train.phase1 import train_phase1
+
+    train_phase1(_load_config(a), a.out, resume=a.resume)
+
+
+def _train_phase2(a: argparse.Namespace) -> None:
+    from defectfusion.train.phase2 import train_phase2
+
+    train_phase2(_load_config(a), a.phase1, a.out, resume=a.resume)
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from defectfusion.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(a.checkpoint, a.data, a.out, config=_load_config(a) if a.config else None)
+
+
+def _text_embed(a: argparse.Namespace) -> None:
+    from defectfusion.text import embed_from_config
+
+    embed_from_config(_load_config(a), a.out)
+
+
+def _compare(a: argparse.Namespace) -> None:
+    from defectfusion.compare import compare_files
+
+    config = _load_config(a) if a.config else None  # else the metrics files' settings
+    compare_files(a.a, a.b, a.data, a.out, n_boot=a.n_boot, seed=a.seed, config=config)
+
+
+# ---- parser -----------------------------------------------------------------------------
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--config",
+        action="extend",
+        nargs="+",
+        type=Path,
+        required=required,
+        metavar="FILE",
+        help="YAML config; repeat to overlay (later files win), e.g. params.yaml configs/micro.yaml",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set phase1.epochs=3 (YAML-parsed value)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="defectfusion",
+        description="Defect detection with DEIMv2 + DINOv3 and residual vision-language fusion.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # data
+    data = sub.add_parser("data", help="make, import and validate datasets (COCO layout)")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    p = dsub.add_parser("synth", help="generate the procedural metal-surface dataset (6 classes)")
+    p.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
+    p.add_argument("--n-train", type=int, default=800, help="training images")
+    p.add_argument("--n-val", type=int, default=200, help="validation images")
+    p.add_argument("--n-test", type=int, default=200, help="test images")
+    p.add_argument("--image-size", type=int, default=192, help="square image side in pixels")
+    p.set_defaults(func=_data_synth)
+
+    p = dsub.add_parser(
+        "import-neu",
+        help="import NEU-DET (Pascal VOC ANNOTATIONS/+IMAGES/ or YOLO images/+labels/)",
+    )
+    p.add_argument("--src", type=Path, required=True, help="NEU-DET folder")
+    p.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    p.set_defaults(func=_data_import_neu)
+
+    p = dsub.add_parser("import-coco", help="import any COCO detection dataset")
+    p.add_argument(
+        "--images", type=Path, required=True, help="folder the file_names are relative to"
+    )
+    p.add_argument(
+        "--annotations",
+        type=Path,
+        required=True,
+        action="append",
+        help="COCO JSON; one file is split train/val/test, or repeat with --split for given splits",
+    )
+    p.add_argument(
+        "--split",
+        action="append",
+        choices=["train", "val", "test"],
+        help="the split of each --annotations file, in order (omit to split one file)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    p.set_defaults(func=_data_import_coco)
+
+    p = dsub.add_parser("validate", help="check a dataset folder or split JSON and summarise it")
+    p.add_argument("path", type=Path, help="dataset folder (DIR/annotations/*.json) or one JSON")
+    p.add_argument("--skip-images", action="store_true", help="do not open the image files")
+    p.set_defaults(func=_data_validate)
+
+    # models
+    models = sub.add_parser("models", help="detector presets")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    p = msub.add_parser("list", help="print each preset, its parameter count and input size")
+    p.set_defaults(func=_models_list)
+
+    # train
+    train = sub.add_parser("train", help="train Phase 1 (vision only) or Phase 2 (fusion)")
+    tsub = train.add_subparsers(dest="train_command", required=True, metavar="PHASE")
+    p = tsub.add_parser("phase1", help="train the vision-only DEIMv2 detector")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last checkpoint")
+    p.set_defaults(func=_train_phase1)
+
+    p = tsub.add_parser("phase2", help="train the residual vision-language fusion")
+    _add_config_args(p)
+    p.add_argument("--phase1", type=Path, required=True, help="Phase 1 checkpoint to start from")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last checkpoint")
+    p.set_defaults(func=_train_phase2)
+
+    # evaluate
+    p = sub.add_parser("evaluate", help="COCO metrics, critical recall, composite, confusion")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
+    p.add_argument(
+        "--data", type=Path, required=True, help="split JSON, e.g. DIR/annotations/test.json"
+    )
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    _add_config_args(p, required=False)
+    p.set_defaults(func=_evaluate)
+
+    # text
+    text = sub.add_parser("text", help="class-prompt text embeddings")
+    xsub = text.add_subparsers(dest="text_command", required=True, metavar="ACTION")
+    p = xsub.add_parser("embed", help="encode the class prompts into T (K x D_t)")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="embeddings file to write")
+    p.set_defaults(func=_text_embed)
+
+    # compare
+    p = sub.add_parser("compare", help="paired bootstrap CI of the difference between two models")
+    p.add_argument("--a", type=Path, required=True, help="model A predictions (COCO results JSON)")
+    p.add_argument("--b", type=Path, required=True, help="model B predictions (COCO results JSON)")
+    p.add_argument("--data", type=Path, required=True, help="ground-truth split JSON")
+    p.add_argument("--out", type=Path, required=True, help="comparison JSON to write")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    _add_config_args(p, required=False)
+    p.set_defaults(func=_compare)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        print(f"defectfusion: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("defectfusion: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The one on-disk dataset layout of the project, and box conversions.
+
+A prepared dataset is a folder::
+
+    DIR/images/<file_name>              the images (file_name may contain sub-folders)
+    DIR/annotations/{train,val,test}.json
+
+Each JSON is plain COCO detection format with these conventions:
+
+- ``categories``: ids are contiguous ``0..K-1`` (the detector's class index), each with
+  its ``name``; every split lists all K categories, in id order.
+- ``images``: ids start at 1; ``file_name`` is relative to ``DIR/images``; ``width`` and
+  ``height`` in pixels; ``source_file`` keeps the name the image had in its source.
+- ``annotations``: ids start at 1 (pycocotools treats id 0 as "unmatched"),
+  ``bbox`` is ``[x, y, w, h]`` in pixels, ``area = w * h``, ``iscrowd = 0``.
+- ``info``: ``dataset`` (its name), ``split``, and how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectfusion.errors import UserError
+from defectfusion.fsutil import atomic_write_json
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def split_path(root: str | Path, split: str) -> Path:
+    return Path(root) / "annotations" / f"{split}.json"
+
+
+def images_dir(root: str | Path) -> Path:
+    return Path(root) / "images"
+
+
+def dataset_root(split_json: str | Path) -> Path:
+    """The dataset folder that holds `split_json` (``DIR/annotations/x.json`` -> ``DIR``)."""
+    return Path(split_json).resolve().parent.parent
+
+
+def load_json(path: str | Path) -> Any:
+    """Read a JSON file, turning every way it can be unreadable into one `UserError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file, expected COCO JSON")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
+
+
+def write_split(root: str | Path, split: str, coco: dict[str, Any]) -> Path:
+    return atomic_write_json(split_path(root, split), coco, indent=1)
+
+
+def category_names(coco: dict[str, Any]) -> list[str]:
+    """Class names in id order (ids are 0..K-1 by this layout's convention)."""
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    return [c["name"] for c in cats]
+
+
+def make_categories(names: Sequence[str]) -> list[dict[str, Any]]:
+    return [{"id": i, "name": n, "supercategory": "defect"} for i, n in enumerate(names)]
+
+
+def make_coco(
+    images: list[dict[str, Any]],
+    annotations: list[dict[str, Any]],
+    names: Sequence[str],
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": make_categories(names),
+    }
+
+
+def stratified_split(
+    keys: Sequence[Hashable],
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+) -> list[int]:
+    """Assign each item to a split index, stratified by its key (for example its class).
+
+    Within each key the items are shuffled with `seed` and cut by `fractions` (rounded so
+    that every split of a key with enough items gets at least one). Deterministic for a
+    fixed seed and item order.
+    """
+    if not np.isclose(sum(fractions), 1.0):
+        raise UserError(f"split fractions must sum to 1, got {list(fractions)}")
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for i, k in enumerate(keys):
+        groups[k].append(i)
+    rng = np.random.default_rng(seed)
+    out = [0] * len(keys)
+    for k in sorted(groups, key=str):
+        idx = groups[k]
+        order = rng.permutation(len(idx))
+        n = len(idx)
+        cuts = np.round(np.cumsum(fractions)[:-1] * n).astype(int)
+        for rank, j in enumerate(order):
+            out[idx[j]] = int(np.searchsorted(cuts, rank, side="right"))
+    return out
+
+
+# ---- boxes -----------------------------------------------------------------------------
+# DEIMv2 wants normalised (cx, cy, w, h); COCO stores pixel (x, y, w, h).
+
+
+def xywh_to_cxcywh_norm(box: Sequence[float], width: float, height: float) -> list[float]:
+    x, y, w, h = box
+    return [(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
+
+
+def cxcywh_norm_to_xywh(box: Sequence[float], width: float, height: float) -> list[float]:
+    cx, cy, w, h = box
+    return [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]

@@ -1,0 +1,367 @@
+"""The training loop both phases share.
+
+Per epoch: train with a progress bar, evaluate on val, append one row to
+``history.jsonl``, write ``last.pt`` (everything needed to resume) and ``best.pt``
+(the weights that scored best on val) atomically, and stop early when the selection
+metric has not improved for ``patience`` epochs.
+
+Determinism and resume: at the start of epoch e every random generator is reseeded
+from (seed, e), so the data order, the augmentations and DEIMv2's denoising noise of
+an epoch do not depend on what ran before it. A run killed mid-epoch and resumed from
+``last.pt`` (written at the end of the previous epoch) therefore replays that epoch
+exactly and ends with the same weights and metrics as an uninterrupted run (on CPU).
+Schedules are counted in steps, never in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from defectfusion.checkpoint import load_checkpoint, save_checkpoint
+from defectfusion.config import Config, TrainSection
+from defectfusion.fsutil import atomic_write_text
+
+
+@dataclass
+class Job:
+    """What a phase hands the engine."""
+
+    phase: str  # "phase1" | "phase2"
+    model: nn.Module
+    param_groups: list[dict[str, Any]]
+    cfg: Config
+    train: TrainSection
+    meta: dict[str, Any]  # stored in every checkpoint (preset, class names, ...)
+    out: Path
+    train_json: Path
+    val_json: Path
+    set_mode: Callable[[nn.Module, bool], None]  # train/eval, keeping frozen parts frozen
+    evaluate: Callable[[nn.Module], dict[str, Any]]  # val metrics of a model
+    step_extras: Callable[[nn.Module], dict[str, float]] | None = None  # per-step log (alpha ...)
+    epoch_extras: Callable[[nn.Module], dict[str, float]] | None = None
+    eval_before_training: bool = False  # Phase 2 logs epoch 0 (before any update)
+    notes: list[str] = field(default_factory=list)  # lines for experiment_log.txt's header
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def lr_lambda(total_steps: int, tc: TrainSection) -> Callable[[int], float]:
+    """Linear warm-up, flat, then cosine down to ``min_lr_fraction`` (DEIM's flat-cosine)."""
+    warm = max(0, tc.warmup_steps)
+    flat_end = max(warm, int(total_steps * tc.flat_fraction))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if step < flat_end or total_steps <= flat_end:
+            return 1.0
+        t = min(1.0, (step - flat_end) / max(1, total_steps - flat_end))
+        return tc.min_lr_fraction + (1 - tc.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+_SUFFIX = re.compile(r"_(aux|dn)_\d+$")
+
+
+def loss_terms(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum each loss term over its auxiliary and denoising copies (loss_mal_aux_2 -> loss_mal)."""
+    out: dict[str, float] = defaultdict(float)
+    for k, v in loss_dict.items():
+        out[_SUFFIX.sub("", k)] += float(v.detach())
+    return dict(out)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+class Logger:
+    """history.jsonl (one row per epoch), steps.jsonl (one per step), experiment_log.txt."""
+
+    def __init__(self, out: Path, resume_epoch: int | None, resume_step: int | None):
+        self.history_path = out / "history.jsonl"
+        self.steps_path = out / "steps.jsonl"
+        self.text_path = out / "experiment_log.txt"
+        # On resume, forget what was logged after the checkpoint (it will be replayed).
+        self.history = [
+            r
+            for r in _read_jsonl(self.history_path)
+            if resume_epoch is not None and r["epoch"] <= resume_epoch
+        ]
+        self.steps = [
+            r
+            for r in _read_jsonl(self.steps_path)
+            if resume_step is not None and r["step"] <= resume_step
+        ]
+        self.text = (
+            self.text_path.read_text()
+            if resume_epoch is not None and self.text_path.exists()
+            else ""
+        )
+
+    def line(self, msg: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.text += f"[{stamp}] {msg}\n"
+        atomic_write_text(self.text_path, self.text)
+
+    def step(self, row: dict[str, Any]) -> None:
+        self.steps.append(row)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        _write_jsonl(self.history_path, self.history)
+        _write_jsonl(self.steps_path, self.steps)
+
+
+def run_hash(job: Job) -> str:
+    """Identifies a run: its config and starting point, so --resume never mixes two runs."""
+    import hashlib
+
+    ident = {
+        "phase": job.phase,
+        "config": job.cfg.to_dict(),
+        "start": job.meta.get("phase1_checkpoint"),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state()}
+
+
+def fit(job: Job, resume: bool = False) -> dict[str, Any]:
+    out = job.out
+    out.mkdir(parents=True, exist_ok=True)
+    tc = job.train
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision="bf16" if (cuda and tc.amp) else "no",
+        split_batches=True,  # train.batch_size is the global batch, whatever the process count
+    )
+    if not cuda:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Tiny gradients decay into subnormal floats, which x86 CPUs compute ~100x slower.
+        torch.set_flush_denormal(True)
+    seed_everything(job.cfg.seed)
+
+    from defectfusion.config import AugmentSection  # noqa: F401  (config types the loader reads)
+    from defectfusion.data.loader import AugmentConfig, make_loader
+
+    aug = job.cfg.data.augment
+    loader = make_loader(
+        job.train_json,
+        job.cfg.data.image_size,
+        tc.batch_size,
+        train=True,
+        augment=AugmentConfig(aug.hflip, aug.vflip, tuple(aug.scale_jitter), aug.photometric),
+        num_workers=job.cfg.data.num_workers,
+        seed=job.cfg.seed,
+    )
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * tc.epochs
+    optimizer = torch.optim.AdamW(job.param_groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc))
+    ema = (
+        AveragedModel(job.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        if tc.ema_decay > 0
+        else None
+    )
+    sampler = loader.sampler  # SeededSampler: its generator draws the order and augmentations
+    model, optimizer, loader = accelerator.prepare(job.model, optimizer, loader)
+    raw = accelerator.unwrap_model(model)
+
+    start_epoch, step, best, bad_epochs = 1, 0, -math.inf, 0
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    job.meta["run_hash"] = run_hash(job)
+    stale = None
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        if ckpt["meta"].get("run_hash") != job.meta["run_hash"]:
+            # The config (or the starting checkpoint) changed since: that run is not this one.
+            stale, resume = ckpt["meta"].get("run_hash"), False
+    if resume and last_path.exists():
+        raw.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
+        start_epoch = ckpt["epoch"] + 1
+        step, best, bad_epochs = ckpt["step"], ckpt["best"], ckpt["bad_epochs"]
+        log = Logger(out, ckpt["epoch"], step)
+        log.line(f"resumed from {last_path} at epoch {ckpt['epoch']} (step {step})")
+        if ckpt.get("finished"):
+            return {"best": best, "epochs": ckpt["epoch"], "resumed": True}
+    else:
+        log = Logger(out, None, None)
+        log.line(f"{job.phase}: {job.meta.get('preset')} on {job.train_json} (val {job.val_json})")
+        if stale:
+            log.line(f"not resuming {last_path}: it was made with another config (run {stale})")
+        for note in job.notes:
+            log.line(note)
+        log.line(f"config: {json.dumps(job.cfg.to_dict(), sort_keys=True)}")
+        log.line(
+            f"{steps_per_epoch} steps/epoch, {total_steps} steps at most, device {accelerator.device}"
+        )
+
+    def eval_model() -> nn.Module:
+        return ema.module if ema is not None else raw
+
+    def checkpoint(epoch: int, finished: bool = False) -> None:
+        if not accelerator.is_main_process:
+            return
+        # Steps up to here must be on disk: a resume from this checkpoint keeps only those.
+        _write_jsonl(log.steps_path, log.steps)
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "best": best,
+            "bad_epochs": bad_epochs,
+            "finished": finished,
+            "rng": _rng_state(),
+        }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        save_checkpoint(last_path, raw.state_dict(), job.meta, **state)
+
+    select = tc.select_metric
+    if job.eval_before_training and start_epoch == 1:
+        job.set_mode(raw, False)
+        metrics = job.evaluate(eval_model())
+        row = {"epoch": 0, "step": 0, "seconds": 0.0, "lr": 0.0, **_metric_row(metrics)}
+        if job.epoch_extras:
+            row.update(job.epoch_extras(raw))
+        log.epoch(row)
+        best = metrics[select]
+        save_checkpoint(
+            best_path,
+            eval_model().state_dict(),
+            {**job.meta, "epoch": 0, "val": _metric_row(metrics)},
+        )
+        log.line(f"epoch 0 (before any update): {_summary(metrics)}")
+
+    for epoch in range(start_epoch, tc.epochs + 1):
+        es = epoch_seed(job.cfg.seed, epoch)
+        seed_everything(es)
+        # The sampler's generator, not the (prepared) loader's: that one only seeds workers.
+        sampler.generator.manual_seed(es)
+        job.set_mode(raw, True)
+        t0 = time.time()
+        sums: dict[str, float] = defaultdict(float)
+        bar = tqdm(
+            loader,
+            desc=f"{job.phase} epoch {epoch}/{tc.epochs}",
+            leave=False,
+            disable=not accelerator.is_main_process,
+        )
+        for pixel_values, targets in bar:
+            labels = [{"class_labels": t["class_labels"], "boxes": t["boxes"]} for t in targets]
+            with accelerator.autocast():
+                output = model(pixel_values=pixel_values, labels=labels)
+            accelerator.backward(output.loss)
+            if tc.clip_grad > 0:
+                accelerator.clip_grad_norm_(model.parameters(), tc.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(raw)
+            step += 1
+            terms = loss_terms(output.loss_dict)
+            loss = float(output.loss.detach())
+            for k, v in terms.items():
+                sums[k] += v
+            sums["loss"] += loss
+            row = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]}
+            if job.step_extras:
+                row.update(job.step_extras(raw))
+            log.step(row)
+            bar.set_postfix(loss=f"{loss:.2f}")
+        seconds = time.time() - t0
+        n = max(1, steps_per_epoch)
+        train_row = {
+            ("train_" + k if not k.startswith("loss") else k): v / n for k, v in sums.items()
+        }
+
+        if epoch % tc.eval_every and epoch != tc.epochs:
+            checkpoint(epoch)
+            continue
+        job.set_mode(raw, False)
+        metrics = job.evaluate(eval_model())
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "seconds": round(seconds, 3),
+            "lr": scheduler.get_last_lr()[0],
+            **train_row,
+            **_metric_row(metrics),
+        }
+        if job.epoch_extras:
+            row.update(job.epoch_extras(raw))
+        improved = metrics[select] > best
+        if improved:
+            best, bad_epochs = metrics[select], 0
+            save_checkpoint(
+                best_path,
+                eval_model().state_dict(),
+                {**job.meta, "epoch": epoch, "val": _metric_row(metrics)},
+            )
+        else:
+            bad_epochs += 1
+        row["best"] = improved
+        log.epoch(row)
+        log.line(
+            f"epoch {epoch}: loss {row['loss']:.3f}  {_summary(metrics)}{'  *best*' if improved else ''}  ({seconds:.1f}s)"
+        )
+        stop = tc.patience > 0 and bad_epochs >= tc.patience
+        checkpoint(epoch, finished=stop or epoch == tc.epochs)
+        if stop:
+            log.line(f"early stop: {select} did not improve for {tc.patience} epochs")
+            break
+    log.line(f"done: best val {select} = {best:.4f}")
+    return {"best": best, "epochs": epoch if tc.epochs else 0}
+
+
+def _metric_row(m: dict[str, Any]) -> dict[str, Any]:
+    keep = ("map", "map50", "map75", "critical_recall", "critical_recall50", "composite")
+    row = {f"val_{k}": m[k] for k in keep if k in m}
+    row["val_recall"] = {name: pc["recall"] for name, pc in m.get("per_class", {}).items()}
+    row["val_ap"] = {name: pc["ap"] for name, pc in m.get("per_class", {}).items()}
+    return row
+
+
+def _summary(m: dict[str, Any]) -> str:
+    return f"val mAP {m['map']:.4f}  mAP50 {m['map50']:.4f}  crit.recall {m['critical_recall']:.4f}  composite {m['composite']:.4f}"

@@ -1,0 +1,68 @@
+"""Shared pytest setup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """One intra-op thread: the tests' models are tiny, and CPUs are shared."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# ---- tiny Phase 1 setup (tests/test_models.py, test_train.py, test_checkpoint.py) ----------
+
+# The smallest input DEIMv2 accepts for the tiny presets: they pick 100 queries among the
+# anchors of strides 8/16/32, and 96 px has 189 of them (64 px, 84: refused).
+TINY_SIZE = 96
+
+
+def tiny_overrides(data_dir: Path, epochs: int = 2, **extra: object) -> list[str]:
+    """`--set` overrides of a seconds-long Phase 1 run on the tiny synth dataset."""
+    values = {
+        "data.dir": str(data_dir),
+        "data.image_size": TINY_SIZE,
+        "model.preset": "deimv2-dinov3-tiny",
+        "phase1.epochs": epochs,
+        "phase1.batch_size": 4,
+        "phase1.warmup_steps": 2,
+        "eval.batch_size": 4,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8/4/4 synth images of 96 px (a fraction of a second to make)."""
+    from defectfusion.data.synth import SynthSpec, generate
+
+    out = tmp_path_factory.mktemp("tiny_synth")
+    generate(out, SynthSpec(n_train=8, n_val=4, n_test=4, image_size=TINY_SIZE))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_data: Path):
+    """``tiny_cfg(epochs=2, **{"phase1.lr": 0.002})``: the Config of a tiny Phase 1 run."""
+    from defectfusion.config import load_config
+
+    def make(epochs: int = 2, **extra: object):
+        return load_config(overrides=tiny_overrides(tiny_data, epochs, **extra))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch Phase 1 run folder (history, steps, log, last.pt, best.pt)."""
+    from defectfusion.train.phase1 import train_phase1
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train_phase1(tiny_cfg(), out)
+    return out
