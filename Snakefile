@@ -2,8 +2,11 @@
 # seed -> evaluation on the test split -> paired bootstrap comparisons.
 # Rules are thin: each calls the `defectfusion` CLI. params.yaml is the single source of
 # hyperparameters; a profile is an overlay: snakemake --cores all --configfile configs/micro.yaml
-import json
+import os
+import shutil
 from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
 
 configfile: "params.yaml"
 
@@ -18,9 +21,26 @@ SEEDS = P["seeds"]
 SPLITS = [f"{DATA}/annotations/{s}.json" for s in ("train", "val", "test")]
 
 
-def sets(overrides):
-    """--set flags for a dict of dotted keys (a preset's or a variant's overrides)."""
-    return " ".join(f"--set {k}={json.dumps(v)}" for k, v in overrides.items())
+
+
+def preflight():
+    """Stop before any work when the profile needs what this machine lacks."""
+    d = P["dataset"]
+    if d["kind"] in ("neu", "coco") and not (d.get("src") and Path(d["src"]).exists()):
+        raise WorkflowError(
+            f"profile needs pipeline.dataset.src (the {d['kind']} images folder); got {d.get('src')!r}. "
+            "Set it in the profile or with --config 'pipeline={\"dataset\": {\"src\": \"DIR\"}}'"
+        )
+    if d["kind"] == "coco" and not (d.get("annotations") and Path(d["annotations"]).is_file()):
+        raise WorkflowError(f"profile needs pipeline.dataset.annotations (a COCO JSON); got {d.get('annotations')!r}")
+    if P["requires_gpu"] and shutil.which("nvidia-smi") is None and not os.environ.get("DEFECTFUSION_ALLOW_CPU"):
+        raise WorkflowError(
+            "this profile trains on a GPU and none is visible (nvidia-smi not found); "
+            "run it on a GPU machine (profiles/slurm for a cluster) or set DEFECTFUSION_ALLOW_CPU=1"
+        )
+
+
+preflight()
 
 
 def section(*keys):
@@ -91,7 +111,7 @@ rule phase1:
         f"{CODE}/losses.py",
     params:
         cfg=section("seed", "data", "model", "phase1", "eval"),
-        overrides=lambda w: sets(P["preset_overrides"].get(w.preset, {})),
+        overrides=lambda w: P["preset_overrides"].get(w.preset, {}),
     resources:
         gpu=1 if P["requires_gpu"] else 0,
     threads: workflow.cores
@@ -100,8 +120,8 @@ rule phase1:
     benchmark:
         "benchmarks/results/phase1_{preset}.tsv"
     shell:
-        "defectfusion train phase1 --config {CONFIGS} --set model.preset={wildcards.preset} "
-        "{params.overrides} --out runs/phase1/{wildcards.preset} --resume > {log} 2>&1 && "
+        "defectfusion train phase1 --config {CONFIGS} --preset {wildcards.preset} "
+        "--out runs/phase1/{wildcards.preset} --resume > {log} 2>&1 && "
         "cp runs/phase1/{wildcards.preset}/history.jsonl {output.history}"
 
 
@@ -136,7 +156,7 @@ rule phase2:
         code=[f"{CODE}/train/phase2.py", f"{CODE}/fusion.py", f"{CODE}/train/engine.py", f"{CODE}/losses.py"],
     params:
         cfg=section("seed", "data", "model", "phase2", "eval", "text", "fusion"),
-        overrides=lambda w: sets({**P["variants"][w.variant], **P["variant_overrides"].get(w.variant, {})}),
+        variant=lambda w: {**P["variants"][w.variant], **P["variant_overrides"].get(w.variant, {})},
     resources:
         gpu=1 if P["requires_gpu"] else 0,
     threads: workflow.cores
@@ -145,7 +165,7 @@ rule phase2:
     benchmark:
         "benchmarks/results/phase2_{variant}_seed{seed}.tsv"
     shell:
-        "defectfusion train phase2 --config {CONFIGS} --set seed={wildcards.seed} {params.overrides} "
+        "defectfusion train phase2 --config {CONFIGS} --variant {wildcards.variant} --set seed={wildcards.seed} "
         "--phase1 {input.phase1} --out runs/phase2/{wildcards.variant}/seed{wildcards.seed} --resume > {log} 2>&1 && "
         "cp runs/phase2/{wildcards.variant}/seed{wildcards.seed}/history.jsonl {output.history} && "
         "cp runs/phase2/{wildcards.variant}/seed{wildcards.seed}/steps.jsonl {output.steps}"

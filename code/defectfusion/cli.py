@@ -58,7 +58,9 @@ def _models_list(a: argparse.Namespace) -> None:
 def _load_config(a: argparse.Namespace):
     from defectfusion.config import load_config
 
-    return load_config(a.config, overrides=a.set)
+    return load_config(
+        a.config, overrides=a.set, preset=getattr(a, "preset", None), variant=getattr(a, "variant", None)
+    )
 
 
 def _train_phase1(a: argparse.Namespace) -> None:
@@ -180,12 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = train.add_subparsers(dest="train_command", required=True, metavar="PHASE")
     p = tsub.add_parser("phase1", help="train the vision-only DEIMv2 detector")
     _add_config_args(p)
+    p.add_argument(
+        "--preset", help="model preset, with its pipeline.preset_overrides (default: model.preset)"
+    )
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last checkpoint")
     p.set_defaults(func=_train_phase1)
 
     p = tsub.add_parser("phase2", help="train the residual vision-language fusion")
     _add_config_args(p)
+    p.add_argument(
+        "--variant", help="a name in pipeline.variants (zero_start, naive, frozen0, ...)"
+    )
     p.add_argument("--phase1", type=Path, required=True, help="Phase 1 checkpoint to start from")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last checkpoint")

@@ -10,6 +10,7 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -207,14 +208,38 @@ def apply_override(values: dict[str, Any], assignment: str) -> dict[str, Any]:
     return deep_merge(values, overlay)
 
 
+def select(values: dict[str, Any], preset: str | None = None, variant: str | None = None) -> list[str]:
+    """The overrides that pick one pipeline run: a Phase 1 preset or a Phase 2 variant.
+
+    ``pipeline.preset_overrides[preset]`` and ``pipeline.variants[variant]`` (plus
+    ``pipeline.variant_overrides[variant]``) are dicts of dotted keys, so Snakemake and DVC
+    name a run by its name and the settings stay in params.yaml.
+    """
+    pipe = values.get("pipeline", {}) or {}
+    out: list[str] = []
+    if preset is not None:
+        out.append(f"model.preset={preset}")
+        out += [f"{k}={json.dumps(v)}" for k, v in (pipe.get("preset_overrides") or {}).get(preset, {}).items()]
+    if variant is not None:
+        variants = pipe.get("variants") or {}
+        if variant not in variants:
+            raise UserError(f"unknown Phase 2 variant {variant!r}; pipeline.variants has {sorted(variants)}")
+        extra = (pipe.get("variant_overrides") or {}).get(variant, {})
+        out += [f"{k}={json.dumps(v)}" for k, v in {**variants[variant], **extra}.items()]
+    return out
+
+
 def load_config(
-    paths: list[str | Path] | None = None, overrides: list[str] | None = None
+    paths: list[str | Path] | None = None,
+    overrides: list[str] | None = None,
+    preset: str | None = None,
+    variant: str | None = None,
 ) -> Config:
-    """Merge YAML files in order, apply ``--set`` overrides, and check the result."""
+    """Merge YAML files in order, select a preset/variant, apply ``--set``, and check."""
     values: dict[str, Any] = {}
     for p in paths or []:
         values = deep_merge(values, read_yaml(p))
-    for o in overrides or []:
+    for o in [*select(values, preset, variant), *(overrides or [])]:
         values = apply_override(values, o)
     where = "+".join(str(p) for p in paths or []) or "<defaults>"
     try:

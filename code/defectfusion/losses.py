@@ -65,6 +65,18 @@ class DetectionCriterion(Deimv2Loss):
         # sum over queries and classes, per target box.
         return {"loss_focal": loss.mean(1).sum() * logits.shape[1] / num_boxes}
 
+    def forward(self, outputs, targets):
+        losses = super().forward(outputs, targets)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # As DETR does under DDP: normalise by the mean box count over processes, not the
+            # local one, so averaged gradients equal those of one process on the global batch.
+            local = float(sum(len(t["class_labels"]) for t in targets))
+            total = torch.tensor([local])
+            torch.distributed.all_reduce(total)
+            mean = max(total.item() / torch.distributed.get_world_size(), 1.0)
+            losses = {k: v * (max(local, 1.0) / mean) for k, v in losses.items()}
+        return losses
+
     def get_loss(self, loss, outputs, targets, indices, num_boxes):
         if loss == "focal":
             return self.loss_labels_focal(outputs, targets, indices, num_boxes)

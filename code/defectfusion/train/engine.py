@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -109,7 +109,10 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 class Logger:
     """history.jsonl (one row per epoch), steps.jsonl (one per step), experiment_log.txt."""
 
-    def __init__(self, out: Path, resume_epoch: int | None, resume_step: int | None):
+    def __init__(
+        self, out: Path, resume_epoch: int | None, resume_step: int | None, enabled: bool = True
+    ):
+        self.enabled = enabled  # only the main process writes (DDP)
         self.history_path = out / "history.jsonl"
         self.steps_path = out / "steps.jsonl"
         self.text_path = out / "experiment_log.txt"
@@ -133,15 +136,17 @@ class Logger:
     def line(self, msg: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self.text += f"[{stamp}] {msg}\n"
-        atomic_write_text(self.text_path, self.text)
+        if self.enabled:
+            atomic_write_text(self.text_path, self.text)
 
     def step(self, row: dict[str, Any]) -> None:
         self.steps.append(row)
 
     def epoch(self, row: dict[str, Any]) -> None:
         self.history.append(row)
-        _write_jsonl(self.history_path, self.history)
-        _write_jsonl(self.steps_path, self.steps)
+        if self.enabled:
+            _write_jsonl(self.history_path, self.history)
+            _write_jsonl(self.steps_path, self.steps)
 
 
 def run_hash(job: Job) -> str:
@@ -169,6 +174,8 @@ def fit(job: Job, resume: bool = False) -> dict[str, Any]:
         cpu=not cuda,
         mixed_precision="bf16" if (cuda and tc.amp) else "no",
         split_batches=True,  # train.batch_size is the global batch, whatever the process count
+        # Not every parameter meets every loss term (e.g. denoising embeddings without labels).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     if not cuda:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -219,12 +226,12 @@ def fit(job: Job, resume: bool = False) -> dict[str, Any]:
             ema.load_state_dict(ckpt["ema"])
         start_epoch = ckpt["epoch"] + 1
         step, best, bad_epochs = ckpt["step"], ckpt["best"], ckpt["bad_epochs"]
-        log = Logger(out, ckpt["epoch"], step)
+        log = Logger(out, ckpt["epoch"], step, accelerator.is_main_process)
         log.line(f"resumed from {last_path} at epoch {ckpt['epoch']} (step {step})")
         if ckpt.get("finished"):
             return {"best": best, "epochs": ckpt["epoch"], "resumed": True}
     else:
-        log = Logger(out, None, None)
+        log = Logger(out, None, None, accelerator.is_main_process)
         log.line(f"{job.phase}: {job.meta.get('preset')} on {job.train_json} (val {job.val_json})")
         if stale:
             log.line(f"not resuming {last_path}: it was made with another config (run {stale})")
@@ -257,6 +264,11 @@ def fit(job: Job, resume: bool = False) -> dict[str, Any]:
             state["ema"] = ema.state_dict()
         save_checkpoint(last_path, raw.state_dict(), job.meta, **state)
 
+    def save_best(epoch: int, metrics: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            meta = {**job.meta, "epoch": epoch, "val": _metric_row(metrics)}
+            save_checkpoint(best_path, eval_model().state_dict(), meta)
+
     select = tc.select_metric
     if job.eval_before_training and start_epoch == 1:
         job.set_mode(raw, False)
@@ -266,11 +278,7 @@ def fit(job: Job, resume: bool = False) -> dict[str, Any]:
             row.update(job.epoch_extras(raw))
         log.epoch(row)
         best = metrics[select]
-        save_checkpoint(
-            best_path,
-            eval_model().state_dict(),
-            {**job.meta, "epoch": 0, "val": _metric_row(metrics)},
-        )
+        save_best(0, metrics)
         log.line(f"epoch 0 (before any update): {_summary(metrics)}")
 
     for epoch in range(start_epoch, tc.epochs + 1):
@@ -302,6 +310,10 @@ def fit(job: Job, resume: bool = False) -> dict[str, Any]:
             step += 1
             terms = loss_terms(output.loss_dict)
             loss = float(output.loss.detach())
+            if accelerator.num_processes > 1:  # log the mean over processes, not rank 0's share
+                names = sorted(terms)
+                vals = accelerator.reduce(torch.tensor([loss, *(terms[k] for k in names)]), "mean")
+                loss, terms = float(vals[0]), dict(zip(names, vals[1:].tolist(), strict=True))
             for k, v in terms.items():
                 sums[k] += v
             sums["loss"] += loss
@@ -334,11 +346,7 @@ def fit(job: Job, resume: bool = False) -> dict[str, Any]:
         improved = metrics[select] > best
         if improved:
             best, bad_epochs = metrics[select], 0
-            save_checkpoint(
-                best_path,
-                eval_model().state_dict(),
-                {**job.meta, "epoch": epoch, "val": _metric_row(metrics)},
-            )
+            save_best(epoch, metrics)
         else:
             bad_epochs += 1
         row["best"] = improved
