@@ -59,6 +59,7 @@ def test_two_processes_follow_the_single_process_loss_trajectory(ddp_data: Path,
     _train(ddp_data, single, 1)
     _train(ddp_data, ddp, 2)
     a, b = _steps(single), _steps(ddp)
+    print("single:", [round(x, 3) for x in a], "\nDDP x2:", [round(x, 3) for x in b])
     assert len(a) == len(b) == 8  # 16 images, global batch 4, 2 epochs: same step count
     for step, (x, y) in enumerate(zip(a, b, strict=True), 1):
         assert abs(x - y) / x < 0.15, f"step {step}: single {x:.3f} vs DDP {y:.3f}"

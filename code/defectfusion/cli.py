@@ -94,6 +94,12 @@ def _compare(a: argparse.Namespace) -> None:
     compare_files(a.a, a.b, a.data, a.out, n_boot=a.n_boot, seed=a.seed, config=config)
 
 
+def _book(a: argparse.Namespace) -> None:
+    from defectfusion.report.book import build_book
+
+    print(build_book(a.results, a.figures, a.out, source=a.source))
+
+
 # ---- parser -----------------------------------------------------------------------------
 
 
@@ -227,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     _add_config_args(p, required=False)
     p.set_defaults(func=_compare)
+
+    # book
+    p = sub.add_parser("book", help="build the thesis book (HTML, Spanish) from the results")
+    p.add_argument("--results", type=Path, default=Path("results"), help="summary.json, tables/")
+    p.add_argument("--figures", type=Path, default=Path("figures"), help="the figures (PNG)")
+    p.add_argument("--out", type=Path, default=Path("thesis/_build"), help="writes OUT/html")
+    p.add_argument("--source", type=Path, default=Path("thesis"), help="the book's sources")
+    p.set_defaults(func=_book)
 
     return parser
 

@@ -483,7 +483,8 @@ def _check(out: Path, spec: SynthSpec) -> None:
         )
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    # Empty sub-folders do not count: Snakemake makes annotations/ before the job runs.
+    if out.is_dir() and any(f.is_file() for f in out.rglob("*")):
         # Only regenerate over an earlier synth dataset, never over someone else's files.
         prev = coco.split_path(out, "train")
         info = coco.load_json(prev).get("info", {}) if prev.is_file() else {}

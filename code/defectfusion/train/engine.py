@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from defectfusion.checkpoint import load_checkpoint, save_checkpoint
 from defectfusion.config import Config, TrainSection
+from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_text
 
 
@@ -173,7 +174,6 @@ def fit(job: Job, resume: bool = False) -> dict[str, Any]:
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision="bf16" if (cuda and tc.amp) else "no",
-        split_batches=True,  # train.batch_size is the global batch, whatever the process count
         # Not every parameter meets every loss term (e.g. denoising embeddings without labels).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -186,20 +186,26 @@ def fit(job: Job, resume: bool = False) -> dict[str, Any]:
     from defectfusion.config import AugmentSection  # noqa: F401  (config types the loader reads)
     from defectfusion.data.loader import AugmentConfig, make_loader
 
+    # train.batch_size is the global batch. Accelerate deals whole loader batches to the
+    # processes in turn, so with a per-process batch of B/n the n processes of one step see
+    # exactly the images of one single-process batch (its split_batches is ignored on CPU).
+    if tc.batch_size % accelerator.num_processes:
+        raise UserError(
+            f"{job.phase}.batch_size={tc.batch_size} must be divisible by the "
+            f"{accelerator.num_processes} training processes"
+        )
+    per_process_batch = tc.batch_size // accelerator.num_processes
     aug = job.cfg.data.augment
     loader = make_loader(
         job.train_json,
         job.cfg.data.image_size,
-        tc.batch_size,
+        per_process_batch,
         train=True,
         augment=AugmentConfig(aug.hflip, aug.vflip, tuple(aug.scale_jitter), aug.photometric),
         num_workers=job.cfg.data.num_workers,
         seed=job.cfg.seed,
     )
-    steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * tc.epochs
     optimizer = torch.optim.AdamW(job.param_groups, lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc))
     ema = (
         AveragedModel(job.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
         if tc.ema_decay > 0
@@ -207,6 +213,9 @@ def fit(job: Job, resume: bool = False) -> dict[str, Any]:
     )
     sampler = loader.sampler  # SeededSampler: its generator draws the order and augmentations
     model, optimizer, loader = accelerator.prepare(job.model, optimizer, loader)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * tc.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc))
     raw = accelerator.unwrap_model(model)
 
     start_epoch, step, best, bad_epochs = 1, 0, -math.inf, 0
