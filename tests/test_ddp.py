@@ -54,7 +54,9 @@ def _train(data: Path, out: Path, nproc: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_processes_follow_the_single_process_loss_trajectory(ddp_data: Path, tmp_path: Path) -> None:
+def test_two_processes_follow_the_single_process_loss_trajectory(
+    ddp_data: Path, tmp_path: Path
+) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     _train(ddp_data, single, 1)
     _train(ddp_data, ddp, 2)

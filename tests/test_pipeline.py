@@ -59,7 +59,9 @@ def test_micro_profile_produces_every_result(micro_run: Path) -> None:
         metrics = json.loads((micro_run / f"results/phase1/{preset}/test_metrics.json").read_text())
         assert 0.0 <= metrics["map"] <= 1.0
     for variant in ("zero_start", "naive", "frozen0", "deimv2_loss", "bn_train"):
-        history = (micro_run / f"results/phase2/{variant}/seed0/history.jsonl").read_text().splitlines()
+        history = (
+            (micro_run / f"results/phase2/{variant}/seed0/history.jsonl").read_text().splitlines()
+        )
         assert json.loads(history[0])["epoch"] == 0  # the epoch-0 evaluation is logged
         cmp = json.loads((micro_run / f"results/compare/{variant}_seed0.json").read_text())
         assert "map" in json.dumps(cmp)

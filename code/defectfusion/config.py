@@ -208,7 +208,9 @@ def apply_override(values: dict[str, Any], assignment: str) -> dict[str, Any]:
     return deep_merge(values, overlay)
 
 
-def select(values: dict[str, Any], preset: str | None = None, variant: str | None = None) -> list[str]:
+def select(
+    values: dict[str, Any], preset: str | None = None, variant: str | None = None
+) -> list[str]:
     """The overrides that pick one pipeline run: a Phase 1 preset or a Phase 2 variant.
 
     ``pipeline.preset_overrides[preset]`` and ``pipeline.variants[variant]`` (plus
@@ -219,11 +221,16 @@ def select(values: dict[str, Any], preset: str | None = None, variant: str | Non
     out: list[str] = []
     if preset is not None:
         out.append(f"model.preset={preset}")
-        out += [f"{k}={json.dumps(v)}" for k, v in (pipe.get("preset_overrides") or {}).get(preset, {}).items()]
+        out += [
+            f"{k}={json.dumps(v)}"
+            for k, v in (pipe.get("preset_overrides") or {}).get(preset, {}).items()
+        ]
     if variant is not None:
         variants = pipe.get("variants") or {}
         if variant not in variants:
-            raise UserError(f"unknown Phase 2 variant {variant!r}; pipeline.variants has {sorted(variants)}")
+            raise UserError(
+                f"unknown Phase 2 variant {variant!r}; pipeline.variants has {sorted(variants)}"
+            )
         extra = (pipe.get("variant_overrides") or {}).get(variant, {})
         out += [f"{k}={json.dumps(v)}" for k, v in {**variants[variant], **extra}.items()]
     return out
