@@ -20,6 +20,11 @@ VARIANTS = list(P["variants"])
 SEEDS = P["seeds"]
 SPLITS = [f"{DATA}/annotations/{s}.json" for s in ("train", "val", "test")]
 
+# The report stage's outputs and the results files each one reads (defectfusion/report).
+from defectfusion.report import FIGURES, PARAM_SECTIONS, TABLES, Layout
+
+REPORT = Layout.from_config(config)
+
 
 
 
@@ -53,6 +58,11 @@ rule all:
         expand("results/phase1/{preset}/test_metrics.json", preset=PRESETS),
         expand("results/phase2/{variant}/seed{seed}/test_metrics.json", variant=VARIANTS, seed=SEEDS),
         expand("results/compare/{variant}_seed{seed}.json", variant=VARIANTS, seed=SEEDS),
+        expand("results/tables/{table}.{ext}", table=TABLES, ext=("csv", "md", "tex")),
+        expand("figures/{figure}.{ext}", figure=FIGURES, ext=("png", "pdf")),
+        "results/summary.json",
+        "results/provenance.json",
+        "thesis/_build/html/index.html",
 
 
 rule data:
@@ -208,3 +218,115 @@ rule compare:
     shell:
         "defectfusion compare --a {input.a} --b {input.b} --data {input.split} --out {output} "
         "--n-boot {params.n} --seed {wildcards.seed} --config {CONFIGS} > {log} 2>&1"
+
+
+# The thesis book reads only what the report stage wrote; its own sources are inputs too,
+# so editing a page rebuilds it (not __pycache__, which importing the extension writes).
+from defectfusion import report as _report
+
+BOOK_TABLES = expand("results/tables/{t}.md", t=_report.TABLES)
+BOOK_FIGURES = expand("figures/{f}.png", f=_report.FIGURES)
+BOOK_SOURCES = sorted(
+    str(p) for p in Path("thesis").rglob("*")
+    if p.is_file() and not {"_build", "__pycache__"} & set(p.parts)
+)
+
+
+rule book:
+    output:
+        "thesis/_build/html/index.html",
+    input:
+        "results/summary.json",
+        BOOK_TABLES,
+        BOOK_FIGURES,
+        BOOK_SOURCES,
+        f"{CODE}/report/book.py",
+    log:
+        "logs/book.log",
+    benchmark:
+        "benchmarks/results/book.tsv"
+    shell:
+        "defectfusion book --results results --figures figures --out thesis/_build > {log} 2>&1"
+
+
+# ---- report: tables, figures and summary.json, each with its provenance --------------------
+# One job per table and per figure, so only the outputs whose inputs changed are rebuilt;
+# each writes a sidecar results/provenance/KIND/NAME.json, and `provenance` indexes them
+# (no job writes a shared file). Inputs come from Layout.inputs: exactly the files read.
+REPORT_CODE = [f"{CODE}/report/__init__.py", f"{CODE}/report/provenance.py", f"{CODE}/report/summary.py"]
+
+
+rule table:
+    output:
+        multiext("results/tables/{table}", ".csv", ".md", ".tex"),
+        sidecar="results/provenance/tables/{table}.json",
+    input:
+        lambda w: REPORT.inputs("tables", w.table),
+        lambda w: REPORT.optional_inputs("tables", w.table),
+        REPORT_CODE,
+        f"{CODE}/report/tables.py",
+    params:
+        section(*PARAM_SECTIONS),
+    wildcard_constraints:
+        table="|".join(TABLES),
+    log:
+        "logs/report/table_{table}.log",
+    benchmark:
+        "benchmarks/results/report_table_{table}.tsv"
+    shell:
+        "defectfusion report tables --config {CONFIGS} --only {wildcards.table} --out results/tables "
+        "--rule {rule} > {log} 2>&1"
+
+
+rule figure:
+    output:
+        multiext("figures/{figure}", ".png", ".pdf"),
+        sidecar="results/provenance/figures/{figure}.json",
+    input:
+        lambda w: REPORT.inputs("figures", w.figure),
+        REPORT_CODE,
+        f"{CODE}/report/figures.py",
+    params:
+        section(*PARAM_SECTIONS),
+    wildcard_constraints:
+        figure="|".join(FIGURES),
+    log:
+        "logs/report/figure_{figure}.log",
+    benchmark:
+        "benchmarks/results/report_figure_{figure}.tsv"
+    shell:
+        "defectfusion report figures --config {CONFIGS} --only {wildcards.figure} "
+        "--out figures --rule {rule} > {log} 2>&1"
+
+
+rule summary:
+    output:
+        "results/summary.json",
+        sidecar="results/provenance/summary/summary.json",
+    input:
+        REPORT.inputs("summary", "summary"),
+        REPORT_CODE,
+    params:
+        section(*PARAM_SECTIONS),
+    log:
+        "logs/report/summary.log",
+    benchmark:
+        "benchmarks/results/report_summary.tsv"
+    shell:
+        "defectfusion report summary --config {CONFIGS} --out {output[0]} --rule {rule} > {log} 2>&1"
+
+
+rule provenance:
+    output:
+        "results/provenance.json",
+    input:
+        sidecars=[
+            *expand("results/provenance/tables/{table}.json", table=TABLES),
+            *expand("results/provenance/figures/{figure}.json", figure=FIGURES),
+            "results/provenance/summary/summary.json",
+        ],
+        code=f"{CODE}/report/provenance.py",
+    log:
+        "logs/report/provenance.log",
+    shell:
+        "defectfusion report provenance {input.sidecars} --out {output} > {log} 2>&1"

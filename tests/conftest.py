@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# No per-example deadline: a loaded CI machine is slow, and speed is not what these test.
+settings.register_profile("defectfusion", deadline=None)
+settings.load_profile("defectfusion")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -66,3 +71,42 @@ def tiny_run(tiny_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     train_phase1(tiny_cfg(), out)
     return out
+
+
+# ---- the micro pipeline, run once per session (tests/test_pipeline.py, test_report.py) -----
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ("Snakefile", "params.yaml", "configs", "prompts", "code", "thesis")
+MICRO = ["--configfile", "configs/micro.yaml"]
+
+
+def run_snakemake(workdir: Path, *args: str):
+    """`snakemake --cores 2 --configfile configs/micro.yaml ARGS` in `workdir`."""
+    import subprocess
+
+    return subprocess.run(
+        ["snakemake", "--cores", "2", *MICRO, *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole workflow on the micro profile, in a copy of the workflow's files (Snakefile,
+    params, profiles, prompts, code, the book's sources), so the checkout is not touched."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("pipeline")
+    skip = shutil.ignore_patterns("__pycache__", "_build", "*.egg-info")
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=skip)
+        elif src.is_file():
+            shutil.copy2(src, work / name)
+    out = run_snakemake(work)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    return work

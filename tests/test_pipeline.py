@@ -1,30 +1,20 @@
 """The Snakemake pipeline on the micro profile, end to end, and its incrementality.
 
-The run happens in a copy of the workflow's files (Snakefile, params, profiles, prompts,
-the code the rules declare as inputs) so the checkout is not touched.
+The run (the session fixture `micro_run` of conftest.py, shared with test_report.py) happens
+in a copy of the workflow's files, so the checkout is not touched.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-MICRO = ["--configfile", "configs/micro.yaml"]
+from conftest import run_snakemake
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["snakemake", "--cores", "2", *MICRO, *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return run_snakemake(workdir, *args)
 
 
 def _planned(workdir: Path, *args: str) -> dict[str, int]:
@@ -37,20 +27,6 @@ def _planned(workdir: Path, *args: str) -> dict[str, int]:
         if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "rule"):
             counts[parts[0]] = int(parts[1])
     return counts
-
-
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("pipeline")
-    for name in ("Snakefile", "params.yaml", "configs", "prompts", "code"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, work / name)
-    out = _snakemake(work)
-    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
-    return work
 
 
 def test_micro_profile_produces_every_result(micro_run: Path) -> None:

@@ -59,7 +59,10 @@ def _load_config(a: argparse.Namespace):
     from defectfusion.config import load_config
 
     return load_config(
-        a.config, overrides=a.set, preset=getattr(a, "preset", None), variant=getattr(a, "variant", None)
+        a.config,
+        overrides=a.set,
+        preset=getattr(a, "preset", None),
+        variant=getattr(a, "variant", None),
     )
 
 
@@ -98,6 +101,30 @@ def _book(a: argparse.Namespace) -> None:
     from defectfusion.report.book import build_book
 
     print(build_book(a.results, a.figures, a.out, source=a.source))
+
+
+def _report_tables(a: argparse.Namespace) -> None:
+    from defectfusion.report.tables import write_tables
+
+    write_tables(_load_config(a).to_dict(), a.out, only=a.only, rule=a.rule, results=a.results)
+
+
+def _report_figures(a: argparse.Namespace) -> None:
+    from defectfusion.report.figures import write_figures
+
+    write_figures(_load_config(a).to_dict(), a.out, only=a.only, rule=a.rule, results=a.results)
+
+
+def _report_summary(a: argparse.Namespace) -> None:
+    from defectfusion.report.summary import write_summary
+
+    write_summary(_load_config(a).to_dict(), a.out, rule=a.rule, results=a.results)
+
+
+def _report_provenance(a: argparse.Namespace) -> None:
+    from defectfusion.report.provenance import build_index
+
+    build_index(a.sidecars, a.out)
 
 
 # ---- parser -----------------------------------------------------------------------------
@@ -241,6 +268,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("thesis/_build"), help="writes OUT/html")
     p.add_argument("--source", type=Path, default=Path("thesis"), help="the book's sources")
     p.set_defaults(func=_book)
+
+    # report
+    report = sub.add_parser("report", help="tables, figures and summary.json from the results")
+    rsub = report.add_subparsers(dest="report_command", required=True, metavar="WHAT")
+    for what, out_help, handler in (
+        ("tables", "folder for NAME.csv/.md/.tex, e.g. results/tables", _report_tables),
+        ("figures", "folder for NAME.png/.pdf, e.g. figures", _report_figures),
+        ("summary", "the JSON to write, e.g. results/summary.json", _report_summary),
+    ):
+        p = rsub.add_parser(what, help=f"write the {what}, with provenance")
+        _add_config_args(p)
+        p.add_argument("--out", type=Path, required=True, help=out_help)
+        if what != "summary":
+            p.add_argument(
+                "--only", action="append", metavar="NAME", help="only this one (repeatable)"
+            )
+        p.add_argument(
+            "--results", default="results", help="the results folder (provenance/ goes in it)"
+        )
+        p.add_argument("--rule", default="manual", help="the Snakemake rule, for the provenance")
+        p.set_defaults(func=handler)
+    p = rsub.add_parser("provenance", help="assemble results/provenance.json from the sidecars")
+    p.add_argument("sidecars", nargs="*", type=Path, help="results/provenance/KIND/NAME.json")
+    p.add_argument("--out", type=Path, required=True, help="the index to write")
+    p.set_defaults(func=_report_provenance)
 
     return parser
 

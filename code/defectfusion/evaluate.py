@@ -4,7 +4,8 @@
 
 - ``OUT`` (e.g. ``metrics.json``): the metrics below, plus ``"confusion"`` (see
   `confusion_matrix`, with its thresholds), ``"checkpoint"``, ``"data"``, ``"predictions"``
-  (paths as given) and ``"preset"`` (the checkpoint's model preset);
+  (paths as given), ``"preset"`` (the checkpoint's model preset) and ``"parameters"`` (its
+  parameter count, for the tables);
 - ``OUT`` with its suffix replaced by ``.predictions.json`` (``metrics.json`` ->
   ``metrics.predictions.json``): the predictions as a COCO results list, one record per
   detection ``{"image_id", "category_id", "bbox": [x, y, w, h] pixels of the original image,
@@ -547,6 +548,7 @@ def evaluate_checkpoint(
         data=str(data),
         predictions=str(pred_path),
         preset=meta.get("preset"),
+        parameters=meta.get("parameters"),
     )
     # Predictions first: the metrics file is what marks the evaluation as done.
     atomic_write_json(pred_path, results, indent=None)

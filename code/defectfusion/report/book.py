@@ -52,7 +52,7 @@ def build_book(
             },
             warningiserror=True,
             freshenv=True,  # every page re-reads the results: no stale number survives
-            quiet=True,
+            quiet=True,  # warnings only: the first one stops the build, named in the error
         )
         if result != 0:  # an exception (already printed by Sphinx) or a status code
             raise UserError(f"{source}: the book did not build: {result}")

@@ -167,6 +167,15 @@ def _rng_state() -> dict[str, Any]:
 
 
 def fit(job: Job, resume: bool = False) -> dict[str, Any]:
+    """Train `job` (see the module docstring); returns the best score and epochs run."""
+    try:
+        return _fit(job, resume)
+    finally:
+        if not torch.cuda.is_available():
+            torch.set_flush_denormal(False)  # process-wide state: give it back
+
+
+def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
     out = job.out
     out.mkdir(parents=True, exist_ok=True)
     tc = job.train

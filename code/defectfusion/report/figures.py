@@ -1,0 +1,829 @@
+"""The thesis's figures, as PNG (200 dpi) and PDF, from the results files.
+
+Drawn with matplotlib's object API (no pyplot, no display: headless), one style for all:
+a 6.3-inch text width, 7-9 pt type, colour-blind-safe colours (Okabe-Ito) that name the
+same model in every figure (Phase 1 black, zero-start blue, naive vermilion, ...).
+
+=====================  =====================================================================
+``dataset_examples``   training images with their boxes, one row per class (that class's
+                       boxes drawn bold, the others thin and dashed)
+``phase1_curves``      Phase 1 train loss and val mAP per epoch for each backbone preset
+``postmortem``         Phase 2 train loss, val mAP and val critical recall per epoch (epoch
+                       0 = before any update) for each variant; Phase 1's best val level as
+                       a reference line
+``initialisation``     val mAP over the first epochs, zero-start vs naive, with Phase 1's
+``gate_dynamics``      alpha, tau and ||W_proj|| at each Phase 2 training step, per variant
+``confusion``          row-normalised test confusion matrices (background row: false
+                       positives; background column: missed boxes), Phase 1 and Phase 2
+``per_class``          test AP and recall per class, Phase 1 vs Phase 2
+``pr_curves``          test precision-recall curves of the critical classes (COCO's
+                       interpolated precision at 101 recall points, maxDets 100), IoU .50
+                       and .75, Phase 1 vs Phase 2
+``qualitative``        test images where one model found a critical defect and the other
+                       did not (criteria below)
+``prompt_similarity``  cosine similarity between the class-prompt embeddings
+=====================  =====================================================================
+
+"Phase 1" is the main preset's val-selected checkpoint; "Phase 2" the adopted variant
+(zero-start) from the first seed, its val-selected checkpoint (``Layout.adopted``). Where
+several seeds ran, curves show their mean and a min-max band.
+
+Qualitative selection, automatic: a model *finds* a critical-class ground-truth box of a
+test image when one of its detections of the same class with score >= eval.score_threshold
+overlaps it with IoU >= 0.5. Candidates are the boxes one model finds and the other does
+not; the gap of a candidate is the finder's best matching score minus the other model's best
+score for a same-class detection at IoU >= 0.5 (any score; 0 if none). Per image the largest
+gap counts; images are ranked by it (ties: image id) and the top four of each direction
+are shown with both models' detections above the threshold (labelled with class and score
+where they overlap the box). A direction without candidates is said so in the figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless, whatever MPLBACKEND says
+
+import numpy as np
+from matplotlib import patheffects
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+from defectfusion.data.coco import category_names, images_dir, load_json
+from defectfusion.errors import UserError
+from defectfusion.fsutil import atomic_write
+from defectfusion.report import FIGURES, PARAM_SECTIONS, Layout
+from defectfusion.report import provenance as prov
+from defectfusion.report import summary as S
+
+WIDTH = 6.3  # inches: a thesis text width
+STYLE: dict[str, Any] = {
+    "font.family": "DejaVu Sans",
+    "font.size": 8,
+    "axes.titlesize": 8.5,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.4,
+    "lines.markersize": 3.5,
+    "pdf.fonttype": 42,  # TrueType: text stays text in the PDF
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.03,
+}
+# Okabe-Ito: distinguishable with colour-blindness and in greyscale print by the line styles.
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442"]
+PHASE1_COLOR = "#000000"
+VARIANT_COLORS = {
+    "zero_start": "#0072B2",
+    "naive": "#D55E00",
+    "frozen0": "#009E73",
+    "deimv2_loss": "#CC79A7",
+    "bn_train": "#E69F00",
+}
+DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1))]
+# Boxes drawn on metal: saturated hues that stand out on grey.
+CLASS_COLORS = ["#1f77b4", "#ff7f0e", "#e41a1c", "#ffd700", "#17becf", "#e377c2", "#2ca02c"]
+
+
+def variant_color(layout: Layout, variant: str) -> str:
+    if variant in VARIANT_COLORS:
+        return VARIANT_COLORS[variant]
+    return OKABE_ITO[layout.variants.index(variant) % len(OKABE_ITO)]
+
+
+def variant_dash(layout: Layout, variant: str) -> Any:
+    return DASHES[layout.variants.index(variant) % len(DASHES)]
+
+
+@dataclass
+class Ctx:
+    values: dict[str, Any]
+    layout: Layout
+
+    @cached_property
+    def classes(self) -> list[str]:
+        return category_names(load_json(self.layout.split("test")))
+
+    @cached_property
+    def critical_ids(self) -> list[int]:
+        S.critical_names(self.classes, self.values["data"]["critical_classes"], "config")
+        return list(self.values["data"]["critical_classes"])
+
+    @property
+    def critical(self) -> list[str]:
+        return [self.classes[i] for i in self.critical_ids]
+
+    @property
+    def score_threshold(self) -> float:
+        return float(self.values["eval"]["score_threshold"])
+
+    def phase1_label(self) -> str:
+        return f"Phase 1 ({self.layout.main})"
+
+    def phase2_label(self) -> str:
+        v, s = self.layout.adopted
+        return f"Phase 2 {v}" + (f" (seed {s})" if len(self.layout.seeds) > 1 else "")
+
+
+def _figure(
+    rows: int, cols: int, height: float, width: float = WIDTH, **kw: Any
+) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, **kw)
+    return fig, axes
+
+
+def _no_ticks(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _say(ax: Any, text: str) -> None:
+    """A panel that only holds a sentence (nothing to draw)."""
+    _no_ticks(ax)
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes)
+
+
+def _image(ctx: Ctx, file_name: str) -> np.ndarray:
+    path = images_dir(ctx.layout.data_dir) / file_name
+    if not path.is_file():
+        raise UserError(f"{path}: image not found")
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _box(ax: Any, bbox: Sequence[float], color: str, lw: float = 1.4, ls: Any = "-") -> None:
+    x, y, w, h = bbox
+    ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=lw, linestyle=ls))
+
+
+def _label(ax: Any, x: float, y: float, text: str, color: str) -> None:
+    """`text` just inside the top-left corner of a box, clipped to the image."""
+    ax.text(
+        x + 0.5,
+        y + 0.5,
+        text,
+        color=color,
+        fontsize=5.5,
+        va="top",
+        clip_on=True,
+        path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")],
+    )
+
+
+# ---- the figures -----------------------------------------------------------------------------
+
+
+def dataset_examples(ctx: Ctx) -> Figure:
+    gt = load_json(ctx.layout.split("train"))
+    names = category_names(gt)
+    per_image: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in gt["images"]}
+    for ann in gt["annotations"]:
+        per_image[ann["image_id"]].append(ann)
+    images = {im["id"]: im for im in gt["images"]}
+    n_cols = 4
+    fig, axes = _figure(len(names), n_cols, WIDTH / n_cols * len(names) * 0.92)
+    for k, name in enumerate(names):
+        # The cleanest examples first: fewest boxes of other classes, then image id.
+        having = [i for i, anns in per_image.items() if any(a["category_id"] == k for a in anns)]
+        having.sort(key=lambda i: (sum(a["category_id"] != k for a in per_image[i]), i))
+        for j in range(n_cols):
+            ax = axes[k, j]
+            _no_ticks(ax)
+            if j >= len(having):
+                continue
+            im = images[having[j]]
+            ax.imshow(_image(ctx, im["file_name"]), interpolation="nearest")
+            for a in per_image[im["id"]]:
+                if a["category_id"] == k:
+                    _box(ax, a["bbox"], CLASS_COLORS[k % len(CLASS_COLORS)], lw=1.6)
+                else:
+                    _box(ax, a["bbox"], "white", lw=0.7, ls="--")
+            ax.set_title(f"image {im['id']}", fontsize=6.5, pad=2)
+        mark = " (critical)" if k in ctx.critical_ids else ""
+        axes[k, 0].set_ylabel(f"{name}{mark}", fontsize=8, fontweight="bold" if mark else None)
+        if not having:
+            axes[k, 0].text(
+                0.5,
+                0.5,
+                "no training image",
+                ha="center",
+                va="center",
+                transform=axes[k, 0].transAxes,
+            )
+    return fig
+
+
+def _epochs_plot(
+    ax: Any,
+    histories: list[list[dict[str, Any]]],
+    key: str,
+    color: str,
+    label: str,
+    ls: Any = "-",
+    lw: float | None = None,
+) -> None:
+    """Mean over seeds of `key` per epoch, with a min-max band when there are several."""
+    epochs = sorted({r["epoch"] for h in histories for r in h if r.get(key) is not None})
+    if not epochs:
+        return
+    vals = [
+        [r[key] for h in histories for r in h if r["epoch"] == e and r.get(key) is not None]
+        for e in epochs
+    ]
+    marker = "o" if len(epochs) <= 25 else None  # markers clutter long runs
+    ax.plot(
+        epochs, [np.mean(v) for v in vals], color=color, ls=ls, lw=lw, marker=marker, label=label
+    )
+    if len(histories) > 1:
+        ax.fill_between(
+            epochs, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.15, lw=0
+        )
+
+
+def _epoch_axis(ax: Any, ylabel: str) -> None:
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def phase1_curves(ctx: Ctx) -> Figure:
+    fig, axes = _figure(1, 2, 2.5)
+    for i, preset in enumerate(ctx.layout.presets):
+        path = ctx.layout.phase1(preset, "history.jsonl")
+        h = S.read_jsonl(path)
+        main = preset == ctx.layout.main
+        color = PHASE1_COLOR if main else OKABE_ITO[(i + 1) % len(OKABE_ITO)]
+        label = f"{preset} (main)" if main else preset
+        _epochs_plot(
+            axes[0, 0], [h], "loss", color, label, DASHES[i % len(DASHES)], 1.8 if main else None
+        )
+        _epochs_plot(
+            axes[0, 1], [h], "val_map", color, label, DASHES[i % len(DASHES)], 1.8 if main else None
+        )
+        best = S.best_row(h, path)
+        axes[0, 1].plot(
+            [best["epoch"]], [best["val_map"]], marker="*", ms=9, color=color, ls="none"
+        )
+    _epoch_axis(axes[0, 0], "train loss")
+    _epoch_axis(axes[0, 1], "val mAP@[.50:.95]")
+    axes[0, 0].set_title("Training loss")
+    axes[0, 1].set_title("Validation mAP (★ best epoch)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)))
+    return fig
+
+
+def _phase2_histories(ctx: Ctx, variant: str) -> list[list[dict[str, Any]]]:
+    return [S.read_jsonl(ctx.layout.phase2(variant, s, "history.jsonl")) for s in ctx.layout.seeds]
+
+
+def _phase1_best(ctx: Ctx) -> dict[str, Any]:
+    path = ctx.layout.phase1(ctx.layout.main, "history.jsonl")
+    return S.best_row(S.read_jsonl(path), path)
+
+
+def _reference(ax: Any, value: float | None, label: str) -> None:
+    if value is not None:
+        ax.axhline(value, color=PHASE1_COLOR, ls=(0, (4, 2)), lw=1.0, label=label, zorder=1)
+
+
+def postmortem(ctx: Ctx) -> Figure:
+    fig, axes = _figure(1, 3, 2.5)
+    best = _phase1_best(ctx)
+    panels = [
+        ("loss", "train loss", "Training loss"),
+        ("val_map", "val mAP@[.50:.95]", "Validation mAP"),
+        ("val_critical_recall", "val critical recall", "Validation critical recall"),
+    ]
+    for ax, (key, ylabel, title) in zip(axes[0], panels, strict=True):
+        for v in ctx.layout.variants:
+            _epochs_plot(
+                ax,
+                _phase2_histories(ctx, v),
+                key,
+                variant_color(ctx.layout, v),
+                v,
+                variant_dash(ctx.layout, v),
+            )
+        if key != "loss":  # Phase 1 trained with another loss: its level is no reference
+            _reference(ax, best.get(key), "Phase 1, best val epoch")
+        _epoch_axis(ax, ylabel)
+        ax.set_title(title)
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)))
+    return fig
+
+
+def initialisation(ctx: Ctx, max_epoch: int = 10) -> Figure:
+    fig, axes = _figure(1, 1, 2.6, width=4.2)
+    ax = axes[0, 0]
+    shown = 0
+    for v in ctx.layout.init_variants:
+        hs = [[r for r in h if r["epoch"] <= max_epoch] for h in _phase2_histories(ctx, v)]
+        shown = max([shown, *(r["epoch"] for h in hs for r in h)])
+        _epochs_plot(
+            ax, hs, "val_map", variant_color(ctx.layout, v), v, variant_dash(ctx.layout, v)
+        )
+    _reference(ax, _phase1_best(ctx).get("val_map"), "Phase 1, best val epoch")
+    _epoch_axis(ax, "val mAP@[.50:.95]")
+    ax.set_title(f"Epochs 0-{shown} of Phase 2 (0: before any update)")
+    ax.legend(loc="best")
+    return fig
+
+
+def gate_dynamics(ctx: Ctx) -> Figure:
+    """Changes since initialisation for alpha and ||W_proj||: naive starts at alpha = 0.1 and
+    a 100x larger W_proj, which would flatten zero-start's curves on a shared absolute axis.
+    The initial values (the epoch-0 row, step 0) are in the legend."""
+    fig, axes = _figure(1, 3, 2.5)
+    panels = [
+        ("alpha", "α − α₀ (gate)", True),
+        ("tau", "τ (temperature)", False),
+        ("w_proj_norm", "‖W_proj‖ − ‖W_proj‖₀ (Frobenius)", True),
+    ]
+    for v in ctx.layout.variants:
+        for k, s in enumerate(ctx.layout.seeds):
+            start = S.epoch_row(S.read_jsonl(ctx.layout.phase2(v, s, "history.jsonl")), 0) or {}
+            steps = [{"step": 0, **start}, *S.read_jsonl(ctx.layout.phase2(v, s, "steps.jsonl"))]
+            label = None
+            if k == 0:
+                a0, w0 = start.get("alpha"), start.get("w_proj_norm")
+                label = v if a0 is None or w0 is None else f"{v} (α₀ {a0:.3g}, ‖W‖₀ {w0:.3g})"
+            for ax, (key, _, relative) in zip(axes[0], panels, strict=True):
+                pts = [(r["step"], r[key]) for r in steps if r.get(key) is not None]
+                if not pts:
+                    continue
+                x, y = (np.asarray(t, dtype=float) for t in zip(*pts, strict=True))
+                ax.plot(
+                    x,
+                    y - y[0] if relative else y,
+                    color=variant_color(ctx.layout, v),
+                    ls=variant_dash(ctx.layout, v),
+                    label=label,
+                    lw=1.2,
+                )
+    for ax, (_, title, relative) in zip(axes[0], panels, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
+        if relative:
+            ax.axhline(0, color="grey", lw=0.6, zorder=0)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if not handles:
+        _say(axes[0, 1], "no Phase 2 training step logged")
+    else:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)))
+    return fig
+
+
+def _models(ctx: Ctx) -> list[tuple[str, dict[str, Any]]]:
+    v, s = ctx.layout.adopted
+    return [
+        (ctx.phase1_label(), load_json(ctx.layout.phase1(ctx.layout.main, "test_metrics.json"))),
+        (ctx.phase2_label(), load_json(ctx.layout.phase2(v, s, "test_metrics.json"))),
+    ]
+
+
+def row_normalized(confusion: dict[str, Any]) -> np.ndarray:
+    """`defectfusion.evaluate.row_normalized` (each row over its sum, NaN for an empty row),
+    restated because importing evaluate costs seconds of torch import per figure job; the
+    tests check that both agree."""
+    m = np.asarray(confusion["matrix"], dtype=np.float64)
+    sums = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sums > 0, m / sums, np.nan)
+
+
+def confusion(ctx: Ctx) -> Figure:
+    models = _models(ctx)
+    k = len(models[0][1]["confusion"]["classes"])
+    fig, axes = _figure(1, 2, 2.9)
+    image = None
+    for ax, (label, m) in zip(axes[0], models, strict=True):
+        conf = m["confusion"]
+        norm = row_normalized(conf)
+        counts = np.asarray(conf["matrix"])
+        shown = np.ma.masked_invalid(norm)
+        cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#dddddd")
+        image = ax.imshow(shown, cmap=cmap, vmin=0, vmax=1)
+        ax.grid(False)
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * norm[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if norm[i, j] > 0.6 else "black",
+                    )
+        names = [("bg" if n == "background" else n) for n in conf["classes"]]
+        rows = [f"{n} ({int(t)})" for n, t in zip(names, counts.sum(1), strict=True)]
+        ax.set_xticks(range(k), names, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(k), rows)
+        for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+            if t.get_text().split(" ")[0] in ctx.critical:
+                t.set_fontweight("bold")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("ground truth (boxes)")
+        ax.set_title(label)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="fraction of the row")
+    m0 = models[0][1]["confusion"]
+    fig.suptitle(
+        f"% of each row; score ≥ {m0['score_threshold']:g}, IoU ≥ {m0['iou_threshold']:g}; "
+        "bg row: false positives, bg column: missed boxes; critical classes in bold",
+        fontsize=7,
+    )
+    return fig
+
+
+def per_class(ctx: Ctx) -> Figure:
+    models = _models(ctx)
+    names = S.class_order(models[0][1])
+    fig, axes = _figure(1, 2, 2.6)
+    x = np.arange(len(names))
+    width = 0.38
+    colors = [PHASE1_COLOR, VARIANT_COLORS["zero_start"]]
+    hatches = ["", "////"]
+    for ax, (key, title) in zip(
+        axes[0], [("ap", "AP@[.50:.95]"), ("recall", "Recall (AR@[.50:.95])")], strict=True
+    ):
+        for i, (label, m) in enumerate(models):
+            vals = [m["per_class"][n].get(key) for n in names]
+            pos = x + (i - 0.5) * width
+            ax.bar(
+                pos,
+                [np.nan if v is None else v for v in vals],
+                width,
+                label=label,
+                color=colors[i],
+                alpha=0.85 if i == 0 else 0.9,
+                hatch=hatches[i],
+                edgecolor="white",
+                lw=0,
+            )
+            # Values printed: a bar of height 0 must not read as a missing one.
+            for p, v in zip(pos, vals, strict=True):
+                text = "n/a" if v is None else f"{v:.2f}"
+                ax.text(
+                    p, (v or 0) + 0.01, text, ha="center", va="bottom", fontsize=4.5, rotation=90
+                )
+        ax.set_xticks(
+            x,
+            [f"{n}†" if n in ctx.critical else n for n in names],
+            rotation=30,
+            ha="right",
+            rotation_mode="anchor",
+        )
+        for t in ax.get_xticklabels():
+            if t.get_text().endswith("†"):
+                t.set_fontweight("bold")
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        ax.grid(axis="x", visible=False)
+    axes[0, 0].set_ylabel("test split")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncol=2,
+        title="† critical class",
+        title_fontsize=7,
+    )
+    return fig
+
+
+def _precision(gt: dict[str, Any], results: list[dict[str, Any]]) -> tuple[np.ndarray, Any]:
+    """COCO's interpolated precision [T, R, K] (area all, maxDets 100; -1 -> NaN)."""
+    import copy
+
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    coco_gt = COCO(copy.deepcopy(gt), print_function=lambda *a, **k: None)
+    coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+    ev = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *a, **k: None)
+    ev.params.maxDets = [1, 10, 100]
+    ev.evaluate()
+    ev.accumulate()
+    p = ev.eval["precision"][:, :, :, 0, -1].astype(float)  # area "all", maxDets 100
+    p[p < 0] = np.nan
+    return p, ev.params
+
+
+def pr_curves(ctx: Ctx) -> Figure:
+    gt = load_json(ctx.layout.split("test"))
+    v, s = ctx.layout.adopted
+    models = [
+        (
+            "Phase 1",
+            ctx.phase1_label(),
+            PHASE1_COLOR,
+            ctx.layout.phase1(ctx.layout.main, "test_metrics.predictions.json"),
+        ),
+        (
+            "Phase 2",
+            ctx.phase2_label(),
+            VARIANT_COLORS["zero_start"],
+            ctx.layout.phase2(v, s, "test_metrics.predictions.json"),
+        ),
+    ]
+    crit = ctx.critical_ids
+    ious = ((0.5, "-"), (0.75, "--"))
+    fig, axes = _figure(1, max(1, len(crit)), 2.4, sharey=True)
+    ap_text: dict[int, list[str]] = {c: [] for c in crit}
+    for short, _, color, path in models:
+        results = load_json(path)
+        precision, params = _precision(gt, results) if results else (None, None)
+        for ax, c in zip(axes[0], crit, strict=False):
+            if precision is None:
+                ap_text[c].append(f"{short}: no detections")
+                continue
+            k = list(params.catIds).index(c)
+            aps = []
+            for t, ls in ious:
+                curve = precision[int(np.argmin(np.abs(params.iouThrs - t))), :, k]
+                ax.plot(params.recThrs, curve, color=color, ls=ls, lw=1.2)
+                aps.append(f"{np.nanmean(curve):.2f}" if np.isfinite(curve).any() else "n/a")
+            ap_text[c].append(f"{short}: AP50 {aps[0]}, AP75 {aps[1]}")
+    for ax, c in zip(axes[0], crit, strict=False):
+        n = sum(1 for a in gt["annotations"] if a["category_id"] == c)
+        ax.set_title(f"{ctx.classes[c]} ({n} test boxes)")
+        ax.set_xlabel("recall")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.text(
+            0.03,
+            0.03,
+            "\n".join(ap_text[c]),
+            transform=ax.transAxes,
+            fontsize=6,
+            va="bottom",
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1.5},
+        )
+    axes[0, 0].set_ylabel("precision (interpolated)")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=color, label=label) for _, label, color, _ in models]
+    handles += [Line2D([], [], color="grey", ls=ls, label=f"IoU {t:.2f}") for t, ls in ious]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+    return fig
+
+
+# ---- qualitative -----------------------------------------------------------------------------
+
+
+def _iou(dets: list[dict[str, Any]], gts: list[dict[str, Any]]) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    if not dets or not gts:
+        return np.zeros((len(dets), len(gts)))
+    return np.asarray(
+        mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], [0] * len(gts))
+    )
+
+
+def _best_match(
+    dets: list[dict[str, Any]], box: dict[str, Any], iou_min: float = 0.5
+) -> float | None:
+    """The best score among same-class detections overlapping `box` at IoU >= iou_min."""
+    same = [d for d in dets if d["category_id"] == box["category_id"]]
+    if not same:
+        return None
+    ious = _iou(same, [box])[:, 0]
+    scores = [d["score"] for d, i in zip(same, ious, strict=True) if i >= iou_min]
+    return max(scores) if scores else None
+
+
+def qualitative_cases(
+    gt: dict[str, Any],
+    preds_a: list[dict[str, Any]],
+    preds_b: list[dict[str, Any]],
+    critical: Sequence[int],
+    score_threshold: float,
+    top: int = 4,
+) -> dict[str, list[dict[str, Any]]]:
+    """``{"b_not_a": [...], "a_not_b": [...]}``: the module docstring's selection."""
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in gt["annotations"]:
+        if ann["category_id"] in critical and not ann.get("iscrowd", 0):
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    dets = {"a": {}, "b": {}}
+    for key, preds in (("a", preds_a), ("b", preds_b)):
+        for d in preds:
+            dets[key].setdefault(d["image_id"], []).append(d)
+    cases: dict[str, list[dict[str, Any]]] = {"b_not_a": [], "a_not_b": []}
+    for image_id in sorted(by_image):
+        best: dict[str, dict[str, Any]] = {}
+        for box in by_image[image_id]:
+            sa = _best_match(dets["a"].get(image_id, []), box)
+            sb = _best_match(dets["b"].get(image_id, []), box)
+            found_a = sa is not None and sa >= score_threshold
+            found_b = sb is not None and sb >= score_threshold
+            if found_a == found_b:
+                continue
+            direction = "b_not_a" if found_b else "a_not_b"
+            gap = (sb if found_b else sa) - ((sa if found_b else sb) or 0.0)
+            case = {"image_id": image_id, "box": box, "gap": gap, "score_a": sa, "score_b": sb}
+            if direction not in best or gap > best[direction]["gap"]:
+                best[direction] = case
+        for direction, case in best.items():
+            cases[direction].append(case)
+    for direction in cases:
+        cases[direction].sort(key=lambda c: (-c["gap"], c["image_id"]))
+        cases[direction] = cases[direction][:top]
+    return cases
+
+
+def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
+    gt = load_json(ctx.layout.split("test"))
+    v, s = ctx.layout.adopted
+    preds = {
+        "a": load_json(ctx.layout.phase1(ctx.layout.main, "test_metrics.predictions.json")),
+        "b": load_json(ctx.layout.phase2(v, s, "test_metrics.predictions.json")),
+    }
+    thr = ctx.score_threshold
+    cases = qualitative_cases(gt, preds["a"], preds["b"], ctx.critical_ids, thr, top=2 * per_row)
+    images = {im["id"]: im for im in gt["images"]}
+    short = {"a": "Phase 1", "b": "Phase 2"}
+    sections = [
+        ("b_not_a", f"{ctx.phase2_label()} found, {ctx.phase1_label()} missed"),
+        ("a_not_b", f"{ctx.phase1_label()} found, {ctx.phase2_label()} missed"),
+    ]
+    # Each case is two panels side by side (Phase 1 | Phase 2), `per_row` cases a row; a
+    # direction without cases is one short row that says so.
+    rows = {d: -(-len(cases[d]) // per_row) for d, _ in sections}
+    panel = WIDTH / (2 * per_row)
+    heights = [0.35 + (rows[d] * panel * 1.08 if rows[d] else 0.25) for d, _ in sections]
+    fig = Figure(figsize=(WIDTH, sum(heights) + 0.3), layout="constrained")
+    subfigs = fig.subfigures(len(sections), 1, height_ratios=heights)
+    for sub, (direction, heading) in zip(subfigs, sections, strict=True):
+        sub.suptitle(heading, fontsize=7.5, fontweight="bold")
+        if not cases[direction]:
+            _say(
+                sub.subplots(),
+                "no such test image (a critical-class box that one model finds with a "
+                f"same-class detection of IoU ≥ 0.5 and score ≥ {thr:g}, and the other does not)",
+            )
+            continue
+        axes = sub.subplots(rows[direction], 2 * per_row, squeeze=False)
+        for ax in axes.flat:
+            _no_ticks(ax)
+        for n, case in enumerate(cases[direction]):
+            im, box = images[case["image_id"]], case["box"]
+            pixels = _image(ctx, im["file_name"])
+            for col, key in enumerate(("a", "b")):
+                ax = axes[n // per_row, 2 * (n % per_row) + col]
+                ax.imshow(pixels, interpolation="nearest")
+                _box(ax, box["bbox"], "white", lw=1.3, ls=(0, (3, 2)))
+                shown = [d for d in preds[key] if d["image_id"] == im["id"] and d["score"] >= thr]
+                near = _iou(shown, [box])[:, 0] if shown else np.zeros(0)
+                # Detections on the defect in question are labelled; the rest drawn thin.
+                for d, overlap in sorted(
+                    zip(shown, near, strict=True), key=lambda t: t[0]["score"]
+                ):
+                    color = CLASS_COLORS[d["category_id"] % len(CLASS_COLORS)]
+                    _box(ax, d["bbox"], color, lw=1.3 if overlap >= 0.1 else 0.6)
+                    if overlap >= 0.1:
+                        name = ctx.classes[d["category_id"]]
+                        _label(ax, d["bbox"][0], d["bbox"][1], f"{name} {d['score']:.2f}", color)
+                score = case[f"score_{key}"]
+                found = score is not None and score >= thr
+                verdict = f"found {score:.2f}" if found else "missed"
+                ax.set_title(f"{short[key]}: {verdict}", fontsize=6.5, pad=2)
+                if col == 0:
+                    ax.set_ylabel(
+                        f"image {im['id']}: {ctx.classes[box['category_id']]}", fontsize=6.5
+                    )
+    fig.suptitle(
+        f"Dashed white: the critical ground-truth box. Boxes: detections with score ≥ {thr:g}, "
+        "labelled where they overlap it",
+        fontsize=7,
+    )
+    return fig
+
+
+def prompt_similarity(ctx: Ctx) -> Figure:
+    data = load_json(ctx.layout.text)
+    cos = np.asarray(data["cosine"], dtype=float)
+    names = list(data["class_names"])
+    fig, axes = _figure(1, 1, 3.6, width=4.6)
+    ax = axes[0, 0]
+    # The colours span the off-diagonal range (the diagonal is 1 by definition, greyed), so
+    # the pairs the text can hardly tell apart stand out.
+    diag = np.eye(len(names), dtype=bool)
+    off = cos[~diag]
+    lo, hi = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = ax.imshow(np.ma.masked_where(diag, cos), cmap=cmap, vmin=lo, vmax=max(hi, lo + 1e-6))
+    ax.grid(False)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            bright = i != j and (cos[i, j] - lo) / max(1e-9, hi - lo) > 0.6
+            ax.text(
+                j,
+                i,
+                f"{cos[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6.5,
+                color="black" if bright or i == j else "white",
+            )
+    crit = set(ctx.critical)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(len(names)), names)
+    for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+        if t.get_text() in crit:
+            t.set_fontweight("bold")
+    ax.set_title(
+        f"Class prompts, {data.get('encoder', '?')} (D_t = {data.get('dim', '?')})\n"
+        "critical classes in bold",
+        fontsize=7.5,
+    )
+    fig.colorbar(image, ax=ax, shrink=0.8, label="cosine similarity")
+    return fig
+
+
+DRAW: dict[str, Callable[[Ctx], Figure]] = {
+    "dataset_examples": dataset_examples,
+    "phase1_curves": phase1_curves,
+    "postmortem": postmortem,
+    "initialisation": initialisation,
+    "gate_dynamics": gate_dynamics,
+    "confusion": confusion,
+    "per_class": per_class,
+    "pr_curves": pr_curves,
+    "qualitative": qualitative,
+    "prompt_similarity": prompt_similarity,
+}
+assert tuple(DRAW) == FIGURES
+
+
+def save(fig: Figure, out: Path, name: str, record: dict[str, Any]) -> list[Path]:
+    """PNG and PDF, each with the provenance record in its metadata; no timestamp."""
+    line = prov.one_line(record)
+    png_meta = {"Title": name, "Provenance": line}
+    pdf_meta = {
+        "Title": name,
+        "Subject": line,
+        "Keywords": prov.keywords(record),
+        "Creator": "defectfusion report",
+        "CreationDate": None,
+    }
+    return [
+        atomic_write(
+            out / f"{name}.png", lambda t: fig.savefig(t, format="png", metadata=png_meta)
+        ),
+        atomic_write(
+            out / f"{name}.pdf", lambda t: fig.savefig(t, format="pdf", metadata=pdf_meta)
+        ),
+    ]
+
+
+def write_figures(
+    values: dict[str, Any],
+    out: str | Path,
+    only: Sequence[str] | None = None,
+    rule: str = "manual",
+    results: str = "results",
+) -> list[Path]:
+    """Draw figures `only` (default: all) as ``out/NAME.{png,pdf}`` and their sidecars."""
+    names = list(only or FIGURES)
+    for n in names:
+        if n not in DRAW:
+            raise UserError(f"unknown figure {n!r}; known: {', '.join(FIGURES)}")
+    layout = Layout.from_config(values, results)
+    ctx = Ctx(values, layout)
+    params = prov.params_subset(values, PARAM_SECTIONS)
+    written: list[Path] = []
+    for name in names:
+        record = prov.make_record(f"figures/{name}", rule, params, layout.inputs("figures", name))
+        with matplotlib.rc_context(STYLE):
+            fig = DRAW[name](ctx)
+            paths = save(fig, Path(out), name, record)
+        prov.write_sidecar(results, record, paths)
+        written += paths
+    return written

@@ -1,0 +1,332 @@
+"""``results/summary.json``: every number the thesis book quotes, read from the results.
+
+The book reads only this file, the tables and the figures, so this schema is a contract
+(keys always present; ``null`` where the run has nothing to measure)::
+
+    {"run": {"commit":          git commit of the code ("-dirty": tracked files changed),
+             "params_sha256":   sha256 of the whole merged config (params + profile),
+             "date":            UTC time of the newest results file read (ISO 8601): when
+                                the results were finished, not when this file was written
+             "machine":         OS, architecture, CPU count and GPU(s) of the report machine
+             "profile":         the profile overlays ("micro", "thesis"...), "default" if none},
+     "dataset": {"name":        the dataset's info.dataset,
+                 "classes":     class names in id order,
+                 "critical_classes": names of data.critical_classes,
+                 "n_images":    {split: images}, "n_boxes": {split: boxes}},
+     "main_preset": the Phase 1 preset Phase 2 builds on (model.preset),
+     "phase1": {preset: {"map", "map50", "map75", "critical_recall", "critical_recall50",
+                         "composite":        test metrics (evaluate's metrics file),
+                         "parameters":       parameter count (null: older metrics files),
+                         "best_epoch":       epoch of best.pt (selected on val),
+                         "train_seconds":    training time, the sum of history's per-epoch
+                                             "seconds" (validation excluded),
+                         "per_class": {name: {"ap", "recall"}} (test)}},
+     "phase2": {variant: {"seeds": [...],
+                          "map", "map50", "critical_recall", "critical_recall50",
+                          "composite":       test metrics, mean over seeds,
+                          "epoch0_val_map":  val mAP before any update, mean over seeds,
+                          "epoch1_val_map":  val mAP after epoch 1 (null: not evaluated),
+                          "best_epoch":      epoch of best.pt (median over seeds, the lower),
+                          "val_map_by_epoch": [val mAP at epoch 0, 1, ...], mean over the
+                                             seeds that reached the epoch (null where none),
+                          "alpha_final", "tau_final": the gate and temperature after the
+                                             last training step, mean over seeds,
+                          "diff_map", "diff_critical_recall": test B - A, B this variant,
+                                             A the main Phase 1 model, mean over seeds,
+                          "ci_map", "ci_critical_recall": paired-bootstrap 95% CI [lo, hi]
+                                             of that difference; with several seeds, the
+                                             envelope of the per-seed intervals,
+                          "frac_b_gt_a_map": fraction of bootstrap replicates with B > A
+                                             in mAP, mean over seeds}},
+     "phase1_val_map_best": the main preset's val mAP at its best epoch,
+     "epoch0_equals_phase1": whether every seed of zero_start, before any update, has exactly
+                             the val metrics of Phase 1's best epoch (null: no zero_start)}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from defectfusion.data.coco import category_names, load_json
+from defectfusion.errors import UserError
+from defectfusion.fsutil import atomic_write_json
+from defectfusion.report import PARAM_SECTIONS, SPLIT_NAMES, Layout
+from defectfusion.report import provenance as prov
+
+TEST_KEYS = ("map", "map50", "map75", "critical_recall", "critical_recall50", "composite")
+
+
+# ---- readers ---------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {i}: malformed JSON: {e.msg}") from None
+    return rows
+
+
+def best_row(history: list[dict[str, Any]], where: str = "history") -> dict[str, Any]:
+    """The row of the epoch best.pt holds: the last one flagged ``best``, else epoch 0
+    (Phase 2 saves its epoch-0 model as best before training)."""
+    flagged = [r for r in history if r.get("best")]
+    if flagged:
+        return flagged[-1]
+    zero = [r for r in history if r.get("epoch") == 0]
+    if zero:
+        return zero[0]
+    raise UserError(f"{where}: no epoch marked best and no epoch 0")
+
+
+def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any] | None:
+    return next((r for r in history if r.get("epoch") == epoch), None)
+
+
+def class_order(metrics: dict[str, Any]) -> list[str]:
+    """Class names of a metrics file in id order (the file's keys are sorted by name)."""
+    return sorted(metrics["per_class"], key=lambda n: metrics["per_class"][n]["id"])
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+# ---- dataset ---------------------------------------------------------------------------------
+
+
+def dataset_counts(layout: Layout) -> dict[str, Any]:
+    """Names, and per split: images, boxes, and per class images-with-the-class and boxes."""
+    out: dict[str, Any] = {"splits": {}}
+    for split in SPLIT_NAMES:
+        path = layout.split(split)
+        gt = load_json(path)
+        names = category_names(gt)
+        if "classes" in out and names != out["classes"]:
+            raise UserError(f"{path}: classes {names} differ from the train split's")
+        out["classes"] = names
+        out.setdefault("name", (gt.get("info") or {}).get("dataset", Path(layout.data_dir).name))
+        by_id = {c["id"]: c["name"] for c in gt["categories"]}
+        boxes = dict.fromkeys(names, 0)
+        images: dict[str, set[int]] = {n: set() for n in names}
+        for ann in gt["annotations"]:
+            name = by_id[ann["category_id"]]
+            boxes[name] += 1
+            images[name].add(ann["image_id"])
+        out["splits"][split] = {
+            "n_images": len(gt["images"]),
+            "n_boxes": len(gt["annotations"]),
+            "images": {n: len(v) for n, v in images.items()},
+            "boxes": boxes,
+        }
+    return out
+
+
+def critical_names(classes: Sequence[str], critical_ids: Sequence[int], where: str) -> list[str]:
+    for c in critical_ids:
+        if not 0 <= c < len(classes):
+            raise UserError(
+                f"{where}: critical class id {c} is not in the dataset (0..{len(classes) - 1})"
+            )
+    return [classes[c] for c in critical_ids]
+
+
+# ---- Phase 1 ---------------------------------------------------------------------------------
+
+
+def phase1_entry(layout: Layout, preset: str) -> dict[str, Any]:
+    path = layout.phase1(preset, "history.jsonl")
+    history = read_jsonl(path)
+    m = load_json(layout.phase1(preset, "test_metrics.json"))
+    return {
+        **{k: m.get(k) for k in TEST_KEYS},
+        "parameters": m.get("parameters"),
+        "best_epoch": int(best_row(history, path)["epoch"]),
+        "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 3),
+        "per_class": {
+            name: {"ap": pc.get("ap"), "recall": pc.get("recall")}
+            for name, pc in m["per_class"].items()
+        },
+    }
+
+
+def eval_ms_per_image(layout: Layout, preset: str) -> float | None:
+    """Wall time of the evaluate job (start-up and model loading included) per test image,
+    from Snakemake's benchmark file; None without one."""
+    path = Path(layout.eval_benchmark(preset))
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if len(lines) < 2:
+        return None
+    seconds = float(dict(zip(lines[0].split("\t"), lines[1].split("\t"), strict=False))["s"])
+    n = load_json(layout.phase1(preset, "test_metrics.json"))["n_images"]
+    return 1000.0 * seconds / max(1, n)
+
+
+# ---- Phase 2 ---------------------------------------------------------------------------------
+
+
+def phase2_runs(layout: Layout, variant: str) -> list[dict[str, Any]]:
+    """Per seed: history, last step, test metrics and the comparison with Phase 1."""
+    runs = []
+    for seed in layout.seeds:
+        hpath = layout.phase2(variant, seed, "history.jsonl")
+        history = read_jsonl(hpath)
+        if epoch_row(history, 0) is None:
+            raise UserError(f"{hpath}: no epoch-0 row (the evaluation before any update)")
+        steps = read_jsonl(layout.phase2(variant, seed, "steps.jsonl"))
+        runs.append(
+            {
+                "seed": seed,
+                "history": history,
+                "best": best_row(history, hpath),
+                "last": steps[-1] if steps else epoch_row(history, 0),
+                "test": load_json(layout.phase2(variant, seed, "test_metrics.json")),
+                "compare": load_json(layout.compare(variant, seed))["metrics"],
+            }
+        )
+    return runs
+
+
+def ci_envelope(cis: list[list[float | None]]) -> list[float | None]:
+    """One seed: its interval. Several: [min lo, max hi], covering every seed's interval."""
+    los = [c[0] for c in cis if c[0] is not None]
+    his = [c[1] for c in cis if c[1] is not None]
+    return [min(los) if los else None, max(his) if his else None]
+
+
+def phase2_entry(layout: Layout, variant: str) -> dict[str, Any]:
+    runs = phase2_runs(layout, variant)
+    last_epoch = max(int(r["epoch"]) for run in runs for r in run["history"])
+    by_epoch = [
+        mean((epoch_row(run["history"], e) or {}).get("val_map") for run in runs)
+        for e in range(last_epoch + 1)
+    ]
+
+    def cmp(metric: str, key: str) -> Any:
+        return [run["compare"][metric][key] for run in runs]
+
+    return {
+        "seeds": [run["seed"] for run in runs],
+        **{k: mean(run["test"].get(k) for run in runs) for k in TEST_KEYS if k != "map75"},
+        "epoch0_val_map": mean(epoch_row(run["history"], 0)["val_map"] for run in runs),
+        "epoch1_val_map": mean((epoch_row(run["history"], 1) or {}).get("val_map") for run in runs),
+        "best_epoch": int(statistics.median_low(int(run["best"]["epoch"]) for run in runs)),
+        "val_map_by_epoch": by_epoch,
+        "alpha_final": mean(run["last"].get("alpha") for run in runs),
+        "tau_final": mean(run["last"].get("tau") for run in runs),
+        "diff_map": mean(cmp("map", "diff")),
+        "ci_map": ci_envelope(cmp("map", "ci95")),
+        "diff_critical_recall": mean(cmp("critical_recall", "diff")),
+        "ci_critical_recall": ci_envelope(cmp("critical_recall", "ci95")),
+        "frac_b_gt_a_map": mean(cmp("map", "frac_b_gt_a")),
+    }
+
+
+def val_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k.startswith("val_")}
+
+
+# ---- run -------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    parts = [f"{platform.system()} {platform.machine()}", f"{os.cpu_count()} CPUs"]
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            gpus = [g.strip() for g in out.stdout.splitlines() if g.strip()]
+            if gpus:
+                parts.append(", ".join(gpus))
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return ", ".join(parts)
+
+
+def profile_name(values: dict[str, Any]) -> str:
+    overlays = (values.get("pipeline") or {}).get("overlays") or []
+    return "+".join(Path(o).stem for o in overlays) or "default"
+
+
+def results_date(paths: Iterable[str]) -> str:
+    newest = max(Path(p).stat().st_mtime for p in paths)
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest))
+
+
+def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    """The summary of the module docstring, from config dict `values` (``Config.to_dict()``)."""
+    ds = dataset_counts(layout)
+    critical = critical_names(
+        ds["classes"], values["data"]["critical_classes"], "config data.critical_classes"
+    )
+    phase1 = {p: phase1_entry(layout, p) for p in layout.presets}
+    phase2 = {v: phase2_entry(layout, v) for v in layout.variants}
+
+    main_history = read_jsonl(layout.phase1(layout.main, "history.jsonl"))
+    main_best = best_row(main_history, layout.phase1(layout.main, "history.jsonl"))
+    equal: bool | None = None
+    if "zero_start" in layout.variants:
+        target = val_metrics(main_best)
+        equal = all(
+            val_metrics(epoch_row(run["history"], 0)) == target
+            for run in phase2_runs(layout, "zero_start")
+        )
+    return {
+        "run": {
+            "commit": prov.git_commit(),
+            "params_sha256": prov.sha256_json(values),
+            "date": results_date(layout.inputs("summary", "summary")),
+            "machine": machine(),
+            "profile": profile_name(values),
+        },
+        "dataset": {
+            "name": ds["name"],
+            "classes": ds["classes"],
+            "critical_classes": critical,
+            "n_images": {s: ds["splits"][s]["n_images"] for s in SPLIT_NAMES},
+            "n_boxes": {s: ds["splits"][s]["n_boxes"] for s in SPLIT_NAMES},
+        },
+        "main_preset": layout.main,
+        "phase1": phase1,
+        "phase2": phase2,
+        "phase1_val_map_best": main_best.get("val_map"),
+        "epoch0_equals_phase1": equal,
+    }
+
+
+def write_summary(
+    values: dict[str, Any], out: str | Path, rule: str = "manual", results: str = "results"
+) -> dict[str, Any]:
+    """Write `out` and its provenance sidecar (under `results`/provenance)."""
+    layout = Layout.from_config(values, results)
+    inputs = layout.inputs("summary", "summary")
+    record = prov.make_record(
+        "summary/summary", rule, prov.params_subset(values, PARAM_SECTIONS), inputs
+    )
+    summary = build_summary(values, layout)
+    atomic_write_json(out, summary)
+    prov.write_sidecar(results, record, [Path(out)])
+    return summary

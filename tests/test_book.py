@@ -1,0 +1,379 @@
+"""The thesis book: built offline, warnings as errors, every number from the results.
+
+The builds run against fake results with sentinel values (a fake summary.json, Markdown
+tables and placeholder PNGs in a temporary folder), never against results/ or figures/.
+"""
+
+from __future__ import annotations
+
+import copy
+import html as html_lib
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from defectfusion.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+THESIS = ROOT / "thesis"
+
+PRESETS = ("deimv2-dinov3-tiny", "deimv2-resnet-tiny", "deimv2-efficientnet-tiny")
+VARIANTS = ("zero_start", "naive", "frozen0", "deimv2_loss", "bn_train")
+TABLES = ("dataset", "phase1", "phase2", "per_class_recall")
+FIGURES = (
+    "dataset_examples",
+    "phase1_curves",
+    "postmortem",
+    "initialisation",
+    "gate_dynamics",
+    "confusion",
+    "per_class",
+    "pr_curves",
+    "qualitative",
+    "prompt_similarity",
+)
+CLASSES = ["normal", "perforation", "fracture", "scratch", "class_4", "contamination"]
+
+# Sentinels: values no real run prints, looked for in the HTML.
+SENTINEL_MAP = 0.123456  # printed with 3 decimals: 0.123
+SENTINEL_EPOCH0 = 0.654321  # printed with 6 decimals
+SENTINEL_COMMIT = "c0ffee5e171e1"
+
+
+def fake_summary() -> dict:
+    """A summary.json with the report stage's schema and sentinel values."""
+    per_class = {c: {"ap": 0.5, "recall": 0.6} for c in CLASSES}
+    phase1 = {
+        p: {
+            "map": m,
+            "map50": 0.81,
+            "map75": 0.42,
+            "critical_recall": 0.37,
+            "critical_recall50": 0.58,
+            "composite": 0.31,
+            "parameters": 1234567,
+            "best_epoch": 4,
+            "train_seconds": 301.7,
+            "per_class": per_class,
+        }
+        for p, m in zip(PRESETS, (SENTINEL_MAP, 0.101, 0.099), strict=True)
+    }
+    phase2 = {
+        v: {
+            "seeds": [0],
+            "map": 0.111,
+            "map50": 0.7,
+            "critical_recall": 0.35,
+            "critical_recall50": 0.55,
+            "composite": 0.29,
+            "epoch0_val_map": SENTINEL_EPOCH0,
+            "epoch1_val_map": 0.6,
+            "best_epoch": 2,
+            "val_map_by_epoch": [SENTINEL_EPOCH0, 0.6, 0.59],
+            "alpha_final": 0.00042,
+            "tau_final": 0.0701,
+            "diff_map": -0.012,
+            "ci_map": [-0.03, -0.004],
+            "diff_critical_recall": 0.004,
+            "ci_critical_recall": [-0.02, 0.03],
+            "frac_b_gt_a_map": 0.02,
+        }
+        for v in VARIANTS
+    }
+    phase2["naive"].update(epoch0_val_map=0.3, epoch1_val_map=0.4)
+    return {
+        "run": {
+            "commit": SENTINEL_COMMIT,
+            "params_sha256": "ab" * 32,
+            "date": "2025-01-02T03:04:05Z",
+            "machine": "test-machine (2 CPU)",
+            "profile": "micro",
+        },
+        "dataset": {
+            "name": "synth",
+            "classes": CLASSES,
+            "critical_classes": ["fracture", "scratch", "contamination"],
+            "n_images": {"train": 32, "val": 12, "test": 12},
+            "n_boxes": {"train": 50, "val": 20, "test": 21},
+        },
+        "main_preset": PRESETS[0],
+        "phase1": phase1,
+        "phase2": phase2,
+        "phase1_val_map_best": SENTINEL_EPOCH0,
+        "epoch0_equals_phase1": True,
+    }
+
+
+def write_fake_results(root: Path, summary: dict) -> tuple[Path, Path]:
+    """results/ (summary.json, tables/*.md) and figures/*.png under `root`."""
+    from PIL import Image
+
+    results, figures = root / "results", root / "figures"
+    (results / "tables").mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    (results / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    for name in TABLES:
+        table = f"# Tabla {name}\n\n| modelo | mAP |\n|---|---:|\n| {name}-fila | 0.4242 |\n"
+        (results / "tables" / f"{name}.md").write_text(table, encoding="utf-8")
+    for i, name in enumerate(FIGURES):
+        Image.new("RGB", (64, 48), (20 * i, 120, 200 - 15 * i)).save(figures / f"{name}.png")
+    return results, figures
+
+
+def build(tmp: Path, summary: dict) -> Path:
+    from defectfusion.report.book import build_book
+
+    results, figures = write_fake_results(tmp, summary)
+    return build_book(results, figures, tmp / "_build", source=THESIS)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The book built once against the sentinel results: the html/ folder."""
+    index = build(tmp_path_factory.mktemp("book"), fake_summary())
+    assert index.name == "index.html" and index.is_file()
+    return index.parent
+
+
+def _text(page: Path) -> str:
+    """A page's visible text, tags stripped, whitespace collapsed."""
+    html = page.read_text(encoding="utf-8")
+    html = re.sub(r"<(script|style)\b.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"\s+", " ", html_lib.unescape(re.sub(r"<[^>]+>", "", html)))
+
+
+class _Assets(HTMLParser):
+    """Every URL a page loads: script src, link href, img src, and inline style url()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        for t, attr in (("script", "src"), ("link", "href"), ("img", "src"), ("source", "src")):
+            if tag == t and a.get(attr):
+                self.urls.append((tag, a[attr]))
+
+
+def _assets(page: Path) -> list[tuple[str, str]]:
+    parser = _Assets()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser.urls
+
+
+# ---- the built site ------------------------------------------------------------------------
+
+
+def test_sentinel_values_reach_the_html(site: Path) -> None:
+    results = (site / "resultados.html").read_text(encoding="utf-8")
+    # The main preset's test mAP, through the '@main' path and the default 3-decimal format.
+    assert f'title="summary.json: phase1.{PRESETS[0]}.map">0.123</abbr>' in results
+    assert f"{SENTINEL_EPOCH0:.6f}" in results  # the epoch-0 mAP, at 6 decimals
+    assert SENTINEL_COMMIT in (site / "reproducir.html").read_text(encoding="utf-8")
+    # Integers get a narrow no-break space every three digits: 1 234 567.
+    assert "1\u202f234\u202f567" in results
+
+
+def test_prose_follows_the_numbers(site: Path) -> None:
+    text = _text(site / "resultados.html")
+    # zero_start: CI [-0.03, -0.004] excludes 0 below; critical recall CI [-0.02, 0.03] holds it.
+    assert "excluye el cero por abajo" in text and "incluye el cero" in text
+    # Both zero_start and frozen0 are significantly below Phase 1: the 5.5 verdict says so...
+    assert "La observación se confirma; la explicación, no." in text
+    # ... and none of the three other verdicts is printed.
+    for other in (
+        "La conclusión de la tesis se confirma.",
+        "Ni ganancia ni pérdida",
+        "se contradice",
+    ):
+        assert other not in text
+    assert "coinciden exactamente" in text  # epoch0_equals_phase1 is true
+    # The naive run starts at 0.3 vs 0.654321 and ends epoch 1 at 0.4 < 0.6 of zero-start.
+    assert "se reproduce la interferencia destructiva" in text
+    assert "no se reproduce la interferencia" not in text
+
+
+def test_prose_flips_when_the_numbers_do(tmp_path: Path) -> None:
+    summary = fake_summary()
+    zero = summary["phase2"]["zero_start"]
+    zero.update(diff_map=0.02, ci_map=[0.01, 0.05], ci_critical_recall=[0.01, 0.04])
+    zero.update(epoch1_val_map=0.7, alpha_final=-0.003)
+    summary["epoch0_equals_phase1"] = False
+    text = _text(build(tmp_path, summary).parent / "resultados.html")
+    assert "La conclusión de la tesis se contradice." in text
+    assert "La observación se confirma" not in text
+    assert "excluye el cero por arriba" in text
+    assert "La hipótesis de la 4.1" in text and "se confirma en esta ejecución" in text
+    assert "Las dos cifras no coinciden" in text and "coinciden exactamente" not in text
+    assert "la mAP de validación sube (+0.046" in text  # 0.7 - 0.654321
+    assert "negativa: el entrenamiento usa la similitud al revés" in text
+
+
+def test_thesis_figures_are_marked_as_the_thesis(site: Path) -> None:
+    html = (site / "metodologia.html").read_text(encoding="utf-8")
+    marked = re.findall(
+        r'<abbr class="tesis" title="Cifra de la tesis: [^"]+">([^<]+)</abbr>', html
+    )
+    assert "0.785" in marked and "140\u202f000" in marked
+    assert html.count('class="tesis-marca"') == len(marked)
+
+
+def test_no_unresolved_placeholder_or_missing_figure(site: Path) -> None:
+    pages = sorted(site.glob("*.html"))
+    assert {p.name for p in pages} >= {
+        "index.html",
+        "metodologia.html",
+        "resultados.html",
+        "reproducir.html",
+    }
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        for hole in ("{res}", "{tesis}", "{ci}", "{sign}", "{cond}", "{{res:", "{{tesis:"):
+            assert hole not in html, (page.name, hole)
+        assert "problematic" not in html and "system-message" not in html, page.name
+    images = [u for u in _assets(site / "resultados.html") if u[0] == "img"]
+    assert len(images) == len(FIGURES)
+    for _, src in images:
+        assert (site / src).is_file(), src
+    tables = (site / "resultados.html").read_text(encoding="utf-8")
+    for name in TABLES:  # each results table, with its caption, numbered
+        assert f"{name}-fila" in tables
+    assert tables.count('<span class="caption-number">Tabla ') == len(TABLES)
+
+
+def test_every_asset_is_local(site: Path) -> None:
+    external = re.compile(r"^(https?:)?//", re.I)
+    for page in site.rglob("*.html"):
+        for tag, url in _assets(page):
+            assert not external.match(url), (page.name, tag, url)
+    for css in (site / "_static").rglob("*.css"):
+        text = css.read_text(encoding="utf-8", errors="replace")
+        assert not re.search(r"(url\(\s*['\"]?|@import\s+['\"]?)(https?:)?//", text), css
+    scripts = [u.split("?")[0] for t, u in _assets(site / "metodologia.html") if t == "script"]
+    mathjax = [u for u in scripts if "mathjax" in u.lower()]
+    assert mathjax == ["_static/mathjax/tex-svg.js"]
+    assert (site / "_static/mathjax/tex-svg.js").stat().st_size > 1_000_000
+
+
+def test_html_lang_is_spanish(site: Path) -> None:
+    assert '<html lang="es"' in (site / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_missing_key_fails_the_build_naming_it(tmp_path: Path) -> None:
+    summary = copy.deepcopy(fake_summary())
+    del summary["phase2"]["bn_train"]["ci_map"]
+    with pytest.raises(UserError) as err:
+        build(tmp_path, summary)
+    assert "phase2.bn_train.ci_map" in str(err.value)
+    assert not (tmp_path / "_build/html").exists()  # no page with a hole was published
+
+
+def test_a_missing_figure_fails_the_build_naming_it(tmp_path: Path) -> None:
+    results, figures = write_fake_results(tmp_path, fake_summary())
+    (figures / "gate_dynamics.png").unlink()
+    from defectfusion.report.book import build_book
+
+    with pytest.raises(UserError, match="gate_dynamics"):
+        build_book(results, figures, tmp_path / "_build", source=THESIS)
+
+
+def test_the_book_uses_the_report_stage_names() -> None:
+    """Every table and figure a page includes is one the report stage writes."""
+    from defectfusion import report
+
+    pages = "".join(p.read_text(encoding="utf-8") for p in THESIS.glob("*.md"))
+    tables = set(re.findall(r"^```\{results-table\} (\S+)", pages, flags=re.M))
+    figures = set(re.findall(r"^```\{results-figure\} (\S+)", pages, flags=re.M))
+    assert tables == set(TABLES) and tables <= set(report.TABLES)
+    assert figures == set(FIGURES) and figures <= set(report.FIGURES)
+
+
+def test_no_measured_number_is_typed_into_the_pages() -> None:
+    """Decimals and percentages in the prose come from a role, never from the page's text."""
+    for page in sorted(THESIS.glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        text = re.sub(r"^```(bash|text)?\n.*?^```", "", text, flags=re.S | re.M)  # code blocks
+        text = re.sub(r"\$\$.*?\$\$|\$[^$\n]+\$", "", text, flags=re.S)  # math
+        text = re.sub(r"\{[\w-]+\}`[^`]*`|`[^`]*`", "", text)  # roles, inline code
+        text = re.sub(r"^(#.*|:\w+:.*|```.*|\(.*\)=)$", "", text, flags=re.M)  # headings, options
+        typed = re.findall(r"\d+[.,]\d+|\d+\s*%", text)
+        assert not typed, (page.name, typed)
+
+
+# ---- the extension's logic, without a build ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """thesis/_ext/thesis_values.py: the extension's pure logic."""
+    spec = importlib.util.spec_from_file_location("thesis_values", THESIS / "_ext/thesis_values.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paths_resolve_main_wildcards_and_indices(ext) -> None:
+    data = fake_summary()
+    look = lambda p: ext.resolve(data, p, "summary.json")  # noqa: E731
+    assert look("phase1.@main.map") == SENTINEL_MAP
+    assert look("phase2.zero_start.ci_map.1") == -0.004
+    assert look("phase1.*.map") == [SENTINEL_MAP, 0.101, 0.099]
+    assert ext.evaluate("max(phase1.*.map) - phase1.@main.map", look) == 0
+    assert ext.evaluate("len(dataset.classes) * 2", look) == 12
+    with pytest.raises(ext.ResultsError, match="'phase2.zero_start.nope'"):
+        look("phase2.zero_start.nope")
+    with pytest.raises(ext.ResultsError, match="'phase9.x'"):
+        ext.evaluate("1 + phase9.x", look)
+
+
+def test_conditions(ext) -> None:
+    data = fake_summary()
+    look = lambda p: ext.resolve(data, p, "summary.json")  # noqa: E731
+    assert ext.condition("phase2.zero_start.ci_map.1 < 0", look)
+    assert not ext.condition(
+        "phase2.zero_start.ci_map.1 < 0 and phase2.frozen0.ci_map.1 >= 0", look
+    )
+    assert ext.condition("not epoch0_equals_phase1 or len(phase2.naive.seeds) == 1", look)
+    assert ext.condition("epoch0_equals_phase1", look)
+
+
+def test_number_format(ext) -> None:
+    assert ext.fmt(0.123456) == "0.123"
+    assert ext.fmt(-0.0123, "+.3f") == "-0.012"
+    assert ext.fmt(140000) == "140\u202f000" and ext.fmt(2024) == "2024"
+    assert ext.fmt(0.57, ".0%") == "57\u202f%"
+    assert ext.fmt([-0.03, 0.004]) == "[-0.030, 0.004]"
+    assert ext.fmt(["a", "b", "c"]) == "a, b y c"
+    assert ext.fmt(True) == "sí"
+    assert ext.fmt_thesis(42.0) == "42.0" and ext.fmt_thesis(5e-05, ".0e") == "5e-05"
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_cli_without_results_is_a_one_line_error(tmp_path: Path) -> None:
+    args = ["--results", tmp_path, "--figures", tmp_path, "--out", tmp_path / "_build"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "defectfusion.cli",
+            "book",
+            *map(str, args),
+            "--source",
+            str(THESIS),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"defectfusion: error: {tmp_path / 'summary.json'}: not found (the book needs it)"
+    ]

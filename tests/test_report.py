@@ -1,0 +1,303 @@
+"""The report stage: tables, figures, summary.json and their provenance.
+
+The first group reads the outputs of the session's micro pipeline run (conftest.micro_run);
+the rest are fast unit tests of the pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from conftest import run_snakemake
+from defectfusion.cli import main
+from defectfusion.errors import UserError
+from defectfusion.report import FIGURES, TABLES, Layout
+from defectfusion.report import provenance as prov
+
+SHA = re.compile(r"^[0-9a-f]{64}$")
+VARIANTS = ("zero_start", "naive", "frozen0", "deimv2_loss", "bn_train")
+
+
+def _outputs() -> list[tuple[str, str]]:
+    """(file, rule) of every table and figure."""
+    tables = [(f"results/tables/{t}.{e}", "table") for t in TABLES for e in ("csv", "md", "tex")]
+    figures = [(f"figures/{f}.{e}", "figure") for f in FIGURES for e in ("png", "pdf")]
+    return tables + figures
+
+
+# ---- on the micro pipeline's outputs --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_table_and_figure_exists_with_its_provenance(micro_run: Path) -> None:
+    for rel, rule in _outputs():
+        path = micro_run / rel
+        assert path.is_file() and path.stat().st_size > 0, rel
+        record = prov.read_embedded(path)
+        kind = "tables" if rule == "table" else "figures"
+        assert record["name"] == f"{kind}/{Path(rel).stem}", rel
+        assert record["rule"] == rule, rel
+        assert "commit" in record and SHA.match(record["params_sha256"]), rel
+        assert record["inputs"], rel
+        # The recorded hashes are those of the files the output was made from.
+        for inp, digest in record["inputs"].items():
+            assert prov.sha256_file(micro_run / inp) == digest, (rel, inp)
+
+
+@pytest.mark.slow
+def test_provenance_index_covers_every_output_with_its_hash(micro_run: Path) -> None:
+    index = json.loads((micro_run / "results/provenance.json").read_text())["outputs"]
+    expected = {rel for rel, _ in _outputs()} | {"results/summary.json"}
+    assert set(index) == expected
+    for rel, record in index.items():
+        assert record["sha256"] == prov.sha256_file(micro_run / rel), rel
+
+
+@pytest.mark.slow
+def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
+    s = json.loads((micro_run / "results/summary.json").read_text())
+    assert set(s) == {
+        "run", "dataset", "main_preset", "phase1", "phase2", "phase1_val_map_best",
+        "epoch0_equals_phase1",
+    }  # fmt: skip
+    assert set(s["run"]) == {"commit", "params_sha256", "date", "machine", "profile"}
+    assert s["run"]["profile"] == "micro" and SHA.match(s["run"]["params_sha256"])
+    assert set(s["dataset"]) == {"name", "classes", "critical_classes", "n_images", "n_boxes"}
+    assert s["dataset"]["critical_classes"] == ["fracture", "scratch", "contamination"]
+    assert set(s["dataset"]["n_images"]) == {"train", "val", "test"}
+    assert s["dataset"]["n_images"]["test"] == 12  # configs/micro.yaml
+    assert s["main_preset"] == "deimv2-dinov3-tiny"
+    p1_keys = {
+        "map", "map50", "map75", "critical_recall", "critical_recall50", "composite",
+        "parameters", "best_epoch", "train_seconds", "per_class",
+    }  # fmt: skip
+    assert len(s["phase1"]) == 3
+    for entry in s["phase1"].values():
+        assert set(entry) == p1_keys
+        assert set(entry["per_class"]) == set(s["dataset"]["classes"])
+        assert isinstance(entry["parameters"], int) and entry["parameters"] > 0
+    p2_keys = {
+        "seeds", "map", "map50", "critical_recall", "critical_recall50", "composite",
+        "epoch0_val_map", "epoch1_val_map", "best_epoch", "val_map_by_epoch", "alpha_final",
+        "tau_final", "diff_map", "ci_map", "diff_critical_recall", "ci_critical_recall",
+        "frac_b_gt_a_map",
+    }  # fmt: skip
+    assert set(s["phase2"]) == set(VARIANTS)
+    for entry in s["phase2"].values():
+        assert set(entry) == p2_keys
+        assert entry["seeds"] == [0]
+        assert len(entry["ci_map"]) == 2 and len(entry["ci_critical_recall"]) == 2
+        assert entry["val_map_by_epoch"][0] == entry["epoch0_val_map"]
+    assert s["phase2"]["frozen0"]["alpha_final"] == 0.0  # the control's gate never moves
+    assert s["phase2"]["naive"]["alpha_final"] != 0.0
+    # Zero-start before any update is the Phase 1 model: same val metrics, exactly.
+    assert s["epoch0_equals_phase1"] is True
+    assert s["phase2"]["zero_start"]["epoch0_val_map"] == s["phase1_val_map_best"]
+
+
+@pytest.mark.slow
+def test_a_changed_result_rebuilds_only_what_reads_it(micro_run: Path) -> None:
+    def planned_after_changing(rel: str) -> dict[str, int]:
+        # A new mtime alone is not a change for Snakemake 9 (it compares checksums): give
+        # the file new content (JSON with one more trailing newline), plan, then restore.
+        path = micro_run / rel
+        before, data = path.stat(), path.read_bytes()
+        path.write_bytes(data + b"\n")
+        now = time.time() + 5
+        os.utime(path, (now, now))
+        try:
+            out = run_snakemake(micro_run, "-n", "--quiet", "rules")
+        finally:  # the session's run must stay complete for the other tests
+            path.write_bytes(data)
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert out.returncode == 0, out.stderr[-2000:]
+        counts = {}
+        for line in out.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "rule"):
+                counts[parts[0]] = int(parts[1])
+        return counts
+
+    text = planned_after_changing("results/text/embeddings.json")
+    assert text.get("figure") == 1 and "table" not in text and "summary" not in text
+    assert text.get("provenance") == 1
+    compare = planned_after_changing("results/compare/naive_seed0.json")
+    assert compare.get("table") == 1 and compare.get("summary") == 1
+    assert "figure" not in compare
+
+
+# ---- units ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.int64, (4, 4), elements=st.integers(0, 20)))
+def test_figures_row_normalization_is_evaluates(matrix: np.ndarray) -> None:
+    from defectfusion.evaluate import row_normalized as reference
+    from defectfusion.report.figures import row_normalized
+
+    conf = {"matrix": matrix.tolist()}
+    np.testing.assert_array_equal(row_normalized(conf), reference(conf))
+
+
+def _ann(i: int, image: int, cat: int, bbox: list[float]) -> dict:
+    return {"id": i, "image_id": image, "category_id": cat, "bbox": bbox, "area": bbox[2] * bbox[3]}
+
+
+def _det(image: int, cat: int, bbox: list[float], score: float) -> dict:
+    return {"image_id": image, "category_id": cat, "bbox": bbox, "score": score}
+
+
+def test_qualitative_cases_pick_what_one_model_found_and_the_other_missed() -> None:
+    from defectfusion.report.figures import qualitative_cases
+
+    box = [10.0, 10.0, 20.0, 20.0]
+    gt = {
+        "images": [{"id": i, "width": 64, "height": 64} for i in (1, 2, 3, 4)],
+        "annotations": [
+            _ann(1, 1, 2, box),  # critical: B finds it, A does not
+            _ann(2, 2, 2, box),  # critical: B finds it by a smaller margin
+            _ann(3, 3, 3, box),  # critical: A finds it, B scores below the threshold
+            _ann(4, 4, 0, box),  # not critical: never a case
+        ],
+    }
+    a = [_det(3, 3, box, 0.9), _det(2, 2, box, 0.2), _det(4, 0, box, 0.9)]
+    b = [_det(1, 2, box, 0.8), _det(2, 2, box, 0.7), _det(3, 3, box, 0.25)]
+    cases = qualitative_cases(gt, a, b, critical=[2, 3, 5], score_threshold=0.3)
+    assert [c["image_id"] for c in cases["b_not_a"]] == [1, 2]  # ranked by the score gap
+    assert cases["b_not_a"][0]["gap"] == pytest.approx(0.8)
+    assert cases["b_not_a"][1]["gap"] == pytest.approx(0.5)
+    assert [c["image_id"] for c in cases["a_not_b"]] == [3]
+    # A same-class detection that misses the box (IoU < 0.5) does not find it.
+    shifted = [_det(1, 2, [25.0, 25.0, 20.0, 20.0], 0.99)]
+    assert qualitative_cases(gt, shifted, [], [2], 0.3) == {"b_not_a": [], "a_not_b": []}
+
+
+def test_every_format_carries_the_record_and_rereads_it(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from defectfusion.report.figures import save
+    from defectfusion.report.tables import Col, Table, render
+
+    src = tmp_path / "in.json"
+    src.write_text('{"x": 1}')
+    record = prov.make_record("figures/demo", "figure", {"eval": {"a": 1}}, [src])
+    fig = Figure(figsize=(2, 1))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    paths = save(fig, tmp_path, "demo", record)
+    table = Table(
+        "T", [Col("name", "Name", "s"), Col("v", "ΔmAP", "+3")], [{"name": "a_b", "v": 0.5}], ["n"]
+    )
+    for ext, text in render(table, record).items():
+        (tmp_path / f"t.{ext}").write_text(text)
+        paths.append(tmp_path / f"t.{ext}")
+    for path in paths:
+        assert prov.read_embedded(path) == record, path
+    assert record["inputs"] == {str(src): prov.sha256_file(src)}
+    # Same record and drawing: byte-identical files (no timestamp anywhere).
+    first = [p.read_bytes() for p in paths[:2]]
+    save(fig, tmp_path, "demo", record)
+    assert [p.read_bytes() for p in paths[:2]] == first
+
+
+def test_tables_render_null_blank_and_latex_symbols() -> None:
+    from defectfusion.report.tables import Col, Table, render
+
+    cols = [
+        Col("m", "Model", "s"),
+        Col("d", "ΔmAP", "+3"),
+        Col("ci", "CI", "ci"),
+        Col("p", "P", "%"),
+    ]
+    rows = [
+        {"m": "ref", "d": "", "ci": "", "p": ""},
+        {"m": "x_y†", "d": None, "ci": [-0.01, 0.02], "p": 0.5},
+    ]
+    out = render(Table("t", cols, rows, []), prov.make_record("tables/t", "r", {}, []))
+    md = out["md"].splitlines()
+    assert md[-2].split("|")[2].strip() == ""  # not applicable: blank
+    assert "n/a" in md[-1] and "[-0.010, +0.020]" in md[-1] and "50%" in md[-1]
+    assert r"$\Delta$mAP" in out["tex"] and r"x\_y\dag{}" in out["tex"] and "50\\%" in out["tex"]
+    assert "Δ" not in out["tex"].split("\n", 2)[2]  # only the comment lines keep UTF-8
+    assert out["csv"].splitlines()[-1] == 'x_y†,,"[-0.01, 0.02]",0.5'
+
+
+def test_a_missing_input_is_named(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="results/phase1/x/history.jsonl: not found"):
+        prov.make_record("figures/f", "figure", {}, ["results/phase1/x/history.jsonl"])
+
+
+def test_index_maps_each_output_to_its_record(tmp_path: Path) -> None:
+    out = tmp_path / "fig.png"
+    out.write_bytes(b"png")
+    record = prov.make_record("figures/fig", "figure", {}, [])
+    sidecar = prov.write_sidecar(tmp_path / "results", record, [out])
+    index = prov.build_index([sidecar], tmp_path / "provenance.json")
+    assert index["outputs"][str(out)] == {**record, "sha256": prov.sha256_file(out)}
+    assert json.loads((tmp_path / "provenance.json").read_text()) == index
+
+
+def test_layout_names_every_output_and_refuses_unknown_ones() -> None:
+    values = {
+        "data": {"dir": "data/d"},
+        "model": {"preset": "p"},
+        "pipeline": {
+            "presets": ["p", "q"],
+            "variants": {"zero_start": {}, "naive": {}},
+            "seeds": [0, 1],
+        },
+    }
+    layout = Layout.from_config(values)
+    assert layout.adopted == ("zero_start", 0)
+    for kind, names in (("tables", TABLES), ("figures", FIGURES), ("summary", ("summary",))):
+        for name in names:
+            files = layout.inputs(kind, name)
+            assert files and files == sorted(set(files))
+            assert all(f.startswith(("results/", "data/d/")) for f in files), (name, files)
+    assert "results/phase2/naive/seed1/steps.jsonl" in layout.inputs("figures", "gate_dynamics")
+    with pytest.raises(KeyError):
+        layout.inputs("figures", "nope")
+
+
+def test_summary_helpers() -> None:
+    from defectfusion.report.summary import best_row, ci_envelope, mean
+
+    history = [{"epoch": 0}, {"epoch": 1, "best": True}, {"epoch": 2, "best": False}]
+    assert best_row(history)["epoch"] == 1
+    assert best_row([{"epoch": 0}, {"epoch": 1, "best": False}])["epoch"] == 0
+    with pytest.raises(UserError):
+        best_row([{"epoch": 1, "best": False}])
+    assert ci_envelope([[-0.1, 0.2], [-0.3, 0.1]]) == [-0.3, 0.2]
+    assert mean([1.0, None, 3.0]) == 2.0 and mean([None]) is None
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    assert (
+        main(
+            ["report", "figures", "--config", str(params), "--out", str(tmp_path), "--only", "nope"]
+        )
+        == 2
+    )
+    assert "unknown figure 'nope'" in capsys.readouterr().err
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # no results here
+    try:
+        code = main(
+            ["report", "tables", "--config", str(params), "--out", "t", "--only", "dataset"]
+        )
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert (
+        code == 2 and err.count("\n") == 1 and "data/synth/annotations/test.json: not found" in err
+    )

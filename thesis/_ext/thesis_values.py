@@ -1,0 +1,166 @@
+"""The values the book prints: key paths into the results, small expressions, conditions,
+and the formatting of numbers. Pure Python (no Sphinx), so it is tested on its own.
+
+EXPR: key paths, numbers, + - * / (spaced apart), max(...) min(...) abs(...) len(...).
+A path is dot-separated: dict keys, list indices, '@main' (summary.json's main_preset) and
+'*' (every key of a mapping). COND: EXPR [OP EXPR] (OP: < <= > >= == !=), optionally with
+'not', joined by 'and' / 'or'. Numbers print with a decimal point, like the tables and
+figures, and a narrow space between thousands.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any
+
+NNBSP = "\u202f"  # narrow no-break space: the thousands separator of Spanish (RAE, SI)
+FUNCS = {"max": max, "min": min, "abs": abs, "len": len}
+OPS = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+
+
+class ResultsError(Exception):
+    """A key, table or figure the book needs and the results lack."""
+
+
+# What a role or directive reports as a problem with the results (never a traceback).
+EVAL_ERRORS = (ResultsError, TypeError, ValueError, ZeroDivisionError)
+
+
+# ---- key paths and expressions -------------------------------------------------------------
+
+
+def resolve(data: Any, path: str, source: str) -> Any:
+    """The value at a dot path; '*' gives a list over a mapping's values."""
+    main = data.get("main_preset") if isinstance(data, dict) else None
+
+    def walk(node: Any, parts: list[str], done: list[str]) -> Any:
+        if not parts:
+            if node is None:
+                raise ResultsError(f"{source}: key '{path}' is null")
+            return node
+        head, rest = parts[0], parts[1:]
+        if head == "@main":
+            if main is None:
+                raise ResultsError(f"{source}: key 'main_preset' missing (needed by '{path}')")
+            head = main
+        if head == "*" and isinstance(node, dict):
+            return [walk(v, rest, [*done, k]) for k, v in node.items()]
+        if isinstance(node, dict) and head in node:
+            return walk(node[head], rest, [*done, head])
+        if (
+            isinstance(node, list)
+            and re.fullmatch(r"-?\d+", head)
+            and -len(node) <= int(head) < len(node)
+        ):
+            return walk(node[int(head)], rest, [*done, head])
+        where = ".".join(done) or "the top level"
+        raise ResultsError(f"{source}: key '{path}' missing ('{head}' not under {where})")
+
+    return walk(data, path.split("."), [])
+
+
+def evaluate(expr: str, lookup: Any) -> Any:
+    """EXPR := PRODUCT (('+'|'-') PRODUCT)*; PRODUCT := TERM (('*'|'/') TERM)*;
+    TERM := number | FUNC '(' EXPR ')' | path. Operators stand apart: 'a - b', not 'a-b'."""
+    tokens = re.findall(r"[()]|[^\s()]+", expr)
+    pos = 0
+
+    def take() -> str:
+        nonlocal pos
+        if pos >= len(tokens):
+            raise ResultsError(f"expression '{expr}': ends too early")
+        pos += 1
+        return tokens[pos - 1]
+
+    def term() -> Any:
+        tok = take()
+        if tok in FUNCS and pos < len(tokens) and tokens[pos] == "(":
+            take()
+            value = total()
+            if take() != ")":
+                raise ResultsError(f"expression '{expr}': ')' expected")
+            return FUNCS[tok](value)
+        try:
+            return float(tok)
+        except ValueError:
+            return lookup(tok)
+
+    def product() -> Any:
+        value = term()
+        while pos < len(tokens) and tokens[pos] in ("*", "/"):
+            op, rhs = take(), term()
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def total() -> Any:
+        value = product()
+        while pos < len(tokens) and tokens[pos] in ("+", "-"):
+            op, rhs = take(), product()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    value = total()
+    if pos != len(tokens):
+        raise ResultsError(f"expression '{expr}': unexpected '{tokens[pos]}'")
+    return value
+
+
+def condition(cond: str, lookup: Any) -> bool:
+    """COND := CLAUSE ('or' CLAUSE)*; CLAUSE := ATOM ('and' ATOM)*; ATOM := ['not'] EXPR [OP EXPR]."""
+
+    def atom(text: str) -> bool:
+        text = text.strip()
+        if text.startswith("not "):
+            return not atom(text[4:])
+        parts = re.split(r"\s(<=|>=|==|!=|<|>)\s", text)
+        if len(parts) == 1:
+            return bool(evaluate(text, lookup))
+        if len(parts) != 3:
+            raise ResultsError(f"condition '{cond}': one comparison per clause")
+        return OPS[parts[1]](evaluate(parts[0], lookup), evaluate(parts[2], lookup))
+
+    return any(
+        all(atom(a) for a in re.split(r"\sand\s", clause)) for clause in re.split(r"\sor\s", cond)
+    )
+
+
+# ---- formatting (decimal point, as in the tables and figures) -------------------------------
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    if isinstance(value, bool):
+        return "sí" if value else "no"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(v, str) for v in value):
+            return value[0] if len(value) == 1 else ", ".join(value[:-1]) + " y " + value[-1]
+        return "[" + ", ".join(fmt(v, spec) for v in value) + "]"
+    if isinstance(value, dict):
+        raise ResultsError("a mapping, not a value: name one of its keys")
+    if isinstance(value, float) and value.is_integer() and not spec and abs(value) >= 1000:
+        value = int(value)
+    if isinstance(value, int) and not spec:
+        spec = "," if abs(value) >= 10000 else "d"  # RAE: no separator in four-digit numbers
+    text = format(value, spec or ".3f")
+    if spec.endswith("%"):
+        text = text[:-1] + NNBSP + "%"
+    return text.replace(",", NNBSP)
+
+
+def fmt_thesis(value: Any, spec: str = "") -> str:
+    """A thesis figure prints as written in thesis_figures.yaml unless a format is given."""
+    return repr(value) if isinstance(value, float) and not spec else fmt(value, spec)
+
+
+def split_format(text: str) -> tuple[str, str]:
+    expr, _, spec = text.partition(":")
+    return expr.strip(), spec.strip()
