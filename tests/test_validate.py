@@ -361,17 +361,3 @@ def test_cli_exit_codes_and_no_traceback(dataset: Path, capsys) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_atomic_writes_get_ordinary_permissions(tmp_path):
-    """mkstemp's private 0600 must not leak into results others read (a DVC remote, a web server)."""
-    import os
-
-    from defectfusion.fsutil import atomic_write_json
-
-    umask = os.umask(0o022)
-    try:
-        out = atomic_write_json(tmp_path / "r.json", {"a": 1})
-    finally:
-        os.umask(umask)
-    assert (out.stat().st_mode & 0o777) == 0o644
