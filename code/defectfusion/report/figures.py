@@ -385,7 +385,8 @@ def gate_dynamics(ctx: Ctx) -> Figure:
     for ax, (_, title, relative) in zip(axes[0], panels, strict=True):
         ax.set_title(title)
         ax.set_xlabel("training step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Step counts reach hundreds: few ticks, so their labels stay apart.
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
         if relative:
             ax.axhline(0, color="grey", lw=0.6, zorder=0)
