@@ -19,25 +19,13 @@ from pathlib import Path
 import pytest
 
 from defectfusion.errors import UserError
+from defectfusion.report import FIGURES, TABLES  # the names the pages must use
 
 ROOT = Path(__file__).resolve().parents[1]
 THESIS = ROOT / "thesis"
 
 PRESETS = ("deimv2-dinov3-tiny", "deimv2-resnet-tiny", "deimv2-efficientnet-tiny")
 VARIANTS = ("zero_start", "naive", "frozen0", "deimv2_loss", "bn_train")
-TABLES = ("dataset", "phase1", "phase2", "per_class_recall")
-FIGURES = (
-    "dataset_examples",
-    "phase1_curves",
-    "postmortem",
-    "initialisation",
-    "gate_dynamics",
-    "confusion",
-    "per_class",
-    "pr_curves",
-    "qualitative",
-    "prompt_similarity",
-)
 CLASSES = ["normal", "perforation", "fracture", "scratch", "class_4", "contamination"]
 
 # Sentinels: values no real run prints, looked for in the HTML.
