@@ -17,6 +17,7 @@ Outputs, by name (``Layout.inputs(kind, name)``)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,3 +182,14 @@ class Layout:
         if (kind, name) == ("tables", "phase1"):
             return [self.eval_benchmark(p) for p in self.presets]
         return []
+
+
+def chosen(only: Sequence[str] | None, known: tuple[str, ...], kind: str) -> list[str]:
+    """The outputs to make: `only` (default: all `known`), each checked to be one of them."""
+    from defectfusion.errors import UserError
+
+    names = list(only or known)
+    for n in names:
+        if n not in known:
+            raise UserError(f"unknown {kind} {n!r}; known: {', '.join(known)}")
+    return names

@@ -60,7 +60,7 @@ from PIL import Image
 from defectfusion.data.coco import category_names, images_dir, load_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write
-from defectfusion.report import FIGURES, PARAM_SECTIONS, Layout
+from defectfusion.report import FIGURES, PARAM_SECTIONS, Layout, chosen
 from defectfusion.report import provenance as prov
 from defectfusion.report import summary as S
 
@@ -812,10 +812,7 @@ def write_figures(
     results: str = "results",
 ) -> list[Path]:
     """Draw figures `only` (default: all) as ``out/NAME.{png,pdf}`` and their sidecars."""
-    names = list(only or FIGURES)
-    for n in names:
-        if n not in DRAW:
-            raise UserError(f"unknown figure {n!r}; known: {', '.join(FIGURES)}")
+    names = chosen(only, FIGURES, "figure")
     layout = Layout.from_config(values, results)
     ctx = Ctx(values, layout)
     params = prov.params_subset(values, PARAM_SECTIONS)

@@ -33,7 +33,7 @@ from tabulate import tabulate
 from defectfusion.data.coco import load_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_text
-from defectfusion.report import PARAM_SECTIONS, SPLIT_NAMES, TABLES, Layout
+from defectfusion.report import PARAM_SECTIONS, SPLIT_NAMES, TABLES, Layout, chosen
 from defectfusion.report import provenance as prov
 from defectfusion.report import summary as S
 
@@ -379,10 +379,7 @@ def write_tables(
     results: str = "results",
 ) -> list[Path]:
     """Write tables `only` (default: all) as ``out/NAME.{csv,md,tex}`` and their sidecars."""
-    names = list(only or TABLES)
-    for n in names:
-        if n not in BUILDERS:
-            raise UserError(f"unknown table {n!r}; known: {', '.join(TABLES)}")
+    names = chosen(only, TABLES, "table")
     layout = Layout.from_config(values, results)
     params = prov.params_subset(values, PARAM_SECTIONS)
     written: list[Path] = []
