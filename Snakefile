@@ -4,9 +4,9 @@
 # hyperparameters; a profile is an overlay: snakemake --cores all --configfile configs/micro.yaml
 import os
 import shutil
+import sys
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
 
 configfile: "params.yaml"
 
@@ -19,6 +19,14 @@ MAIN = config["model"]["preset"]
 VARIANTS = list(P["variants"])
 SEEDS = P["seeds"]
 SPLITS = [f"{DATA}/annotations/{s}.json" for s in ("train", "val", "test")]
+# Training jobs: pipeline.gpus GPUs each; more than one runs the trainer under torchrun
+# (accelerate's DDP: the global batch is split over the processes).
+GPUS = int(P.get("gpus", 1)) if P["requires_gpu"] else 0
+TRAIN = (
+    f"torchrun --standalone --nproc-per-node {GPUS} -m defectfusion.cli train"
+    if GPUS > 1 else "defectfusion train"
+)
+TRAIN_SPLITS = SPLITS[:2]  # training never reads the test split
 
 # The report stage's outputs and the results files each one reads (defectfusion/report).
 from defectfusion.report import FIGURES, PARAM_SECTIONS, TABLES, Layout
@@ -28,29 +36,45 @@ REPORT = Layout.from_config(config)
 
 
 
-def preflight():
-    """Stop before any work when the profile needs what this machine lacks."""
+def preflight_problem():
+    """What this profile needs and this machine lacks (None when nothing): checked before any
+    work, so a run never stops halfway for a missing dataset, GPU or weights."""
     d = P["dataset"]
     if d["kind"] in ("neu", "coco") and not (d.get("src") and Path(d["src"]).exists()):
-        raise WorkflowError(
+        return (
             f"profile needs pipeline.dataset.src (the {d['kind']} images folder); got {d.get('src')!r}. "
             "Set it in the profile or with --config 'pipeline={\"dataset\": {\"src\": \"DIR\"}}'"
         )
     if d["kind"] == "coco" and not (d.get("annotations") and Path(d["annotations"]).is_file()):
-        raise WorkflowError(f"profile needs pipeline.dataset.annotations (a COCO JSON); got {d.get('annotations')!r}")
+        return f"profile needs pipeline.dataset.annotations (a COCO JSON); got {d.get('annotations')!r}"
+    from defectfusion.models import weights_problem
+
+    for problem in (
+        weights_problem("model.weights", config["model"].get("weights")),
+        weights_problem("text.weights", config["text"].get("weights"), names_ok=True),
+    ):
+        if problem:
+            return problem
     if P["requires_gpu"] and shutil.which("nvidia-smi") is None and not os.environ.get("DEFECTFUSION_ALLOW_CPU"):
-        raise WorkflowError(
+        return (
             "this profile trains on a GPU and none is visible (nvidia-smi not found); "
             "run it on a GPU machine (profiles/slurm for a cluster) or set DEFECTFUSION_ALLOW_CPU=1"
         )
+    return None
 
 
-preflight()
+# One line and a non-zero exit (a WorkflowError would add Snakemake's traceback lines).
+if (problem := preflight_problem()):
+    sys.exit(f"defectfusion: {problem}")
 
 
 def section(*keys):
     """The params a rule depends on: Snakemake reruns it when they change, and only then."""
     return {k: config[k] for k in keys}
+
+
+# Targets only: on a cluster they run where Snakemake runs, not as jobs.
+localrules: all, trained
 
 
 rule all:
@@ -65,12 +89,38 @@ rule all:
         "thesis/_build/html/index.html",
 
 
+# The trained state (what `dvc pull` gives the committee): `defectfusion pipeline touch
+# trained` marks it up to date, so a rebuild from pulled checkpoints trains nothing.
+rule trained:
+    input:
+        SPLITS,
+        "results/text/embeddings.pt",
+        expand("runs/phase1/{preset}/best.pt", preset=PRESETS),
+        expand("results/phase1/{preset}/history.jsonl", preset=PRESETS),
+        expand("runs/phase2/{variant}/seed{seed}/best.pt", variant=VARIANTS, seed=SEEDS),
+        expand(
+            "results/phase2/{variant}/seed{seed}/{f}.jsonl",
+            variant=VARIANTS, seed=SEEDS, f=("history", "steps"),
+        ),
+
+
+# After a successful run, record it in dvc.lock so `dvc repro` does not redo it
+# (defectfusion/pipeline.py says when that is possible).
+onsuccess:
+    from defectfusion.pipeline import record_in_dvc_lock
+
+    print(record_in_dvc_lock(config))
+
+
 rule data:
     output:
         SPLITS,
     input:
+        f"{CODE}/data/__init__.py",
         f"{CODE}/data/synth.py",
         f"{CODE}/data/importers.py",
+        # an imported dataset's source: a newer folder or annotations file remakes the data
+        [P["dataset"][k] for k in ("src", "annotations") if P["dataset"].get(k)],
     params:
         dataset=P["dataset"],
         size=config["data"]["image_size"],
@@ -78,17 +128,8 @@ rule data:
         "logs/data.log",
     benchmark:
         "benchmarks/results/data.tsv"
-    run:
-        d = params.dataset
-        if d["kind"] == "synth":
-            cmd = (f"defectfusion data synth --out {DATA} --seed {d['seed']} --n-train {d['n_train']} "
-                   f"--n-val {d['n_val']} --n-test {d['n_test']} --image-size {params.size}")
-        elif d["kind"] == "neu":
-            cmd = f"defectfusion data import-neu --src {d['src']} --out {DATA} --seed {d['seed']}"
-        else:
-            cmd = (f"defectfusion data import-coco --images {d['src']} --annotations {d['annotations']} "
-                   f"--out {DATA} --seed {d['seed']}")
-        shell(f"{cmd} > {log} 2>&1")
+    shell:
+        "defectfusion data prepare --config {CONFIGS} --out {DATA} > {log} 2>&1"
 
 
 rule text_embed:
@@ -114,7 +155,7 @@ rule phase1:
         ckpt="runs/phase1/{preset}/best.pt",
         history="results/phase1/{preset}/history.jsonl",
     input:
-        SPLITS,
+        TRAIN_SPLITS,
         f"{CODE}/train/phase1.py",
         f"{CODE}/train/engine.py",
         f"{CODE}/models.py",
@@ -123,14 +164,15 @@ rule phase1:
         cfg=section("seed", "data", "model", "phase1", "eval"),
         overrides=lambda w: P["preset_overrides"].get(w.preset, {}),
     resources:
-        gpu=1 if P["requires_gpu"] else 0,
+        gpu=GPUS,
     threads: workflow.cores
     log:
         "logs/phase1/{preset}.log",
     benchmark:
         "benchmarks/results/phase1_{preset}.tsv"
     shell:
-        "defectfusion train phase1 --config {CONFIGS} --preset {wildcards.preset} "
+        f"{TRAIN} phase1 "
+        "--config {CONFIGS} --preset {wildcards.preset} "
         "--out runs/phase1/{wildcards.preset} --resume > {log} 2>&1 && "
         "cp runs/phase1/{wildcards.preset}/history.jsonl {output.history}"
 
@@ -160,7 +202,7 @@ rule phase2:
         history="results/phase2/{variant}/seed{seed}/history.jsonl",
         steps="results/phase2/{variant}/seed{seed}/steps.jsonl",
     input:
-        SPLITS,
+        TRAIN_SPLITS,
         phase1=f"runs/phase1/{MAIN}/best.pt",
         text="results/text/embeddings.pt",
         code=[f"{CODE}/train/phase2.py", f"{CODE}/fusion.py", f"{CODE}/train/engine.py", f"{CODE}/losses.py"],
@@ -168,14 +210,15 @@ rule phase2:
         cfg=section("seed", "data", "model", "phase2", "eval", "text", "fusion"),
         variant=lambda w: {**P["variants"][w.variant], **P["variant_overrides"].get(w.variant, {})},
     resources:
-        gpu=1 if P["requires_gpu"] else 0,
+        gpu=GPUS,
     threads: workflow.cores
     log:
         "logs/phase2/{variant}_seed{seed}.log",
     benchmark:
         "benchmarks/results/phase2_{variant}_seed{seed}.tsv"
     shell:
-        "defectfusion train phase2 --config {CONFIGS} --variant {wildcards.variant} --set seed={wildcards.seed} "
+        f"{TRAIN} phase2 "
+        "--config {CONFIGS} --variant {wildcards.variant} --set seed={wildcards.seed} "
         "--phase1 {input.phase1} --out runs/phase2/{wildcards.variant}/seed{wildcards.seed} --resume > {log} 2>&1 && "
         "cp runs/phase2/{wildcards.variant}/seed{wildcards.seed}/history.jsonl {output.history} && "
         "cp runs/phase2/{wildcards.variant}/seed{wildcards.seed}/steps.jsonl {output.steps}"
@@ -288,6 +331,8 @@ rule figure:
         f"{CODE}/report/figures.py",
     params:
         section(*PARAM_SECTIONS),
+        # this figure's style only: restyling one figure redraws that figure alone
+        style=lambda w: config.get("figure_style", {}).get(w.figure, {}),
     wildcard_constraints:
         figure="|".join(FIGURES),
     log:

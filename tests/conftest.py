@@ -12,6 +12,12 @@ settings.register_profile("defectfusion", deadline=None)
 settings.load_profile("defectfusion")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit tests first, then the tests that run the micro pipeline end to end (and DVC on it):
+    a broken unit fails fast, and CI runs the micro profile after the unit tests."""
+    items.sort(key=lambda item: "micro_run" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> None:
     """One intra-op thread: the tests' models are tiny, and CPUs are shared."""
@@ -80,6 +86,20 @@ WORKFLOW_FILES = ("Snakefile", "params.yaml", "configs", "prompts", "code", "the
 MICRO = ["--configfile", "configs/micro.yaml"]
 
 
+def copy_workflow(dst: Path, extra: tuple[str, ...] = ()) -> Path:
+    """Copy the workflow's files (and `extra` ones) to `dst`, so runs leave the checkout alone."""
+    import shutil
+
+    skip = shutil.ignore_patterns("__pycache__", "_build", "*.egg-info")
+    for name in (*WORKFLOW_FILES, *extra):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=skip)
+        elif src.is_file():
+            shutil.copy2(src, dst / name)
+    return dst
+
+
 def run_snakemake(workdir: Path, *args: str):
     """`snakemake --cores 2 --configfile configs/micro.yaml ARGS` in `workdir`."""
     import subprocess
@@ -97,16 +117,8 @@ def run_snakemake(workdir: Path, *args: str):
 def micro_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole workflow on the micro profile, in a copy of the workflow's files (Snakefile,
     params, profiles, prompts, code, the book's sources), so the checkout is not touched."""
-    import shutil
 
-    work = tmp_path_factory.mktemp("pipeline")
-    skip = shutil.ignore_patterns("__pycache__", "_build", "*.egg-info")
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=skip)
-        elif src.is_file():
-            shutil.copy2(src, work / name)
+    work = copy_workflow(tmp_path_factory.mktemp("pipeline"))
     out = run_snakemake(work)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     return work

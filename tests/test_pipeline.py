@@ -57,3 +57,25 @@ def test_phase1_param_change_reruns_phase1_and_what_follows(micro_run: Path) -> 
     planned = _planned(micro_run, "--config", "phase1={'lr': 0.002}")
     assert planned.get("phase1") == 3 and planned.get("phase2") == 5
     assert "data" not in planned
+
+
+def test_restyling_one_figure_redraws_only_that_figure(micro_run: Path) -> None:
+    planned = _planned(micro_run, "--config", "figure_style={'postmortem': {'lines.linewidth': 2}}")
+    assert planned.get("figure") == 1
+    assert not set(planned) & {"table", "summary", "phase1", "phase2", "evaluate_phase1"}
+    assert set(planned) <= {"figure", "provenance", "book", "all"}
+
+
+def test_the_readme_rule_graph_is_the_snakefile_s(tmp_path: Path) -> None:
+    """docs/rulegraph.{dot,png} (the README's figure) must match the current Snakefile:
+    regenerate with `defectfusion pipeline rulegraph` when a rule's inputs change."""
+    from conftest import ROOT, copy_workflow
+    from defectfusion.pipeline import rulegraph_edges, write_rulegraph
+
+    copy_workflow(tmp_path)
+    dot, png = write_rulegraph(tmp_path / "rulegraph.png", root=tmp_path)
+    nodes, edges = rulegraph_edges(dot.read_text())
+    committed = rulegraph_edges((ROOT / "docs/rulegraph.dot").read_text())
+    assert (nodes, edges) == committed, "docs/rulegraph.* is stale: rerun the command above"
+    assert ("phase1", "phase2") in edges and ("data", "phase1") in edges
+    assert png.stat().st_size > 10_000 and (ROOT / "docs/rulegraph.png").is_file()

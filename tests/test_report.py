@@ -301,3 +301,45 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert (
         code == 2 and err.count("\n") == 1 and "data/synth/annotations/test.json: not found" in err
     )
+
+
+@pytest.mark.parametrize(
+    ("style", "message"),
+    [
+        ({"nope": {}}, "figure_style.nope: no such figure"),
+        ({"postmortem": {"lines.width": 2}}, "'lines.width' is not a matplotlib rcParam"),
+        ({"postmortem": {"lines.linewidth": "thick"}}, "figure_style.postmortem.lines.linewidth"),
+        ({"postmortem": 3}, "expected a mapping"),
+    ],
+)
+def test_a_bad_figure_style_is_named(style: dict, message: str) -> None:
+    from defectfusion.report.figures import figure_styles
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        figure_styles({"figure_style": style})
+
+
+def test_a_figure_style_changes_that_figure(micro_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from PIL import Image
+
+    work = tmp_path / "work"  # a copy: the session's run must stay as it is
+    shutil.copytree(micro_run, work, ignore=shutil.ignore_patterns("runs", ".snakemake"))
+    cwd, hashes = os.getcwd(), []
+    os.chdir(work)
+    try:
+        for sub, extra in (
+            ("plain", []),
+            ("styled", ["--set", "figure_style={postmortem: {figure.facecolor: '#ff0000'}}"]),
+        ):
+            args = ["report", "figures", "--config", "params.yaml", "configs/micro.yaml", *extra]
+            assert main([*args, "--out", sub, "--only", "postmortem"]) == 0
+            sidecar = work / "results/provenance/figures/postmortem.json"
+            hashes.append(json.loads(sidecar.read_text())["params_sha256"])
+    finally:
+        os.chdir(cwd)
+    plain = np.asarray(Image.open(work / "plain/postmortem.png").convert("RGB"))
+    styled = np.asarray(Image.open(work / "styled/postmortem.png").convert("RGB"))
+    assert (plain[0, 0] == 255).all() and tuple(styled[0, 0]) == (255, 0, 0)
+    assert hashes[0] != hashes[1]  # the provenance records the style

@@ -63,7 +63,8 @@ def test_split_follows_coco_layout(small, split):
     api = COCO(str(path))  # pycocotools must accept it as is
 
     assert [(c["id"], c["name"]) for c in data["categories"]] == list(enumerate(CLASS_NAMES))
-    assert data["info"] == {"dataset": "synth", "split": split, "seed": 3, "spec": asdict(SMALL)}
+    info = {"dataset": "synth", "split": split, "seed": 3, "image_size": SMALL.image_size}
+    assert data["info"] == info
     n_images = {"train": 12, "val": 4, "test": 4}[split]
     assert [im["id"] for im in data["images"]] == list(range(1, n_images + 1))
     assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
@@ -181,3 +182,29 @@ def test_cli_writes_the_dataset(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "n_test must be >= 1" in err
     assert "Traceback" not in err
+
+
+def test_a_larger_test_split_leaves_training_files_byte_identical(tmp_path):
+    # DVC compares contents: growing the test split must not look like new training data.
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(a, SynthSpec(seed=3, n_train=3, n_val=2, n_test=2, image_size=96), workers=1)
+    generate(b, SynthSpec(seed=3, n_train=3, n_val=2, n_test=4, image_size=96), workers=1)
+    for split in ("train", "val"):
+        assert coco.split_path(a, split).read_bytes() == coco.split_path(b, split).read_bytes()
+        for img in sorted((coco.images_dir(a) / split).glob("*.png")):
+            assert img.read_bytes() == (coco.images_dir(b) / split / img.name).read_bytes()
+    assert coco.split_path(a, "test").read_bytes() != coco.split_path(b, "test").read_bytes()
+
+
+def test_prepare_makes_the_dataset_the_pipeline_names(tmp_path):
+    from defectfusion.data import prepare
+
+    spec = {"kind": "synth", "seed": 1, "n_train": 2, "n_val": 1, "n_test": 1}
+    summary = prepare(spec, 96, tmp_path / "d")
+    assert summary["train"]["images"] == 2 and coco.split_path(tmp_path / "d", "test").is_file()
+    with pytest.raises(UserError, match="pipeline.dataset.src"):
+        prepare({"kind": "neu", "src": None}, 224, tmp_path / "n")
+    with pytest.raises(UserError, match="pipeline.dataset.annotations"):
+        prepare({"kind": "coco", "src": str(tmp_path)}, 224, tmp_path / "c")
+    with pytest.raises(UserError, match="must be one of"):
+        prepare({"kind": "imagenet"}, 224, tmp_path / "x")

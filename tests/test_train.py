@@ -138,6 +138,22 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_cfg, tiny_run: Path) -> N
     assert ((tiny_run / "last.pt").read_bytes(), (tiny_run / "history.jsonl").read_text()) == before
 
 
+def test_a_finished_run_whose_best_pt_was_removed_trains_again(
+    tiny_cfg, tiny_run: Path, tmp_path: Path
+) -> None:
+    # Snakemake and DVC remove a rule's outputs (best.pt) before rerunning it, say after a
+    # code change; --resume must then train again, not return without a best.pt.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "best.pt").unlink()
+    train_phase1(tiny_cfg(), run, resume=True)
+    assert same_weights(run / "best.pt", tiny_run / "best.pt")  # same seed, same model
+    assert "finished, best.pt removed" in (run / "experiment_log.txt").read_text()
+    assert (run / "history.jsonl").read_text() != ""
+
+
 def test_resume_from_another_preset_is_refused(tiny_cfg, tiny_run: Path) -> None:
     with pytest.raises(UserError) as e:
         train_phase1(tiny_cfg(**{"model.preset": "deimv2-resnet-tiny"}), tiny_run, resume=True)

@@ -29,6 +29,13 @@ def _data_synth(a: argparse.Namespace) -> None:
     generate(a.out, spec)
 
 
+def _data_prepare(a: argparse.Namespace) -> None:
+    from defectfusion.data import prepare
+
+    cfg = _load_config(a)
+    prepare(cfg.pipeline.get("dataset") or {}, cfg.data.image_size, a.out or cfg.data.dir)
+
+
 def _data_import_neu(a: argparse.Namespace) -> None:
     from defectfusion.data.importers import import_neu
 
@@ -127,6 +134,32 @@ def _report_provenance(a: argparse.Namespace) -> None:
     build_index(a.sidecars, a.out)
 
 
+def _pipeline_use_profile(a: argparse.Namespace) -> None:
+    from defectfusion.pipeline import use_profile
+
+    changed = use_profile(a.profile, a.params)
+    print(f"{a.params}: {len(changed)} values from {a.profile}: {', '.join(changed) or 'none'}")
+
+
+def _pipeline_rebuild(a: argparse.Namespace) -> None:
+    from defectfusion.pipeline import rebuild
+
+    rebuild(cores=a.cores, remote=a.remote)
+
+
+def _pipeline_touch(a: argparse.Namespace) -> None:
+    from defectfusion.pipeline import touch_in_order
+
+    print(f"touched {touch_in_order('.', tuple(a.targets))} files in dependency order")
+
+
+def _pipeline_rulegraph(a: argparse.Namespace) -> None:
+    from defectfusion.pipeline import write_rulegraph
+
+    dot, png = write_rulegraph(a.out)
+    print(f"wrote {dot} and {png}")
+
+
 # ---- parser -----------------------------------------------------------------------------
 
 
@@ -168,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=200, help="test images")
     p.add_argument("--image-size", type=int, default=192, help="square image side in pixels")
     p.set_defaults(func=_data_synth)
+
+    p = dsub.add_parser(
+        "prepare", help="make the pipeline's dataset as pipeline.dataset says (synth, neu, coco)"
+    )
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, help="output dataset folder (default: data.dir)")
+    p.set_defaults(func=_data_prepare)
 
     p = dsub.add_parser(
         "import-neu",
@@ -293,6 +333,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sidecars", nargs="*", type=Path, help="results/provenance/KIND/NAME.json")
     p.add_argument("--out", type=Path, required=True, help="the index to write")
     p.set_defaults(func=_report_provenance)
+
+    # pipeline
+    pipe = sub.add_parser("pipeline", help="Snakemake and DVC together: profiles, rebuild, graph")
+    psub = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    p = psub.add_parser(
+        "use-profile", help="write a profile's values into params.yaml (what DVC reads)"
+    )
+    p.add_argument("profile", type=Path, help="overlay, e.g. configs/thesis.yaml")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="file to update")
+    p.set_defaults(func=_pipeline_use_profile)
+    p = psub.add_parser(
+        "rebuild",
+        help="the committee's path: dvc pull the checkpoints, rebuild results, figures, book",
+    )
+    p.add_argument("--cores", default="all", help="Snakemake --cores (default: all)")
+    p.add_argument("--remote", help="DVC remote to pull from (default: .dvc/config's)")
+    p.set_defaults(func=_pipeline_rebuild)
+    p = psub.add_parser(
+        "touch",
+        help="mark existing outputs up to date for Snakemake, in dependency order (after DVC)",
+    )
+    p.add_argument("targets", nargs="*", help="Snakemake targets (default: all)")
+    p.set_defaults(func=_pipeline_touch)
+    p = psub.add_parser("rulegraph", help="draw `snakemake --rulegraph` (for the README)")
+    p.add_argument(
+        "--out", type=Path, default=Path("docs/rulegraph.png"), help="PNG (the .dot beside it)"
+    )
+    p.set_defaults(func=_pipeline_rulegraph)
 
     return parser
 

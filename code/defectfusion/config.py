@@ -109,6 +109,8 @@ class Config:
     fusion: FusionSection = field(default_factory=FusionSection)
     # Anything the pipeline (Snakefile) needs that the CLI does not: kept, not checked here.
     pipeline: dict[str, Any] = field(default_factory=dict)
+    # Per-figure matplotlib rcParams over the report's style: {figure name: {rc key: value}}.
+    figure_style: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

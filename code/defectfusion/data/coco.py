@@ -10,7 +10,9 @@ Each JSON is plain COCO detection format with these conventions:
 - ``categories``: ids are contiguous ``0..K-1`` (the detector's class index), each with
   its ``name``; every split lists all K categories, in id order.
 - ``images``: ids start at 1; ``file_name`` is relative to ``DIR/images``; ``width`` and
-  ``height`` in pixels; ``source_file`` keeps the name the image had in its source.
+  ``height`` in pixels; ``source_file`` keeps the name the image had in its source;
+  ``sha256`` of the image file, so a split's JSON changes exactly when its images do (DVC's
+  training stages depend on the train/val JSONs, not on the whole image folder).
 - ``annotations``: ids start at 1 (pycocotools treats id 0 as "unmatched"),
   ``bbox`` is ``[x, y, w, h]`` in pixels, ``area = w * h``, ``iscrowd = 0``.
 - ``info``: ``dataset`` (its name), ``split``, and how it was made.
@@ -65,6 +67,14 @@ def load_json(path: str | Path) -> Any:
 
 
 def write_split(root: str | Path, split: str, coco: dict[str, Any]) -> Path:
+    """Write a split JSON; each image record gets the ``sha256`` of its file (written first;
+    a missing one is the validator's to report, with its own message)."""
+    import hashlib
+
+    for im in coco["images"]:
+        path = images_dir(root) / im["file_name"]
+        if path.is_file():
+            im["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     return atomic_write_json(split_path(root, split), coco, indent=1)
 
 

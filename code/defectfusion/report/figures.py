@@ -804,6 +804,27 @@ def save(fig: Figure, out: Path, name: str, record: dict[str, Any]) -> list[Path
     ]
 
 
+def figure_styles(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``figure_style`` of the config, checked: known figures, real matplotlib rcParams.
+
+    Per figure, so that restyling one figure redraws only that one (Snakemake's params).
+    """
+    styles = values.get("figure_style") or {}
+    for name, style in styles.items():
+        if name not in FIGURES:
+            raise UserError(f"figure_style.{name}: no such figure; figures are {list(FIGURES)}")
+        if not isinstance(style, dict):
+            raise UserError(f"figure_style.{name}: expected a mapping of rcParams, got {style!r}")
+        for key in style:
+            if key not in matplotlib.rcParams:
+                raise UserError(f"figure_style.{name}: {key!r} is not a matplotlib rcParam")
+            try:
+                matplotlib.rcParams.validate[key](style[key])
+            except (ValueError, TypeError) as e:
+                raise UserError(f"figure_style.{name}.{key}: {e}") from None
+    return styles
+
+
 def write_figures(
     values: dict[str, Any],
     out: str | Path,
@@ -816,10 +837,15 @@ def write_figures(
     layout = Layout.from_config(values, results)
     ctx = Ctx(values, layout)
     params = prov.params_subset(values, PARAM_SECTIONS)
+    styles = figure_styles(values)
     written: list[Path] = []
     for name in names:
-        record = prov.make_record(f"figures/{name}", rule, params, layout.inputs("figures", name))
-        with matplotlib.rc_context(STYLE):
+        style = styles.get(name, {})
+        fig_params = {**params, "figure_style": {name: style}} if style else params
+        record = prov.make_record(
+            f"figures/{name}", rule, fig_params, layout.inputs("figures", name)
+        )
+        with matplotlib.rc_context({**STYLE, **style}):
             fig = DRAW[name](ctx)
             paths = save(fig, Path(out), name, record)
         prov.write_sidecar(results, record, paths)

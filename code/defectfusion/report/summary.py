@@ -267,8 +267,10 @@ def machine() -> str:
 
 
 def profile_name(values: dict[str, Any]) -> str:
-    overlays = (values.get("pipeline") or {}).get("overlays") or []
-    return "+".join(Path(o).stem for o in overlays) or "default"
+    pipe = values.get("pipeline") or {}
+    # `pipeline use-profile` writes the profile into params.yaml and names it there
+    overlays = [*([pipe["profile"]] if pipe.get("profile") else []), *(pipe.get("overlays") or [])]
+    return "+".join(dict.fromkeys(Path(o).stem for o in overlays)) or "default"
 
 
 def results_date(paths: Iterable[str]) -> str:

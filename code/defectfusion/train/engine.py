@@ -235,7 +235,11 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
         ckpt = load_checkpoint(last_path)
         if ckpt["meta"].get("run_hash") != job.meta["run_hash"]:
             # The config (or the starting checkpoint) changed since: that run is not this one.
-            stale, resume = ckpt["meta"].get("run_hash"), False
+            stale, resume = f"made with another config (run {ckpt['meta'].get('run_hash')})", False
+        elif ckpt.get("finished") and not best_path.exists():
+            # A runner (Snakemake, DVC) removes best.pt before it reruns a finished run, say
+            # after a code change: train again rather than return without a best.pt.
+            stale, resume = "finished, best.pt removed", False
     if resume and last_path.exists():
         raw.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -252,7 +256,7 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
         log = Logger(out, None, None, accelerator.is_main_process)
         log.line(f"{job.phase}: {job.meta.get('preset')} on {job.train_json} (val {job.val_json})")
         if stale:
-            log.line(f"not resuming {last_path}: it was made with another config (run {stale})")
+            log.line(f"not resuming {last_path}: {stale} (a new run starts)")
         for note in job.notes:
             log.line(note)
         log.line(f"config: {json.dumps(job.cfg.to_dict(), sort_keys=True)}")

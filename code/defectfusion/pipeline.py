@@ -1,0 +1,287 @@
+"""Glue between the two tools that run the pipeline: Snakemake (the runner) and DVC (the
+versioning of data, checkpoints and results).
+
+One recipe: every DVC stage in dvc.yaml runs its Snakemake rule (`snakemake --allowed-rules
+RULE`), so each command is written once, in the Snakefile, and Snakemake's own records (params,
+code, logs, benchmarks) stay right whichever tool ran a step. The two tools then agree:
+
+- after `snakemake`, :func:`record_in_dvc_lock` (the Snakefile's ``onsuccess``) runs
+  `dvc commit`, so `dvc repro` finds nothing to redo;
+- after `dvc repro`, its last stage touches every output in dependency order
+  (:func:`touch_in_order`): DVC compares contents, Snakemake compares times, and a data stage
+  that rewrote identical training files must not look new;
+- after `dvc pull`, :func:`rebuild` (the committee's path) touches the pulled training
+  outputs and rebuilds evaluation, tables, figures and book from the checkpoints.
+
+None of this exists in either tool: Snakemake does not know DVC and DVC has no Snakemake
+integration, so it is written here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from defectfusion.errors import UserError
+
+# The DVC stages whose outputs are the trained state: data, text embeddings, checkpoints.
+TRAINED_STAGES = ("data", "text_embed", "phase1", "phase2")
+# Snakemake rules the committee reruns from the checkpoints (and everything after them).
+REBUILT_RULES = ("evaluate_phase1", "evaluate_phase2")
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> subprocess.CompletedProcess:
+    if shutil.which(cmd[0]) is None:
+        raise UserError(f"{cmd[0]} not found on PATH; install the project (pip install -e .)")
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if r.returncode:
+        lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+        detail = next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else "")
+        raise UserError(f"{what} failed ({' '.join(cmd[:3])} ...): {detail}")
+    return r
+
+
+# ---- Snakemake -> DVC ----------------------------------------------------------------------
+
+
+def record_in_dvc_lock(config: dict[str, Any], root: str | Path = ".") -> str:
+    """Record a finished Snakemake run in dvc.lock (`dvc commit`); return what was done.
+
+    Only a run of params.yaml as it is can be recorded: dvc.lock pairs outputs with the
+    params.yaml values, so a run with `--configfile`/`--config` overlays is not (use
+    `defectfusion pipeline use-profile` to make a profile params.yaml's own).
+    """
+    root = Path(root)
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        return "dvc.lock: no DVC repository here; nothing recorded"
+    if os.environ.get("DVC_STAGE"):
+        return "dvc.lock: run by `dvc repro`, which records it itself"
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
+    if params != config:
+        return (
+            "dvc.lock not updated: this run's config differs from params.yaml (a --configfile "
+            "or --config overlay); `defectfusion pipeline use-profile FILE` makes it params.yaml's"
+        )
+    r = subprocess.run(
+        ["dvc", "commit", "--force", "--quiet"], cwd=root, capture_output=True, text=True
+    )
+    if r.returncode:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return f"dvc.lock not updated (some stage's outputs are missing?): {last}"
+    return "dvc.lock updated: `dvc repro` will not redo this run's work"
+
+
+# ---- profiles under DVC ----------------------------------------------------------------------
+
+
+def use_profile(profile: str | Path, params: str | Path = "params.yaml") -> list[str]:
+    """Write a profile overlay's values into params.yaml, keeping its comments.
+
+    DVC reads hyperparameters from params.yaml only, so a run that DVC versions (the thesis
+    run whose checkpoints the committee pulls) must have its profile there. Returns the
+    dotted keys that changed.
+    """
+    from ruamel.yaml import YAML
+
+    from defectfusion.config import read_yaml
+
+    overlay = read_yaml(profile)
+    rt = YAML()  # round-trip: comments and key order of params.yaml survive
+    rt.preserve_quotes = True
+    params = Path(params)
+    doc = rt.load(params.read_text(encoding="utf-8"))
+    changed: list[str] = []
+
+    def merge(node: Any, over: dict[str, Any], prefix: str) -> None:
+        for key, value in over.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge(node[key], value, f"{prefix}{key}.")
+            elif node.get(key) != value:
+                node[key] = value
+                changed.append(f"{prefix}{key}")
+
+    merge(doc, overlay, "")
+    # The values are params.yaml's own now: the CLI must not apply the overlay a second time.
+    pipe = doc.setdefault("pipeline", {})
+    if pipe.get("overlays"):
+        pipe["overlays"] = []
+    pipe["profile"] = str(profile)
+
+    from defectfusion.fsutil import atomic_write
+
+    atomic_write(params, lambda tmp: rt.dump(doc, tmp))
+    return changed
+
+
+# ---- telling Snakemake that files are up to date ------------------------------------------
+
+
+def touch_in_order(root: str | Path = ".", targets: tuple[str, ...] = ()) -> int:
+    """Give the outputs of every job that makes `targets` increasing times, in dependency
+    order; returns how many files were touched.
+
+    Snakemake decides by time that a file is outdated; DVC restores files by content with
+    whatever times the checkout gives. `snakemake --touch` is meant for this, but Snakemake 9
+    counts a job's `benchmark:` file among its outputs when it takes the oldest output time,
+    and --touch does not touch it: the job still looks outdated (a Phase 2 run "older" than
+    the Phase 1 checkpoint it read, seen here). So the jobs and their order come from
+    Snakemake's own plan (`-n --forceall`), and outputs and benchmark files are touched here.
+    """
+    import graphlib
+    import re
+    import time
+
+    root = Path(root)
+    plan = _run(
+        ["snakemake", "--cores", "1", "-n", "--forceall", *targets], root, "planning the touch"
+    ).stdout
+    jobs: list[tuple[list[str], list[str]]] = []
+    for block in re.split(r"\n(?=\[[^\]\n]+\]\n(?:local)?rule )", plan):
+        outs = re.search(r"^\s+output: (.+)$", block, re.M)
+        ins = re.search(r"^\s+input: (.+)$", block, re.M)
+        bench = re.search(r"^\s+benchmark: (.+)$", block, re.M)
+        if outs:
+            made = outs.group(1).split(", ") + ([bench.group(1)] if bench else [])
+            jobs.append((ins.group(1).split(", ") if ins else [], made))
+    maker = {out: i for i, (_, outs) in enumerate(jobs) for out in outs}
+    order = graphlib.TopologicalSorter(
+        {i: {maker[f] for f in ins if f in maker} for i, (ins, _) in enumerate(jobs)}
+    ).static_order()
+    now, step, n = time.time_ns(), 1_000_000, 0  # 1 ms apart: distinct on every filesystem
+    for i in order:
+        for out in jobs[i][1]:
+            path = root / out
+            if path.exists():
+                n += 1
+                os.utime(path, ns=(now + n * step, now + n * step))
+    return n
+
+
+# ---- the committee's path: pull the checkpoints, rebuild everything after them -------------
+
+
+def rebuild(root: str | Path = ".", cores: str = "all", remote: str | None = None) -> None:
+    """`dvc pull` the trained state, then rebuild evaluation, tables, figures and book.
+
+    Nothing is trained: Snakemake is told (:func:`touch_in_order`) that the pulled data,
+    embeddings and checkpoints are up to date, and reruns the evaluation and all that follows.
+    """
+    root = Path(root)
+    if not (root / "dvc.lock").is_file():
+        raise UserError(
+            f"{root / 'dvc.lock'}: not found; the committee's path needs a trained, committed "
+            "run (run `snakemake --cores all` and commit dvc.lock, then `dvc push`)"
+        )
+    pull = ["dvc", "pull", *TRAINED_STAGES] + (["--remote", remote] if remote else [])
+    print(f"1/3 {' '.join(pull)}", flush=True)
+    _run(pull, root, "pulling the trained checkpoints")
+    n = touch_in_order(root, ("trained",))
+    print(
+        f"2/3 touched {n} pulled files in dependency order (they are up to date: nothing retrains)"
+    )
+    plan = _run(
+        ["snakemake", "--cores", "1", "-n", "--quiet", "rules", "--forcerun", *REBUILT_RULES],
+        root,
+        "planning the rebuild",
+    )
+    for rule in ("data", "text_embed", "phase1", "phase2"):
+        if any(line.split()[:1] == [rule] for line in plan.stdout.splitlines()):
+            raise UserError(f"rebuild would rerun {rule}: the pulled state is incomplete")
+    print(f"3/3 snakemake --cores {cores} --forcerun {' '.join(REBUILT_RULES)}", flush=True)
+    _stream(["snakemake", "--cores", cores, "--forcerun", *REBUILT_RULES], root)
+    print(f"rebuilt: {root / 'results'}, {root / 'figures'}, {root / 'thesis/_build/html'}")
+
+
+def _stream(cmd: list[str], cwd: Path) -> None:
+    r = subprocess.run(cmd, cwd=cwd)  # not captured: the user watches Snakemake's progress
+    if r.returncode:
+        raise UserError(f"{' '.join(cmd)} failed (exit {r.returncode}); see its output above")
+
+
+# ---- the rule graph, drawn for the README ----------------------------------------------------
+
+
+def rulegraph_edges(dot: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Rule names and (upstream, downstream) edges of `snakemake --rulegraph`'s DOT."""
+    import pydot
+
+    graphs = pydot.graph_from_dot_data(dot)
+    if not graphs:
+        raise UserError("rulegraph: not a DOT graph")
+    g = graphs[0]
+    label = {}
+    for n in g.get_nodes():
+        name = n.get_name().strip('"')
+        lab = (n.get_attributes().get("label") or "").strip('"')
+        if name not in ("node", "edge", "graph") and lab:
+            label[name] = lab
+    edges = sorted(
+        {
+            (label[e.get_source().strip('"')], label[e.get_destination().strip('"')])
+            for e in g.get_edges()
+        }
+    )
+    return sorted(label.values()), edges
+
+
+def draw_rulegraph(dot: str, out: str | Path) -> Path:
+    """Draw the rule graph left to right by depth (graphviz, which would lay it out, is not a
+    Python package). Direct dependencies are dark; ones also implied through another rule
+    (data -> table, say) are faint, so the stages read in order and no edge is dropped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    nodes, edges = rulegraph_edges(dot)
+    g = nx.DiGraph()
+    g.add_nodes_from(nodes)
+    g.add_edges_from(edges)
+    direct = set(nx.transitive_reduction(g).edges())
+    layers = list(nx.topological_generations(g))
+    pos: dict[str, tuple[float, float]] = {}
+    for x, layer in enumerate(layers):
+        for i, name in enumerate(sorted(layer)):
+            pos[name] = (x * 2.0, ((len(layer) - 1) / 2 - i) * 1.1)
+    height = max(len(layer) for layer in layers)
+    fig, ax = plt.subplots(figsize=(1.45 * len(layers) + 0.6, 0.75 * height + 0.9))
+    for faint in (True, False):
+        nx.draw_networkx_edges(
+            g, pos, ax=ax,
+            edgelist=[e for e in g.edges() if (e not in direct) == faint],
+            arrows=True, arrowstyle="-|>", arrowsize=10, node_size=2300, node_shape="s",
+            edge_color="#d0d0d0" if faint else "#555555", width=0.8 if faint else 1.4,
+            connectionstyle="arc3,rad=0.08",
+        )  # fmt: skip
+    for name, (x, y) in pos.items():
+        ax.text(
+            x, y, name, ha="center", va="center", fontsize=8.5, zorder=3,
+            bbox={"boxstyle": "round,pad=0.35", "fc": "#e8f0fa", "ec": "#3b6ea5"},
+        )  # fmt: skip
+    xs, ys = [x for x, _ in pos.values()], [y for _, y in pos.values()]
+    ax.set_xlim(min(xs) - 0.9, max(xs) + 0.9)
+    ax.set_ylim(min(ys) - 0.6, max(ys) + 0.6)
+    ax.set_axis_off()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130, bbox_inches="tight", pad_inches=0.05)
+    plt.close(fig)
+    return out
+
+
+def write_rulegraph(out: str | Path, root: str | Path = ".") -> tuple[Path, Path]:
+    """`snakemake --rulegraph` of the workflow in `root`: OUT.dot (the text) and OUT (drawn)."""
+    r = _run(["snakemake", "--cores", "1", "--rulegraph"], Path(root), "snakemake --rulegraph")
+    dot = r.stdout[r.stdout.index("digraph") :]
+    out = Path(out)
+    dot_path = out.with_suffix(".dot")
+    from defectfusion.fsutil import atomic_write_text
+
+    atomic_write_text(dot_path, dot)
+    return dot_path, draw_rulegraph(dot, out)
