@@ -47,7 +47,7 @@ def preflight_problem():
         )
     if d["kind"] == "coco" and not (d.get("annotations") and Path(d["annotations"]).is_file()):
         return f"profile needs pipeline.dataset.annotations (a COCO JSON); got {d.get('annotations')!r}"
-    from defectfusion.models import weights_problem
+    from defectfusion.pipeline import weights_problem
 
     for problem in (
         weights_problem("model.weights", config["model"].get("weights")),

@@ -245,37 +245,6 @@ def build_model(
     return model
 
 
-def weights_problem(key: str, weights: str | None, names_ok: bool = False) -> str | None:
-    """Why `weights` (a hub id or a local path, config key `key`) cannot load, or None.
-
-    For the pipeline's preflight, before any work: a local path must exist; a hub id must be
-    in the local hub cache when the hub is offline (HF_HUB_OFFLINE=1). Online, a hub id that
-    is not cached yet downloads on first use, so it passes. `names_ok`: other names are
-    allowed too (open_clip's pretrained tags such as ``openai``), only paths are checked.
-    """
-    import os
-
-    if not weights:
-        return None
-    path = Path(str(weights)).expanduser()
-    if path.exists():
-        return None
-    looks_local = str(weights).startswith(("/", "./", "../", "~"))
-    if looks_local or (not names_ok and str(weights).count("/") != 1):
-        return f"{key}={weights!r}: no such file or folder (and not a hub id ORG/NAME)"
-    if names_ok:
-        return None
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(str(weights), "config.json"), str):
-            return (
-                f"{key}={weights!r}: not in the local hub cache and HF_HUB_OFFLINE is set; "
-                f"run `hf download {weights}` where there is internet, or point {key} at a folder"
-            )
-    return None
-
-
 def _weights_error(what: str, weights: str | None, err: Exception) -> UserError:
     local = str(weights).startswith(("/", "./", "../", "~"))
     if local and not Path(str(weights)).expanduser().exists():  # hub errors would mislead here
