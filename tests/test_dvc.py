@@ -221,3 +221,16 @@ def test_a_run_with_an_overlay_is_not_recorded(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("seed: 0\n")
     assert "differs from params.yaml" in record_in_dvc_lock({"seed": 1}, tmp_path)
     assert "no DVC repository" in record_in_dvc_lock({"seed": 0}, tmp_path / "nowhere")
+
+
+def test_use_profile_with_a_missing_or_malformed_params_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("a: [1\n")
+    for params, message in ((tmp_path / "nope.yaml", "config file not found"), (bad, "malformed")):
+        r = sh(
+            tmp_path, "defectfusion", "pipeline", "use-profile",
+            str(ROOT / "configs/micro.yaml"), "--params", str(params), check=False,
+        )  # fmt: skip
+        assert r.returncode == 2 and message in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert bad.read_text() == "a: [1\n"  # nothing half-written

@@ -25,8 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from defectfusion.config import read_yaml
 from defectfusion.errors import UserError
 
 # The DVC stages whose outputs are the trained state: data, text embeddings, checkpoints.
@@ -93,8 +92,7 @@ def record_in_dvc_lock(config: dict[str, Any], root: str | Path = ".") -> str:
         return "dvc.lock: no DVC repository here; nothing recorded"
     if os.environ.get("DVC_STAGE"):
         return "dvc.lock: run by `dvc repro`, which records it itself"
-    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
-    if params != config:
+    if read_yaml(root / "params.yaml") != config:
         return (
             "dvc.lock not updated: this run's config differs from params.yaml (a --configfile "
             "or --config overlay); `defectfusion pipeline use-profile FILE` makes it params.yaml's"
@@ -120,9 +118,8 @@ def use_profile(profile: str | Path, params: str | Path = "params.yaml") -> list
     """
     from ruamel.yaml import YAML
 
-    from defectfusion.config import read_yaml
-
     overlay = read_yaml(profile)
+    read_yaml(params)  # a missing or malformed params.yaml: one line, before anything is written
     rt = YAML()  # round-trip: comments and key order of params.yaml survive
     rt.preserve_quotes = True
     params = Path(params)
@@ -221,7 +218,7 @@ def rebuild(root: str | Path = ".", cores: str = "all", remote: str | None = Non
         root,
         "planning the rebuild",
     )
-    for rule in ("data", "text_embed", "phase1", "phase2"):
+    for rule in TRAINED_STAGES:  # DVC stage names are the Snakemake rules' names
         if any(line.split()[:1] == [rule] for line in plan.stdout.splitlines()):
             raise UserError(f"rebuild would rerun {rule}: the pulled state is incomplete")
     print(f"3/3 snakemake --cores {cores} --forcerun {' '.join(REBUILT_RULES)}", flush=True)
