@@ -3,6 +3,7 @@
 # Rules are thin: each calls the `defectfusion` CLI. params.yaml is the single source of
 # hyperparameters; a profile is an overlay: snakemake --cores all --configfile configs/micro.yaml
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -10,9 +11,33 @@ from pathlib import Path
 
 configfile: "params.yaml"
 
+# `snakemake --report report.html`: every figure and table, with its caption (report/*.rst).
+report: "report/workflow.rst"
+
 P = config["pipeline"]
-CONFIGS = " ".join(["params.yaml", *P.get("overlays", [])])
+
+
+def resolved_config_file(values):
+    """The config Snakemake resolved (params.yaml, every --configfile, every --config), written
+    once under .snakemake/ and named by its content: every job reads exactly what Snakemake
+    was told, and jobs of two different runs never share a file."""
+    import hashlib
+    import json
+
+    from defectfusion.fsutil import atomic_write_text
+
+    text = json.dumps(values, sort_keys=True, indent=1)  # JSON is YAML: the CLI reads it
+    path = Path(".snakemake/defectfusion") / f"config-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return str(path)
+
+
+# Quoted here: config values are untrusted text (a profile from a shared remote) and reach
+# shell commands only quoted.
+CONFIGS = shlex.quote(resolved_config_file(config))
 CODE = "code/defectfusion"
+from defectfusion.pipeline import code_deps  # each rule's code: what its stage imports
 DATA = config["data"]["dir"]
 PRESETS = P["presets"]
 MAIN = config["model"]["preset"]
@@ -80,8 +105,13 @@ localrules: all, trained
 rule all:
     input:
         expand("results/phase1/{preset}/test_metrics.json", preset=PRESETS),
-        expand("results/phase2/{variant}/seed{seed}/test_metrics.json", variant=VARIANTS, seed=SEEDS),
+        f"results/phase1/{MAIN}/val_metrics.json",
+        expand(
+            "results/phase2/{variant}/seed{seed}/test_{which}.json",
+            variant=VARIANTS, seed=SEEDS, which=("metrics", "epoch1", "final"),
+        ),
         expand("results/compare/{variant}_seed{seed}.json", variant=VARIANTS, seed=SEEDS),
+        "results/postmortem.json",
         expand("results/tables/{table}.{ext}", table=TABLES, ext=("csv", "md", "tex")),
         expand("figures/{figure}.{ext}", figure=FIGURES, ext=("png", "pdf")),
         "results/summary.json",
@@ -116,20 +146,19 @@ rule data:
     output:
         SPLITS,
     input:
-        f"{CODE}/data/__init__.py",
-        f"{CODE}/data/synth.py",
-        f"{CODE}/data/importers.py",
+        code_deps("defectfusion.data"),
         # an imported dataset's source: a newer folder or annotations file remakes the data
         [P["dataset"][k] for k in ("src", "annotations") if P["dataset"].get(k)],
     params:
         dataset=P["dataset"],
         size=config["data"]["image_size"],
+        out=DATA,
     log:
         "logs/data.log",
     benchmark:
         "benchmarks/results/data.tsv"
     shell:
-        "defectfusion data prepare --config {CONFIGS} --out {DATA} > {log} 2>&1"
+        "defectfusion data prepare --config {CONFIGS} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule text_embed:
@@ -139,7 +168,7 @@ rule text_embed:
     input:
         SPLITS[0],
         config["text"]["prompts"],
-        f"{CODE}/text.py",
+        code_deps("defectfusion.text"),
     params:
         section("text"),
     log:
@@ -147,19 +176,18 @@ rule text_embed:
     benchmark:
         "benchmarks/results/text_embed.tsv"
     shell:
-        "defectfusion text embed --config {CONFIGS} --out {output[0]} > {log} 2>&1"
+        "defectfusion text embed --config {CONFIGS} --out {output[0]:q} > {log:q} 2>&1"
 
 
 rule phase1:
     output:
         ckpt="runs/phase1/{preset}/best.pt",
+        raw="runs/phase1/{preset}/best_raw.pt",  # the same epoch's raw weights (EMA: best.pt)
         history="results/phase1/{preset}/history.jsonl",
+        history_csv="results/phase1/{preset}/history.csv",  # for `dvc plots`
     input:
         TRAIN_SPLITS,
-        f"{CODE}/train/phase1.py",
-        f"{CODE}/train/engine.py",
-        f"{CODE}/models.py",
-        f"{CODE}/losses.py",
+        code_deps("defectfusion.train.phase1"),
     params:
         cfg=section("seed", "data", "model", "phase1", "eval"),
         overrides=lambda w: P["preset_overrides"].get(w.preset, {}),
@@ -172,43 +200,59 @@ rule phase1:
         "benchmarks/results/phase1_{preset}.tsv"
     shell:
         f"{TRAIN} phase1 "
-        "--config {CONFIGS} --preset {wildcards.preset} "
-        "--out runs/phase1/{wildcards.preset} --resume > {log} 2>&1 && "
-        "cp runs/phase1/{wildcards.preset}/history.jsonl {output.history}"
+        "--config {CONFIGS} --preset {wildcards.preset:q} "
+        "--out runs/phase1/{wildcards.preset:q} --resume > {log:q} 2>&1 && "
+        "cp runs/phase1/{wildcards.preset:q}/history.jsonl {output.history:q} && "
+        "cp runs/phase1/{wildcards.preset:q}/history.csv {output.history_csv:q}"
 
 
 rule evaluate_phase1:
     output:
-        "results/phase1/{preset}/test_metrics.json",
-        "results/phase1/{preset}/test_metrics.predictions.json",
+        "results/phase1/{preset}/{split}_metrics.json",
+        "results/phase1/{preset}/{split}_metrics.predictions.json",
+        "results/phase1/{preset}/{split}_metrics.headline.json",
     input:
         ckpt="runs/phase1/{preset}/best.pt",
-        split=SPLITS[2],
-        code=f"{CODE}/evaluate.py",
+        split=f"{DATA}/annotations/{{split}}.json",
+        code=code_deps("defectfusion.evaluate"),
     params:
         section("data", "eval"),
+    wildcard_constraints:
+        split="test|val",
     log:
-        "logs/evaluate/phase1_{preset}.log",
+        "logs/evaluate/phase1_{preset}_{split}.log",
     benchmark:
-        "benchmarks/results/evaluate_phase1_{preset}.tsv"
+        "benchmarks/results/evaluate_phase1_{preset}_{split}.tsv"
     shell:
-        "defectfusion evaluate --checkpoint {input.ckpt} --data {input.split} --out {output[0]} "
-        "--config {CONFIGS} > {log} 2>&1"
+        "defectfusion evaluate --checkpoint {input.ckpt:q} --data {input.split:q} --out {output[0]:q} "
+        "--config {CONFIGS} > {log:q} 2>&1"
+
+
+# Phase 2 keeps, besides the val-selected best.pt, the eval weights of epoch 1 and of the last
+# epoch and the val predictions of epochs 0, 1 and the last: the post-mortem's drift.
+PHASE2_VAL = ("val_epoch0", "val_epoch1", "val_final")
 
 
 rule phase2:
     output:
         ckpt="runs/phase2/{variant}/seed{seed}/best.pt",
+        epoch1="runs/phase2/{variant}/seed{seed}/epoch1.pt",
+        final="runs/phase2/{variant}/seed{seed}/final.pt",
         history="results/phase2/{variant}/seed{seed}/history.jsonl",
         steps="results/phase2/{variant}/seed{seed}/steps.jsonl",
+        history_csv="results/phase2/{variant}/seed{seed}/history.csv",
+        val=expand("results/phase2/{{variant}}/seed{{seed}}/{name}.predictions.json", name=PHASE2_VAL),
     input:
         TRAIN_SPLITS,
         phase1=f"runs/phase1/{MAIN}/best.pt",
+        phase1_raw=f"runs/phase1/{MAIN}/best_raw.pt",
         text="results/text/embeddings.pt",
-        code=[f"{CODE}/train/phase2.py", f"{CODE}/fusion.py", f"{CODE}/train/engine.py", f"{CODE}/losses.py"],
+        code=code_deps("defectfusion.train.phase2"),
     params:
-        cfg=section("seed", "data", "model", "phase2", "eval", "text", "fusion"),
+        cfg=section("seed", "data", "model", "phase1", "phase2", "eval", "text", "fusion"),
         variant=lambda w: {**P["variants"][w.variant], **P["variant_overrides"].get(w.variant, {})},
+        run="runs/phase2/{variant}/seed{seed}",
+        results="results/phase2/{variant}/seed{seed}",
     resources:
         gpu=GPUS,
     threads: workflow.cores
@@ -218,29 +262,38 @@ rule phase2:
         "benchmarks/results/phase2_{variant}_seed{seed}.tsv"
     shell:
         f"{TRAIN} phase2 "
-        "--config {CONFIGS} --variant {wildcards.variant} --set seed={wildcards.seed} "
-        "--phase1 {input.phase1} --out runs/phase2/{wildcards.variant}/seed{wildcards.seed} --resume > {log} 2>&1 && "
-        "cp runs/phase2/{wildcards.variant}/seed{wildcards.seed}/history.jsonl {output.history} && "
-        "cp runs/phase2/{wildcards.variant}/seed{wildcards.seed}/steps.jsonl {output.steps}"
+        "--config {CONFIGS} --variant {wildcards.variant:q} --set seed={wildcards.seed:q} "
+        "--phase1 {input.phase1:q} --text {input.text:q} --out {params.run:q} --resume > {log:q} 2>&1 && "
+        "for f in history.jsonl history.csv steps.jsonl val_epoch0.predictions.json "
+        "val_epoch1.predictions.json val_final.predictions.json; do "
+        'cp {params.run:q}/"$f" {params.results:q}/"$f"; done'
+
+
+# Test metrics of Phase 2's val-selected best.pt (test_metrics), of epoch 1 and of the last
+# epoch, in one job (the model is built once).
+PHASE2_TEST = {"metrics": "best", "epoch1": "epoch1", "final": "final"}
 
 
 rule evaluate_phase2:
     output:
-        "results/phase2/{variant}/seed{seed}/test_metrics.json",
-        "results/phase2/{variant}/seed{seed}/test_metrics.predictions.json",
+        expand(
+            "results/phase2/{{variant}}/seed{{seed}}/test_{which}{ext}",
+            which=PHASE2_TEST, ext=(".json", ".predictions.json", ".headline.json"),
+        ),
     input:
-        ckpt="runs/phase2/{variant}/seed{seed}/best.pt",
+        ckpt=expand("runs/phase2/{{variant}}/seed{{seed}}/{c}.pt", c=PHASE2_TEST.values()),
         split=SPLITS[2],
-        code=f"{CODE}/evaluate.py",
+        code=code_deps("defectfusion.evaluate"),
     params:
         section("data", "eval"),
+        out=expand("results/phase2/{{variant}}/seed{{seed}}/test_{which}.json", which=PHASE2_TEST),
     log:
         "logs/evaluate/phase2_{variant}_seed{seed}.log",
     benchmark:
         "benchmarks/results/evaluate_phase2_{variant}_seed{seed}.tsv"
     shell:
-        "defectfusion evaluate --checkpoint {input.ckpt} --data {input.split} --out {output[0]} "
-        "--config {CONFIGS} > {log} 2>&1"
+        "defectfusion evaluate --checkpoint {input.ckpt:q} --data {input.split:q} "
+        "--out {params.out:q} --config {CONFIGS} > {log:q} 2>&1"
 
 
 rule compare:
@@ -250,7 +303,7 @@ rule compare:
         a=f"results/phase1/{MAIN}/test_metrics.json",
         b="results/phase2/{variant}/seed{seed}/test_metrics.json",
         split=SPLITS[2],
-        code=f"{CODE}/compare.py",
+        code=code_deps("defectfusion.compare"),
     params:
         n=P["bootstrap"],
         cfg=section("data", "eval"),
@@ -259,8 +312,31 @@ rule compare:
     benchmark:
         "benchmarks/results/compare_{variant}_seed{seed}.tsv"
     shell:
-        "defectfusion compare --a {input.a} --b {input.b} --data {input.split} --out {output} "
-        "--n-boot {params.n} --seed {wildcards.seed} --config {CONFIGS} > {log} 2>&1"
+        "defectfusion compare --a {input.a:q} --b {input.b:q} --data {input.split:q} --out {output:q} "
+        "--n-boot {params.n:q} --seed {wildcards.seed:q} --config {CONFIGS} > {log:q} 2>&1"
+
+
+# The post-mortem (issue 13): per variant, the epoch-1 and last-epoch drift from Phase 1 (val
+# and test), the contrasts with Phase 1 and with the adopted variant, and a verdict per
+# hypothesis, with intervals over the Phase 2 seeds and the images (hierarchical bootstrap).
+# One job: every prediction set is matched once and shares the replicates.
+rule postmortem:
+    output:
+        "results/postmortem.json",
+    input:
+        REPORT.postmortem_inputs(),
+        "thesis/thesis_figures.yaml",  # the thesis's epoch-1 drop, beside each verdict
+        code=code_deps("defectfusion.postmortem"),
+    params:
+        cfg=section("seed", "data", "eval"),
+        pipe={k: P[k] for k in ("variants", "seeds", "bootstrap")},
+    threads: workflow.cores
+    log:
+        "logs/postmortem.log",
+    benchmark:
+        "benchmarks/results/postmortem.tsv"
+    shell:
+        "defectfusion postmortem --config {CONFIGS} --out {output:q} --jobs {threads} > {log:q} 2>&1"
 
 
 # The thesis book reads only what the report stage wrote; its own sources are inputs too,
@@ -278,36 +354,37 @@ BOOK_SOURCES = sorted(
 rule book:
     output:
         "thesis/_build/html/index.html",
+        "thesis/_build/libro.pdf",  # the same book printed by WeasyPrint (report/book.py)
     input:
         "results/summary.json",
         BOOK_TABLES,
         BOOK_FIGURES,
         BOOK_SOURCES,
-        f"{CODE}/report/book.py",
+        code_deps("defectfusion.report.book"),
     log:
         "logs/book.log",
     benchmark:
         "benchmarks/results/book.tsv"
     shell:
-        "defectfusion book --results results --figures figures --out thesis/_build > {log} 2>&1"
+        "defectfusion book --results results --figures figures --out thesis/_build --pdf "
+        "> {log:q} 2>&1"
 
 
 # ---- report: tables, figures and summary.json, each with its provenance --------------------
 # One job per table and per figure, so only the outputs whose inputs changed are rebuilt;
 # each writes a sidecar results/provenance/KIND/NAME.json, and `provenance` indexes them
 # (no job writes a shared file). Inputs come from Layout.inputs: exactly the files read.
-REPORT_CODE = [f"{CODE}/report/__init__.py", f"{CODE}/report/provenance.py", f"{CODE}/report/summary.py"]
 
 
 rule table:
     output:
-        multiext("results/tables/{table}", ".csv", ".md", ".tex"),
+        report("results/tables/{table}.csv", caption="report/table.rst", category="Tables"),
+        multiext("results/tables/{table}", ".md", ".tex"),
         sidecar="results/provenance/tables/{table}.json",
     input:
         lambda w: REPORT.inputs("tables", w.table),
         lambda w: REPORT.optional_inputs("tables", w.table),
-        REPORT_CODE,
-        f"{CODE}/report/tables.py",
+        code_deps("defectfusion.report.tables"),
     params:
         section(*PARAM_SECTIONS),
     wildcard_constraints:
@@ -317,18 +394,18 @@ rule table:
     benchmark:
         "benchmarks/results/report_table_{table}.tsv"
     shell:
-        "defectfusion report tables --config {CONFIGS} --only {wildcards.table} --out results/tables "
-        "--rule {rule} > {log} 2>&1"
+        "defectfusion report tables --config {CONFIGS} --only {wildcards.table:q} --out results/tables "
+        "--rule {rule} > {log:q} 2>&1"
 
 
 rule figure:
     output:
-        multiext("figures/{figure}", ".png", ".pdf"),
+        report("figures/{figure}.png", caption="report/figure.rst", category="Figures"),
+        "figures/{figure}.pdf",
         sidecar="results/provenance/figures/{figure}.json",
     input:
         lambda w: REPORT.inputs("figures", w.figure),
-        REPORT_CODE,
-        f"{CODE}/report/figures.py",
+        code_deps("defectfusion.report.figures"),
     params:
         section(*PARAM_SECTIONS),
         # this figure's style only: restyling one figure redraws that figure alone
@@ -340,8 +417,8 @@ rule figure:
     benchmark:
         "benchmarks/results/report_figure_{figure}.tsv"
     shell:
-        "defectfusion report figures --config {CONFIGS} --only {wildcards.figure} "
-        "--out figures --rule {rule} > {log} 2>&1"
+        "defectfusion report figures --config {CONFIGS} --only {wildcards.figure:q} "
+        "--out figures --rule {rule} > {log:q} 2>&1"
 
 
 rule summary:
@@ -350,7 +427,7 @@ rule summary:
         sidecar="results/provenance/summary/summary.json",
     input:
         REPORT.inputs("summary", "summary"),
-        REPORT_CODE,
+        code_deps("defectfusion.report.summary"),
     params:
         section(*PARAM_SECTIONS),
     log:
@@ -358,7 +435,7 @@ rule summary:
     benchmark:
         "benchmarks/results/report_summary.tsv"
     shell:
-        "defectfusion report summary --config {CONFIGS} --out {output[0]} --rule {rule} > {log} 2>&1"
+        "defectfusion report summary --config {CONFIGS} --out {output[0]:q} --rule {rule} > {log:q} 2>&1"
 
 
 rule provenance:
@@ -370,8 +447,8 @@ rule provenance:
             *expand("results/provenance/figures/{figure}.json", figure=FIGURES),
             "results/provenance/summary/summary.json",
         ],
-        code=f"{CODE}/report/provenance.py",
+        code=code_deps("defectfusion.report.provenance"),
     log:
         "logs/report/provenance.log",
     shell:
-        "defectfusion report provenance {input.sidecars} --out {output} > {log} 2>&1"
+        "defectfusion report provenance {input.sidecars:q} --out {output:q} > {log:q} 2>&1"

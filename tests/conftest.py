@@ -82,7 +82,7 @@ def tiny_run(tiny_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---- the micro pipeline, run once per session (tests/test_pipeline.py, test_report.py) -----
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "params.yaml", "configs", "prompts", "code", "thesis")
+WORKFLOW_FILES = ("Snakefile", "params.yaml", "configs", "prompts", "code", "thesis", "report")
 MICRO = ["--configfile", "configs/micro.yaml"]
 
 

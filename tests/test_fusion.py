@@ -282,6 +282,7 @@ def test_phase2_checkpoint_round_trip(tmp_path: Path) -> None:
         "phase": 2,
         "preset": TINY,
         "class_names": NAMES,
+        "image_size": 96,
         "text_shape": list(model.fusion.text.shape),
         "tau_init": 0.07,
         "fuse_encoder_head": True,

@@ -34,13 +34,23 @@ def test_micro_profile_produces_every_result(micro_run: Path) -> None:
     for preset in cfg_presets:
         metrics = json.loads((micro_run / f"results/phase1/{preset}/test_metrics.json").read_text())
         assert 0.0 <= metrics["map"] <= 1.0
-    for variant in ("zero_start", "naive", "frozen0", "deimv2_loss", "bn_train"):
-        history = (
-            (micro_run / f"results/phase2/{variant}/seed0/history.jsonl").read_text().splitlines()
-        )
-        assert json.loads(history[0])["epoch"] == 0  # the epoch-0 evaluation is logged
+    from defectfusion.config import read_yaml
+
+    variants = list(read_yaml(micro_run / "params.yaml")["pipeline"]["variants"])
+    assert len(variants) >= 9  # the five controls and the post-mortem's candidate causes
+    for variant in variants:
+        run = micro_run / f"results/phase2/{variant}/seed0"
+        history = [json.loads(r) for r in (run / "history.jsonl").read_text().splitlines()]
+        assert history[0]["epoch"] == 0 and "best" not in history[0]  # logged, not selected
+        for which in ("metrics", "epoch1", "final"):
+            m = json.loads((run / f"test_{which}.json").read_text())
+            assert 0.0 <= m["map"] <= 1.0, (variant, which)
+        for name in ("val_epoch0", "val_epoch1", "val_final"):
+            assert json.loads((run / f"{name}.predictions.json").read_text()), (variant, name)
         cmp = json.loads((micro_run / f"results/compare/{variant}_seed0.json").read_text())
-        assert "map" in json.dumps(cmp)
+        assert set(cmp["metrics"]) >= {"map", "critical_recall", "composite"}
+    pm = json.loads((micro_run / "results/postmortem.json").read_text())
+    assert set(pm["phase2"]) == set(variants)
 
 
 def test_second_run_does_nothing(micro_run: Path) -> None:
@@ -49,13 +59,13 @@ def test_second_run_does_nothing(micro_run: Path) -> None:
 
 def test_phase2_param_change_reruns_phase2_not_phase1(micro_run: Path) -> None:
     planned = _planned(micro_run, "--config", "phase2={'lr': 0.0001}")
-    assert planned.get("phase2") == 5
+    assert planned.get("phase2") == 9
     assert "phase1" not in planned and "data" not in planned and "text_embed" not in planned
 
 
 def test_phase1_param_change_reruns_phase1_and_what_follows(micro_run: Path) -> None:
     planned = _planned(micro_run, "--config", "phase1={'lr': 0.002}")
-    assert planned.get("phase1") == 3 and planned.get("phase2") == 5
+    assert planned.get("phase1") == 3 and planned.get("phase2") == 9
     assert "data" not in planned
 
 
@@ -79,3 +89,97 @@ def test_the_readme_rule_graph_is_the_snakefile_s(tmp_path: Path) -> None:
     assert (nodes, edges) == committed, "docs/rulegraph.* is stale: rerun the command above"
     assert ("phase1", "phase2") in edges and ("data", "phase1") in edges
     assert png.stat().st_size > 10_000 and (ROOT / "docs/rulegraph.png").is_file()
+
+
+# ---- what Snakemake is told is what every job runs with (dry runs: nothing trains) ----------
+
+
+def _planned_config(workdir: Path, rule_cmd: str, *args: str):
+    """The config a planned job would run with: the file its `--config` names, loaded."""
+    import os
+    import re
+    import shlex
+
+    from defectfusion.config import load_config
+
+    out = subprocess.run(
+        ["snakemake", "--cores", "1", "-n", "-p", "--forceall", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "DEFECTFUSION_ALLOW_CPU": "1"},  # the GPU profiles, planned only
+    )
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
+    line = next(ln for ln in out.stdout.splitlines() if rule_cmd in ln)
+    path = re.search(r"--config (\S+)", line).group(1)
+    return load_config([workdir / shlex.split(path)[0]]), line
+
+
+def test_config_values_reach_the_jobs(tmp_path: Path) -> None:
+    from conftest import copy_workflow
+
+    work = copy_workflow(tmp_path)
+    cfg, line = _planned_config(
+        work,
+        "train phase2",
+        "--configfile",
+        "configs/micro.yaml",
+        "--config",
+        "phase2={'lr': 0.000123}",
+    )
+    assert cfg.phase2.lr == 0.000123 and cfg.data.dir == "data/micro"
+    # A profile that does not list itself anywhere is what its jobs run with too.
+    (work / "configs/mine.yaml").write_text("phase2: {epochs: 7}\ndata: {dir: data/mine}\n")
+    cfg, _ = _planned_config(work, "train phase2", "--configfile", "configs/mine.yaml")
+    assert cfg.phase2.epochs == 7 and cfg.data.dir == "data/mine"
+
+
+def test_the_readme_s_dataset_src_override_reaches_data_prepare(tmp_path: Path) -> None:
+    from conftest import copy_workflow
+
+    work = copy_workflow(tmp_path)
+    src = tmp_path / "my NEU-DET"  # a space: the value must reach the shell quoted
+    src.mkdir()
+    cfg, line = _planned_config(
+        work,
+        "data prepare",
+        "--configfile",
+        "configs/neu.yaml",
+        "--config",
+        f'pipeline={{"dataset": {{"src": "{src}"}}}}',
+    )
+    assert cfg.pipeline["dataset"]["src"] == str(src)
+
+
+def test_snakemake_report_holds_every_figure_and_table(micro_run: Path, tmp_path: Path) -> None:
+    """`snakemake --report` (offline): each figure and table, with its caption."""
+    import re
+
+    from defectfusion.report import FIGURES, TABLES
+
+    out = _snakemake(micro_run, "--report", str(tmp_path / "report.html"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    html = (tmp_path / "report.html").read_text(encoding="utf-8", errors="replace")
+    for name in (*FIGURES, *TABLES):
+        assert f"{name}." in html, name
+    assert not re.search(r"<script[^>]+src=[\"']https?://", html)  # no remote scripts
+
+
+def test_config_values_reach_the_shell_quoted(tmp_path: Path) -> None:
+    """A value from a shared profile is text, never shell: `;touch` stays inside quotes."""
+    import shlex
+
+    from conftest import copy_workflow
+
+    work = copy_workflow(tmp_path)
+    evil = "data/x;touch pwned;"
+    out = subprocess.run(
+        ["snakemake", "--cores", "1", "-n", "-p", "--forceall", "--configfile",
+         "configs/micro.yaml", "--config", f"data={{'dir': '{evil}'}}"],
+        cwd=work, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(ln for ln in out.stdout.splitlines() if "data prepare" in ln)
+    assert shlex.quote(evil) in line  # one shell word
+    assert evil in shlex.split(line.split(">")[0])

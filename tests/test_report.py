@@ -48,7 +48,7 @@ def test_every_table_and_figure_exists_with_its_provenance(micro_run: Path) -> N
         assert record["name"] == f"{kind}/{Path(rel).stem}", rel
         assert record["rule"] == rule, rel
         assert "commit" in record and SHA.match(record["params_sha256"]), rel
-        assert record["inputs"], rel
+        assert record["inputs"] or rel.startswith("results/tables/environment."), rel
         # The recorded hashes are those of the files the output was made from.
         for inp, digest in record["inputs"].items():
             assert prov.sha256_file(micro_run / inp) == digest, (rel, inp)
@@ -68,8 +68,13 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     s = json.loads((micro_run / "results/summary.json").read_text())
     assert set(s) == {
         "run", "dataset", "main_preset", "phase1", "phase2", "phase1_val_map_best",
-        "epoch0_equals_phase1",
+        "epoch0_equals_phase1", "confusion",
     }  # fmt: skip
+    k = len(s["dataset"]["classes"]) + 1  # the classes and the background
+    for model in ("phase1", "phase2"):
+        m, boxes = s["confusion"][model]["fraction"], s["confusion"][model]["boxes"]
+        assert len(m) == len(boxes) == k and all(len(row) == k for row in m)
+        assert all(abs(sum(row) - (n > 0)) < 1e-9 for row, n in zip(m, boxes, strict=True))
     assert set(s["run"]) == {"commit", "params_sha256", "date", "machine", "profile"}
     assert s["run"]["profile"] == "micro" and SHA.match(s["run"]["params_sha256"])
     assert set(s["dataset"]) == {"name", "classes", "critical_classes", "n_images", "n_boxes"}
@@ -129,10 +134,11 @@ def test_a_changed_result_rebuilds_only_what_reads_it(micro_run: Path) -> None:
         return counts
 
     text = planned_after_changing("results/text/embeddings.json")
-    assert text.get("figure") == 1 and "table" not in text and "summary" not in text
+    # prompt_similarity, and the settings table (the text encoder and D_t it names)
+    assert text.get("figure") == 1 and text.get("table") == 1 and "summary" not in text
     assert text.get("provenance") == 1
     compare = planned_after_changing("results/compare/naive_seed0.json")
-    assert compare.get("table") == 1 and compare.get("summary") == 1
+    assert compare.get("table") == 1  # phase2_detail: P(ΔmAP > 0) per seed
     assert "figure" not in compare
 
 
@@ -225,7 +231,9 @@ def test_tables_render_null_blank_and_latex_symbols() -> None:
     out = render(Table("t", cols, rows, []), prov.make_record("tables/t", "r", {}, []))
     md = out["md"].splitlines()
     assert md[-2].split("|")[2].strip() == ""  # not applicable: blank
-    assert "n/a" in md[-1] and "[-0.010, +0.020]" in md[-1] and "50%" in md[-1]
+    # The book's Markdown: Spanish conventions, a true minus sign, a narrow space before "%".
+    assert "n/d" in md[-1] and "[\u22120.010, 0.020]" in md[-1] and "50\u202f%" in md[-1]
+    assert "-0" not in out["md"]
     assert r"$\Delta$mAP" in out["tex"] and r"x\_y\dag{}" in out["tex"] and "50\\%" in out["tex"]
     assert "Δ" not in out["tex"].split("\n", 2)[2]  # only the comment lines keep UTF-8
     assert out["csv"].splitlines()[-1] == 'x_y†,,"[-0.01, 0.02]",0.5'
@@ -261,8 +269,12 @@ def test_layout_names_every_output_and_refuses_unknown_ones() -> None:
     for kind, names in (("tables", TABLES), ("figures", FIGURES), ("summary", ("summary",))):
         for name in names:
             files = layout.inputs(kind, name)
-            assert files and files == sorted(set(files))
-            assert all(f.startswith(("results/", "data/d/")) for f in files), (name, files)
+            assert files or name == "environment"  # the library versions read no result
+            assert files == sorted(set(files))
+            assert all(
+                f.startswith(("results/", "data/d/")) or f == "thesis/thesis_figures.yaml"
+                for f in files
+            ), (name, files)
     assert "results/phase2/naive/seed1/steps.jsonl" in layout.inputs("figures", "gate_dynamics")
     with pytest.raises(KeyError):
         layout.inputs("figures", "nope")
@@ -343,3 +355,38 @@ def test_a_figure_style_changes_that_figure(micro_run: Path, tmp_path: Path) -> 
     styled = np.asarray(Image.open(work / "styled/postmortem.png").convert("RGB"))
     assert (plain[0, 0] == 255).all() and tuple(styled[0, 0]) == (255, 0, 0)
     assert hashes[0] != hashes[1]  # the provenance records the style
+
+
+def test_book_tables_print_spanish_numbers() -> None:
+    """The Markdown the book includes: decimal point, narrow space from five digits on, U+2212,
+    no negative zero; the CSV keeps full precision and the English conventions."""
+    from defectfusion.report.tables import fmt_es
+
+    assert fmt_es(812841, "d") == "812\u202f841" and fmt_es(2291, "d") == "2291"
+    assert fmt_es(-0.0123, "+3") == "\u22120.012" and fmt_es(-0.0001, "+3") == "0.000"
+    assert fmt_es(-0.0001, "3") == "0.000"
+    assert fmt_es(-0.012, "+ci", [-0.03, 0.004]) == "\u22120.012 [\u22120.030, 0.004]"
+    assert fmt_es(None, "3") == "n/d"
+
+
+def test_class_and_model_names_are_spanish_and_colours_are_one_per_model() -> None:
+    from defectfusion.report import (
+        MODEL_COLORS,
+        PHASE1_COLOR,
+        class_name_es,
+        model_color,
+        variant_name_es,
+    )
+
+    assert [class_name_es(n) for n in ("fracture", "scratch", "dent", "contamination")] == [
+        "Fractura",
+        "Arañazo",
+        "Abolladura",
+        "Contaminación",
+    ]
+    assert variant_name_es("zero_start") == "Arranque en cero"
+    assert model_color("deimv2-dinov3-tiny", "deimv2-dinov3-tiny") == PHASE1_COLOR
+    assert model_color("deimv2-resnet-tiny") == MODEL_COLORS["resnet"]
+    # No two models share a colour (a baseline never looks like a Phase 2 control).
+    assert len(set(MODEL_COLORS.values())) == len(MODEL_COLORS)
+    assert PHASE1_COLOR not in MODEL_COLORS.values()

@@ -43,7 +43,7 @@ def test_same_seed_gives_byte_identical_files_whatever_the_workers(small, tmp_pa
     assert first == second
     # Exactly the dataset: no temporary files left behind by the atomic writes.
     n = SMALL.n_train + SMALL.n_val + SMALL.n_test
-    assert len(first) == n + 3
+    assert len(first) == n + 3 + 1  # + the list of the files made (coco.MANIFEST)
 
 
 def test_different_seed_gives_different_images(small, tmp_path):

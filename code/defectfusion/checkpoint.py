@@ -10,6 +10,7 @@ names, input size, phase, the run's config.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_bytes
+from defectfusion.fsutil import atomic_write_bytes, os_error_message
 
 FORMAT = "defectfusion-checkpoint-v1"
 
@@ -31,19 +32,142 @@ def save_checkpoint(
     return atomic_write_bytes(path, buf.getvalue())
 
 
+# Sane limits on what a checkpoint's `meta` may ask to allocate: a checkpoint pulled from a
+# shared remote is untrusted, and these values size the model and the evaluation batches.
+MAX_CLASSES = 1000
+MAX_IMAGE_SIZE = 2048
+MAX_TEXT_DIM = 8192
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint and check it before anything is built from it.
+
+    Refused in one line: unreadable files, other formats, a malformed or out-of-limits
+    ``meta``, a ``model`` that is not a dict of tensors, and non-finite (NaN/inf) weights.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(os_error_message(e, path)) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's bad input
         raise UserError(
             f"{path}: not a readable defectfusion checkpoint ({e.__class__.__name__})"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a defectfusion checkpoint (expected format {FORMAT})")
+    check_meta(path, ckpt.get("meta"))
+    check_state(path, ckpt.get("model"), ckpt["meta"])
     return ckpt
+
+
+def _bad(path: str | Path, what: str) -> UserError:
+    return UserError(
+        f"{path}: malformed checkpoint meta: {what}; the file is corrupt or was not written "
+        "by defectfusion: restore it (e.g. `dvc checkout`) or retrain"
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_meta(path: str | Path, meta: Any) -> None:
+    """Types and sane limits of every ``meta`` value that sizes or drives something."""
+    from defectfusion.models import PRESETS
+
+    if not isinstance(meta, dict):
+        raise _bad(path, f"meta is {type(meta).__name__}, expected a mapping")
+    if meta.get("phase") not in (1, 2) or isinstance(meta.get("phase"), bool):
+        raise _bad(path, f"phase {meta.get('phase')!r} is not 1 or 2")
+    if not isinstance(meta.get("preset"), str) or meta["preset"] not in PRESETS:
+        raise _bad(path, f"preset {meta.get('preset')!r} is not one of {sorted(PRESETS)}")
+    names = meta.get("class_names")
+    if (
+        not isinstance(names, list)
+        or not 1 <= len(names) <= MAX_CLASSES
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        shown = f"{len(names)} entries" if isinstance(names, list) else repr(names)[:60]
+        raise _bad(
+            path, f"class_names ({shown}) must be 1..{MAX_CLASSES} distinct non-empty strings"
+        )
+    size = meta.get("image_size")
+    if not _is_int(size) or not 32 <= size <= MAX_IMAGE_SIZE or size % 32:
+        raise _bad(path, f"image_size {size!r} is not a multiple of 32 in 32..{MAX_IMAGE_SIZE}")
+    if "critical_classes" in meta:
+        crit = meta["critical_classes"]
+        if not (
+            isinstance(crit, list)
+            and crit
+            and all(_is_int(c) and 0 <= c < len(names) for c in crit)
+        ):
+            raise _bad(path, f"critical_classes {crit!r} are not class indices 0..{len(names) - 1}")
+    if "composite_weights" in meta:
+        w = meta["composite_weights"]
+        if not (
+            isinstance(w, dict)
+            and w
+            and all(isinstance(k, str) and _is_finite(v) and v >= 0 for k, v in w.items())
+        ):
+            raise _bad(path, f"composite_weights {w!r} are not non-negative numbers by name")
+    if meta["phase"] == 2:
+        shape = meta.get("text_shape")
+        if not (
+            isinstance(shape, list | tuple)
+            and len(shape) == 2
+            and all(_is_int(v) for v in shape)
+            and shape[0] == len(names)
+            and 1 <= shape[1] <= MAX_TEXT_DIM
+        ):
+            raise _bad(
+                path,
+                f"text_shape {shape!r} is not [{len(names)} classes, 1..{MAX_TEXT_DIM} dims]",
+            )
+        tau = meta.get("tau_init", 0.07)
+        if not _is_finite(tau) or tau <= 0:
+            raise _bad(path, f"tau_init {tau!r} is not a positive number")
+        if not isinstance(meta.get("fuse_encoder_head", True), bool):
+            raise _bad(path, f"fuse_encoder_head {meta.get('fuse_encoder_head')!r} is not a bool")
+
+
+def check_state(path: str | Path, state: Any, meta: dict[str, Any]) -> None:
+    """The weights: a dict of finite tensors whose class heads and text buffer fit `meta`."""
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"{path}: malformed checkpoint: 'model' is not a dict of tensors")
+    k = len(meta["class_names"])
+    for key in ("model.enc_score_head.weight", "model.decoder.class_embed.0.weight"):
+        if key in state and (state[key].dim() != 2 or state[key].shape[0] != k):
+            raise UserError(
+                f"{path}: weights do not fit the checkpoint's meta: {key} has shape "
+                f"{list(state[key].shape)}, meta lists {k} classes"
+            )
+    text = state.get("fusion.text")
+    if meta["phase"] == 2 and text is not None and list(text.shape) != list(meta["text_shape"]):
+        raise UserError(
+            f"{path}: weights do not fit the checkpoint's meta: fusion.text has shape "
+            f"{list(text.shape)}, meta says {list(meta['text_shape'])}"
+        )
+    bad = [
+        name
+        for name, t in state.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise UserError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
+            "the run diverged or the file is corrupt: lower the learning rate and retrain, or "
+            "restore the file"
+        )
 
 
 def check_compatible(
@@ -69,7 +193,13 @@ def load_model_state(
     allow_missing: tuple[str, ...] = (),
 ) -> None:
     """Load weights strictly, except for missing keys under the `allow_missing` prefixes."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatches: one line per tensor, keep the first
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "")
+        raise UserError(
+            f"{path}: weights do not fit the model ({first or e.__class__.__name__})"
+        ) from None
     missing = [k for k in result.missing_keys if not k.startswith(allow_missing)]
     if missing or result.unexpected_keys:
         raise UserError(

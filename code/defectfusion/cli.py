@@ -12,7 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from defectfusion import __version__
 from defectfusion.errors import UserError
+from defectfusion.fsutil import os_error_message
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -76,19 +78,42 @@ def _load_config(a: argparse.Namespace):
 def _train_phase1(a: argparse.Namespace) -> None:
     from defectfusion.train.phase1 import train_phase1
 
-    train_phase1(_load_config(a), a.out, resume=a.resume)
+    train_phase1(_load_config(a), a.out, resume=a.resume, restart=a.restart)
 
 
 def _train_phase2(a: argparse.Namespace) -> None:
     from defectfusion.train.phase2 import train_phase2
 
-    train_phase2(_load_config(a), a.phase1, a.out, resume=a.resume)
+    train_phase2(
+        _load_config(a), a.phase1, a.out, resume=a.resume, restart=a.restart, text=a.text
+    )
 
 
 def _evaluate(a: argparse.Namespace) -> None:
     from defectfusion.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(a.checkpoint, a.data, a.out, config=_load_config(a) if a.config else None)
+    if len(a.checkpoint) != len(a.out):
+        raise UserError(
+            f"evaluate: {len(a.checkpoint)} --checkpoint and {len(a.out)} --out; give one --out "
+            "per checkpoint, in the same order"
+        )
+    config = _load_config(a) if a.config else None
+    for checkpoint, out in zip(a.checkpoint, a.out, strict=True):
+        metrics = evaluate_checkpoint(checkpoint, a.data, out, config=config)
+        print(_headline(checkpoint, out, metrics))
+
+
+def _headline(checkpoint: Path, out: Path, m: dict) -> str:
+    """One line of the metrics that matter, so a log (or a terminal) shows the result."""
+
+    def f(key: str) -> str:
+        return "n/a" if m.get(key) is None else f"{m[key]:.4f}"
+
+    return (
+        f"{checkpoint}: mAP {f('map')}  mAP50 {f('map50')}  AR100 {f('ar_100')}  "
+        f"crit.recall {f('critical_recall')}  composite {f('composite')}  "
+        f"({m.get('n_images')} images) -> {out}"
+    )
 
 
 def _text_embed(a: argparse.Namespace) -> None:
@@ -104,10 +129,54 @@ def _compare(a: argparse.Namespace) -> None:
     compare_files(a.a, a.b, a.data, a.out, n_boot=a.n_boot, seed=a.seed, config=config)
 
 
-def _book(a: argparse.Namespace) -> None:
-    from defectfusion.report.book import build_book
+def _predict(a: argparse.Namespace) -> None:
+    from defectfusion.predict import predict_files, print_summary
 
-    print(build_book(a.results, a.figures, a.out, source=a.source))
+    summary = predict_files(
+        a.checkpoint,
+        a.images,
+        a.out,
+        threshold=a.threshold,
+        draw=a.draw,
+        batch_size=a.batch_size,
+        device=a.device,
+    )
+    print_summary(summary, a.threshold)
+
+
+def _export(a: argparse.Namespace) -> None:
+    from defectfusion.export import export
+
+    info = export(a.checkpoint, a.out, a.format, metrics=a.metrics)
+    extra = ""
+    if a.format == "onnx":
+        extra = (
+            f"; onnxruntime vs PyTorch: max |diff| scores {info['max_abs_diff_scores']:.1e}, "
+            f"boxes {info['max_abs_diff_boxes']:.1e}"
+        )
+    print(f"wrote {info['out']} (Phase {info['phase']}, {a.format}){extra}")
+
+
+def _postmortem(a: argparse.Namespace) -> None:
+    from defectfusion.postmortem import run_postmortem
+
+    run_postmortem(
+        _load_config(a).to_dict(),
+        a.out,
+        results=a.results,
+        n_boot=a.n_boot,
+        seed=a.seed,
+        jobs=a.jobs,
+    )
+
+
+def _book(a: argparse.Namespace) -> None:
+    from defectfusion.report.book import build_book, build_pdf
+
+    index = build_book(a.results, a.figures, a.out, source=a.source)
+    print(index)
+    if a.pdf:
+        print(build_pdf(index.parent, a.source / "_toc.yml", a.out))
 
 
 def _report_tables(a: argparse.Namespace) -> None:
@@ -182,11 +251,64 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in the help (not the empty ones: None, False, []), epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # Not `in (None, False, [])`: 0 == False, and a default of 0 is worth showing.
+        if action.default is None or isinstance(action.default, bool) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# One example per command, shown at the end of its --help.
+EXAMPLES: dict[str, str] = {
+    "": "defectfusion predict --checkpoint runs/p1/best.pt --images photos/ --out preds --draw",
+    "data synth": "defectfusion data synth --out data/synth --seed 0",
+    "data prepare": "defectfusion data prepare --config params.yaml",
+    "data import-neu": "defectfusion data import-neu --src ../shared/datasets/neu-det --out data/neu",
+    "data import-coco": "defectfusion data import-coco --images IMGS --annotations ann.json --out data/mine",
+    "data validate": "defectfusion data validate data/synth",
+    "models list": "defectfusion models list",
+    "train phase1": "defectfusion train phase1 --config params.yaml --set phase1.epochs=3 --out runs/p1",
+    "train phase2": "defectfusion train phase2 --config params.yaml --phase1 runs/p1/best.pt --out runs/p2",
+    "evaluate": "defectfusion evaluate --checkpoint runs/p1/best.pt --data data/synth/annotations/test.json --out m.json",
+    "text embed": "defectfusion text embed --config params.yaml --out results/text/embeddings.pt",
+    "compare": "defectfusion compare --a m1.json --b m2.json --data data/synth/annotations/test.json --out cmp.json",
+    "postmortem": "defectfusion postmortem --config params.yaml --out results/postmortem.json",
+    "predict": "defectfusion predict --checkpoint runs/p1/best.pt --images 'photos/*.png' --out preds --threshold 0.5 --draw",
+    "export": "defectfusion export --checkpoint runs/p1/best.pt --out export/p1 --format hf --metrics results/phase1/deimv2-dinov3-tiny/test_metrics.json",
+    "book": "defectfusion book --results results --figures figures --out thesis/_build",
+    "report tables": "defectfusion report tables --config params.yaml --out results/tables",
+    "report figures": "defectfusion report figures --config params.yaml --out figures",
+    "report summary": "defectfusion report summary --config params.yaml --out results/summary.json",
+    "report provenance": "defectfusion report provenance results/provenance/*/*.json --out results/provenance.json",
+    "pipeline use-profile": "defectfusion pipeline use-profile configs/thesis.yaml",
+    "pipeline rebuild": "defectfusion pipeline rebuild --cores 4",
+    "pipeline touch": "defectfusion pipeline touch trained",
+    "pipeline rulegraph": "defectfusion pipeline rulegraph --out docs/rulegraph.png",
+}
+
+
+def _finish_help(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Give every (sub)parser the help formatter and its example (argparse does not pass
+    `formatter_class` down to subparsers)."""
+    parser.formatter_class = _HelpFormatter
+    example = EXAMPLES.get(path)
+    if example is not None and parser.epilog is None:
+        parser.epilog = f"example:\n  {example}"
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                _finish_help(child, f"{path} {name}".strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="defectfusion",
         description="Defect detection with DEIMv2 + DINOv3 and residual vision-language fusion.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # data
@@ -260,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last checkpoint")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start a new run even if OUT holds an earlier run's best.pt (it is replaced)",
+    )
     p.set_defaults(func=_train_phase1)
 
     p = tsub.add_parser("phase2", help="train the residual vision-language fusion")
@@ -268,17 +395,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant", help="a name in pipeline.variants (zero_start, naive, frozen0, ...)"
     )
     p.add_argument("--phase1", type=Path, required=True, help="Phase 1 checkpoint to start from")
+    p.add_argument(
+        "--text",
+        type=Path,
+        default=None,
+        help="text embeddings written by `text embed` (default: encode the prompts now)",
+    )
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last checkpoint")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start a new run even if OUT holds an earlier run's best.pt (it is replaced)",
+    )
     p.set_defaults(func=_train_phase2)
 
     # evaluate
     p = sub.add_parser("evaluate", help="COCO metrics, critical recall, composite, confusion")
-    p.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
+    p.add_argument("--checkpoint", type=Path, nargs="+", required=True, help="model checkpoint(s)")
     p.add_argument(
         "--data", type=Path, required=True, help="split JSON, e.g. DIR/annotations/test.json"
     )
-    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    p.add_argument(
+        "--out",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="metrics JSON to write, one per checkpoint",
+    )
     _add_config_args(p, required=False)
     p.set_defaults(func=_evaluate)
 
@@ -292,8 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     # compare
     p = sub.add_parser("compare", help="paired bootstrap CI of the difference between two models")
-    p.add_argument("--a", type=Path, required=True, help="model A predictions (COCO results JSON)")
-    p.add_argument("--b", type=Path, required=True, help="model B predictions (COCO results JSON)")
+    p.add_argument(
+        "--a",
+        type=Path,
+        required=True,
+        help="model A: metrics JSON written by evaluate (or a COCO results JSON)",
+    )
+    p.add_argument(
+        "--b",
+        type=Path,
+        required=True,
+        help="model B: metrics JSON written by evaluate (or a COCO results JSON)",
+    )
     p.add_argument("--data", type=Path, required=True, help="ground-truth split JSON")
     p.add_argument("--out", type=Path, required=True, help="comparison JSON to write")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates")
@@ -301,12 +455,80 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.set_defaults(func=_compare)
 
+    # postmortem
+    p = sub.add_parser(
+        "postmortem",
+        help="epoch-1 drift, contrasts and verdicts of every Phase 2 variant (seeds x images CIs)",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--out", type=Path, required=True, help="JSON to write, e.g. results/postmortem.json"
+    )
+    p.add_argument("--results", default="results", help="the results folder the runs wrote")
+    p.add_argument("--n-boot", type=int, help="bootstrap replicates (default: pipeline.bootstrap)")
+    p.add_argument("--seed", type=int, help="bootstrap seed (default: the config's seed)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="processes reading and evaluating the prediction sets"
+    )
+    p.set_defaults(func=_postmortem)
+
+    # predict
+    p = sub.add_parser(
+        "predict", help="detect defects in your images: COCO results JSON, drawn images"
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="checkpoint (Phase 1 or 2) or a folder written by `export --format hf`",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        help="a folder of images, one image, or a glob such as 'photos/**/*.png' (quote it)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for predictions.json (and drawn/)"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.3, help="keep detections with at least this score"
+    )
+    p.add_argument(
+        "--draw", action="store_true", help="also write each image with its boxes to OUT/drawn/"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
+    p.set_defaults(func=_predict)
+
+    # export
+    p = sub.add_parser(
+        "export", help="a checkpoint as a transformers folder + model card, or as ONNX"
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (Phase 1 or 2)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder to write (replaced if an export)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["hf", "onnx"],
+        default="hf",
+        help="hf: save_pretrained + image processor + model card (Phase 2: safetensors + JSON "
+        "for defectfusion.load); onnx: model.onnx checked with onnxruntime",
+    )
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        help="test metrics for the model card, e.g. results/phase1/PRESET/test_metrics.json",
+    )
+    p.set_defaults(func=_export)
+
     # book
     p = sub.add_parser("book", help="build the thesis book (HTML, Spanish) from the results")
     p.add_argument("--results", type=Path, default=Path("results"), help="summary.json, tables/")
     p.add_argument("--figures", type=Path, default=Path("figures"), help="the figures (PNG)")
     p.add_argument("--out", type=Path, default=Path("thesis/_build"), help="writes OUT/html")
     p.add_argument("--source", type=Path, default=Path("thesis"), help="the book's sources")
+    p.add_argument("--pdf", action="store_true", help="also OUT/libro.pdf (WeasyPrint)")
     p.set_defaults(func=_book)
 
     # report
@@ -362,7 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_pipeline_rulegraph)
 
+    _finish_help(parser)
     return parser
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -371,6 +598,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
     except UserError as e:
         print(f"defectfusion: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permissions, read-only or full disk: the user's to fix
+        print(f"defectfusion: error: {_one_line(os_error_message(e))}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:  # a binary file where text was expected
+        print(
+            f"defectfusion: error: a file is not UTF-8 text ({e.reason} at byte {e.start}); "
+            "check that each path names a text (YAML/JSON) file",
+            file=sys.stderr,
+        )
+        return 2
+    except MemoryError:
+        print(
+            "defectfusion: error: out of memory; lower the batch sizes (phase1.batch_size, "
+            "eval.batch_size) or data.image_size",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("defectfusion: interrupted", file=sys.stderr)

@@ -9,8 +9,10 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -18,6 +20,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from defectfusion.errors import UserError
+from defectfusion.fsutil import os_error_message
 
 
 @dataclass
@@ -35,6 +38,9 @@ class DataSection:
     critical_classes: list[int] = field(default_factory=lambda: [2, 3, 5])
     augment: AugmentSection = field(default_factory=AugmentSection)
     num_workers: int = 0
+    # Input normalisation: imagenet (the backbone's, Phase 1) | clip (a vision-language
+    # model's constants: the post-mortem's preprocessing-mismatch control for Phase 2).
+    normalize: str = "imagenet"
 
 
 @dataclass
@@ -57,11 +63,31 @@ class TrainSection:
     flat_fraction: float = 0.5  # flat-cosine: constant lr for this fraction, then cosine
     min_lr_fraction: float = 0.05
     clip_grad: float = 0.1
-    ema_decay: float = 0.0  # 0 disables EMA (short CPU runs: EMA 0.999 lags the raw weights)
+    ema_decay: float = 0.0  # 0 disables EMA
+    ema_warmup_steps: int = 2000  # DEIMv2's ramp: decay_t = ema_decay * (1 - exp(-t / this))
+    mal_gamma: float = 1.5  # MAL's gamma in DEIMv2's configs (transformers' default is 2.0)
+    # Plateau: the val mAP gain over the last `plateau_fraction` of the epochs is below
+    # `plateau_min_gain` (reported for Phase 1; 0 disables the check).
+    plateau_fraction: float = 0.2
+    plateau_min_gain: float = 0.005
     patience: int = 0  # early stopping on the selection metric; 0 disables
     select_metric: str = "map"  # which val metric picks the best checkpoint
     amp: bool = True  # bfloat16 autocast on CUDA only
     eval_every: int = 1  # epochs
+
+
+@dataclass
+class Phase2Section(TrainSection):
+    # Phase 2 trains on a frozen backbone + encoder: their output is cached per image and
+    # view (defectfusion.cache) and reused by every run from the same Phase 1 checkpoint.
+    cache: bool = True  # off, or fusion.bn=train (the frozen part then changes): run it live
+    # Training views: N >= 1 a fixed pool of N augmented views per image, drawn once from
+    # view_seed (not the run's seed, so seeds and variants share it); 0 no augmentation;
+    # -1 fresh augmentations every epoch (cannot be cached).
+    cache_views: int = 4
+    view_seed: int = 0
+    cache_dtype: str = "float32"  # float32 | float16 | bfloat16: features on disk
+    cache_dir: str = ".cache/defectfusion/phase2"  # relative to the working directory
 
 
 @dataclass
@@ -87,6 +113,7 @@ class FusionSection:
     alpha: str = "learned"  # learned | frozen0 (text branch off: the control)
     loss: str = "focal"  # focal | deimv2
     bn: str = "eval"  # eval | train (frozen modules' BatchNorm statistics)
+    start: str = "ema"  # ema | raw: which Phase 1 weights Phase 2 starts from
     tau_init: float = 0.07
     fuse_encoder_head: bool = True
     focal_alpha: float = 0.25
@@ -99,8 +126,8 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     phase1: TrainSection = field(default_factory=TrainSection)
-    phase2: TrainSection = field(
-        default_factory=lambda: TrainSection(
+    phase2: Phase2Section = field(
+        default_factory=lambda: Phase2Section(
             epochs=100, lr=5e-5, patience=20, select_metric="composite", warmup_steps=0
         )
     )
@@ -146,14 +173,22 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if type(None) in get_args(hint):
             return None
         raise UserError(f"config {key}: must not be null")
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if hint is float:
+        if isinstance(value, str):  # Snakemake's --config passes 0.000123 as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise UserError(f"config {key}: expected a number, got {value!r}")
         return float(value)
     if hint in (int, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise UserError(f"config {key}: expected {hint.__name__}, got {value!r}")
         return value
     if origin is tuple:
-        return tuple(_coerce(v, t, key) for v, t in zip(value, get_args(hint), strict=True))
+        items = get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise UserError(f"config {key}: expected a list of {len(items)} values, got {value!r}")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, items, strict=True))
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"config {key}: expected a list, got {value!r}")
@@ -184,9 +219,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(os_error_message(e, path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:  # YAML has no NUL; a binary file would give a confusing parse error
+        raise UserError(f"{path}: not a text file (binary, or not UTF-8); pass a YAML config")
+    data = safe_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -194,12 +236,58 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# A YAML alias reuses a node; nested aliases multiply ("billion laughs"), and the expansion
+# happens later (to_dict, json.dumps) with no bound. Aliases are fine up to this many nodes.
+MAX_YAML_NODES = 100_000
+
+
+def safe_yaml(text: str, where: str | Path) -> Any:
+    """`yaml.safe_load` that refuses alias bombs (node count after expansion capped)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise UserError(
+                f"{where}: YAML aliases expand to more than {MAX_YAML_NODES:,} values (an alias "
+                "bomb?); write the values out instead of nesting aliases"
+            )
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: malformed YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise UserError(f"{where}: YAML nested too deeply") from None
+
+
+def _expanded_nodes(root: yaml.Node, limit: int) -> int:
+    """Nodes `root` stands for once every alias is expanded (memoised: aliases share nodes)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        else:
+            sizes[id(node)] = 1
+            continue
+        if children_done:
+            sizes[id(node)] = min(limit + 1, 1 + sum(sizes.get(id(k), 0) for k in kids))
+        else:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in sizes)
+    return sizes[id(root)]
+
+
 def apply_override(values: dict[str, Any], assignment: str) -> dict[str, Any]:
     """Apply one ``a.b.c=value`` (value parsed as YAML) to a nested dict."""
     if "=" not in assignment:
         raise UserError(f"--set {assignment!r}: expected KEY=VALUE")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    value = safe_yaml(raw, f"--set {assignment!r}") if raw else None
+    if not key.strip() or any(not p for p in key.strip().split(".")):
+        raise UserError(f"--set {assignment!r}: expected KEY=VALUE with a dotted KEY")
     node: dict[str, Any] = {}
     overlay = node
     parts = key.strip().split(".")
@@ -238,6 +326,26 @@ def select(
     return out
 
 
+def check_override_key(assignment: str) -> None:
+    """Refuse ``--set`` of a key the config does not have, naming the keys it has there."""
+    if "=" not in assignment:
+        return  # apply_override says what is wrong
+    key = assignment.split("=", 1)[0].strip()
+    cls: Any = Config
+    path: list[str] = []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return  # a free-form mapping (pipeline, figure_style, ...): any key goes
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            where = ".".join(path) or "the config"
+            raise UserError(
+                f"--set {assignment!r}: unknown key {key!r}; {where} has {sorted(fields)}"
+            )
+        path.append(part)
+        cls = get_type_hints(cls)[part]
+
+
 def load_config(
     paths: list[str | Path] | None = None,
     overrides: list[str] | None = None,
@@ -248,6 +356,8 @@ def load_config(
     values: dict[str, Any] = {}
     for p in paths or []:
         values = deep_merge(values, read_yaml(p))
+    for o in overrides or []:
+        check_override_key(o)  # a typo in --set is the command line's, not the files'
     for o in [*select(values, preset, variant), *(overrides or [])]:
         values = apply_override(values, o)
     where = "+".join(str(p) for p in paths or []) or "<defaults>"
@@ -276,6 +386,9 @@ def validate(cfg: Config, where: str) -> None:
         "fusion.alpha": (cfg.fusion.alpha, ("learned", "frozen0")),
         "fusion.loss": (cfg.fusion.loss, ("focal", "deimv2")),
         "fusion.bn": (cfg.fusion.bn, ("eval", "train")),
+        "fusion.start": (cfg.fusion.start, ("ema", "raw")),
+        "data.normalize": (cfg.data.normalize, ("imagenet", "clip")),
+        "phase2.cache_dtype": (cfg.phase2.cache_dtype, ("float32", "float16", "bfloat16")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -284,9 +397,89 @@ def validate(cfg: Config, where: str) -> None:
         raise UserError(
             f"{where}: model.init={cfg.model.init!r} needs model.weights (a hub id or a local path)"
         )
+    if cfg.phase2.cache_views < -1:
+        raise UserError(
+            f"{where}: phase2.cache_views={cfg.phase2.cache_views} must be >= 1 (a pool of "
+            "views), 0 (no augmentation) or -1 (fresh augmentations every epoch)"
+        )
     for section in ("phase1", "phase2"):
         t: TrainSection = getattr(cfg, section)
         if t.select_metric not in ("map", "composite", "critical_recall"):
             raise UserError(
                 f"{where}: {section}.select_metric must be map, composite or critical_recall"
             )
+    check_ranges(cfg, where)
+
+
+# ---- value ranges: checked before any work, so a bad value is one line, not a crash later ----
+
+
+def _range_error(where: str, key: str, value: Any, want: str) -> UserError:
+    return UserError(f"{where}: {key}={value!r} must be {want}")
+
+
+def check_ranges(cfg: Config, where: str) -> None:
+    """Numbers a run cannot use: non-finite, zero or negative sizes, probabilities off [0, 1]."""
+
+    def at_least(key: str, value: Any, lo: float) -> None:
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= lo):
+            kind = "an integer" if isinstance(value, int) else "a finite number"
+            raise _range_error(where, key, value, f"{kind} >= {lo:g}")
+
+    def positive(key: str, value: Any) -> None:
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise _range_error(where, key, value, "a finite number > 0")
+
+    def fraction(key: str, value: Any) -> None:
+        if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):  # NaN fails too
+            raise _range_error(where, key, value, "in [0, 1]")
+
+    at_least("seed", cfg.seed, 0)
+    at_least("data.num_workers", cfg.data.num_workers, 0)
+    aug = cfg.data.augment
+    for name in ("hflip", "vflip", "photometric"):
+        fraction(f"data.augment.{name}", getattr(aug, name))
+    lo_hi = aug.scale_jitter
+    if not (
+        len(lo_hi) == 2 and all(math.isfinite(v) for v in lo_hi) and 0.0 < lo_hi[0] <= lo_hi[1]
+    ):
+        raise _range_error(
+            where, "data.augment.scale_jitter", list(lo_hi), "[low, high] with 0 < low <= high"
+        )
+    crit = cfg.data.critical_classes
+    if not crit or any(c < 0 for c in crit) or len(set(crit)) != len(crit):
+        raise _range_error(
+            where,
+            "data.critical_classes",
+            crit,
+            "a non-empty list of distinct class indices >= 0 (the defects whose recall counts)",
+        )
+    for section in ("phase1", "phase2"):
+        t: TrainSection = getattr(cfg, section)
+        positive(f"{section}.lr", t.lr)
+        for key in ("epochs", "batch_size", "eval_every"):
+            at_least(f"{section}.{key}", getattr(t, key), 1)
+        for key in ("warmup_steps", "patience", "weight_decay", "backbone_lr_mult", "clip_grad"):
+            at_least(f"{section}.{key}", getattr(t, key), 0)
+        for key in ("flat_fraction", "min_lr_fraction"):
+            fraction(f"{section}.{key}", getattr(t, key))
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise _range_error(where, f"{section}.ema_decay", t.ema_decay, "in [0, 1) (0: off)")
+    at_least("eval.batch_size", cfg.eval.batch_size, 1)
+    fraction("eval.score_threshold", cfg.eval.score_threshold)
+    positive("eval.iou_match", cfg.eval.iou_match)
+    fraction("eval.iou_match", cfg.eval.iou_match)
+    for name, w in cfg.eval.composite_weights.items():
+        at_least(f"eval.composite_weights.{name}", w, 0)
+    positive("fusion.tau_init", cfg.fusion.tau_init)
+
+
+def check_classes(cfg: Config, class_names: list[str], where: str) -> None:
+    """Critical classes must be classes of the dataset the run reads (`class_names`)."""
+    k = len(class_names)
+    bad = [c for c in cfg.data.critical_classes if not 0 <= c < k]
+    if bad:
+        raise UserError(
+            f"{where}: data.critical_classes {cfg.data.critical_classes} has {bad}, not a class "
+            f"of this dataset (0..{k - 1}: {class_names}); set the indices of its defect classes"
+        )

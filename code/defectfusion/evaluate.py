@@ -505,6 +505,52 @@ def predictions_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".predictions.json")
 
 
+HEADLINE = ("map", "map50", "map75", "critical_recall", "critical_recall50", "composite")
+
+
+def headline_path(out: str | Path) -> Path:
+    """The headline numbers of metrics file `out` (``m.json`` -> ``m.headline.json``): what
+    `dvc metrics show` lists, a few columns per model instead of every per-class value."""
+    return Path(out).with_suffix(".headline.json")
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics.get(k) for k in (*HEADLINE, "n_images")}
+
+
+def cached_test_loader(
+    model: torch.nn.Module, meta: dict[str, Any], data: Path, config: Any, device: str
+) -> Any:
+    """A loader of the frozen part's cached output for a Phase 2 checkpoint (or None).
+
+    Phase 2's checkpoints share their backbone and encoder with the Phase 1 model they
+    started from; `defectfusion.cache` keys entries by those frozen weights (hashed from this
+    checkpoint), the image and the preprocessing, so the 27 Phase 2 checkpoints of a default
+    run read one cache of the split instead of running the frozen detector 27 x 3 times. The
+    model runs in eval mode, so the cached output is what the live forward computes.
+    """
+    if config is None or meta.get("phase") != 2 or not config.phase2.cache:
+        return None
+    from defectfusion.cache import (
+        CachedSplit,
+        frozen_weights_sha256,
+        install,
+        make_cached_loader,
+        make_spec,
+    )
+    from defectfusion.data.loader import CocoDetection, normalization
+
+    mean, std = normalization(meta.get("normalize", "imagenet"))
+    ds = CocoDetection(data, meta["image_size"], False, mean=mean, std=std)
+    dev = torch.device(device)
+    weights = frozen_weights_sha256(model.state_dict())
+    spec = make_spec(config.phase2.cache_dir, weights, ds, config.phase2.cache_dtype, False, dev)
+    split = CachedSplit(ds, spec, 0)
+    split.build(model, dev, config.eval.batch_size, False, None)
+    install(model, split.shapes)
+    return make_cached_loader(split, config.eval.batch_size, train=False)
+
+
 def evaluate_checkpoint(
     checkpoint: Path, data: Path, out: Path, config: Any = None
 ) -> dict[str, Any]:
@@ -525,7 +571,11 @@ def evaluate_checkpoint(
     gt = load_json(data)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, meta = load_detector(checkpoint, device=device)
-    names = category_names(gt)
+    names = category_names(gt, data)
+    if config is not None:  # the checkpoint's own critical classes are checked on loading
+        from defectfusion.config import check_classes
+
+        check_classes(config, names, "config")
     if names != list(meta["class_names"]):
         raise UserError(
             f"{data}: dataset classes {names} differ from the classes of checkpoint "
@@ -536,9 +586,16 @@ def evaluate_checkpoint(
     weights = ev_cfg.composite_weights if config is not None else meta["composite_weights"]
     workers = config.data.num_workers if config is not None else 0
 
-    loader = make_loader(
-        data, meta["image_size"], ev_cfg.batch_size, train=False, num_workers=workers
-    )
+    loader = cached_test_loader(model, meta, data, config, device)
+    if loader is None:
+        loader = make_loader(
+            data,
+            meta["image_size"],
+            ev_cfg.batch_size,
+            train=False,
+            num_workers=workers,
+            normalize=meta.get("normalize", "imagenet"),  # as the model was trained
+        )
     results = predict(model, loader, device=device)
     metrics = coco_metrics(gt, results, critical, weights)
     metrics["confusion"] = confusion_matrix(gt, results, ev_cfg.iou_match, ev_cfg.score_threshold)
@@ -552,5 +609,6 @@ def evaluate_checkpoint(
     )
     # Predictions first: the metrics file is what marks the evaluation as done.
     atomic_write_json(pred_path, results, indent=None)
+    atomic_write_json(headline_path(out), headline(metrics))
     atomic_write_json(out, metrics)
     return metrics

@@ -36,11 +36,14 @@ class DetectionCriterion(Deimv2Loss):
         cls_loss: str = "mal",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        mal_gamma: float = 1.5,
     ):
         super().__init__(config)
         if cls_loss not in ("mal", "focal"):
             raise ValueError(f"cls_loss must be 'mal' or 'focal', got {cls_loss!r}")
         self.cls_loss = cls_loss
+        # MAL's gamma: upstream takes config.focal_loss_gamma (2.0); DEIMv2's configs use 1.5.
+        self.gamma = mal_gamma
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         if cls_loss == "focal":
@@ -65,17 +68,40 @@ class DetectionCriterion(Deimv2Loss):
         # sum over queries and classes, per target box.
         return {"loss_focal": loss.mean(1).sum() * logits.shape[1] / num_boxes}
 
+    def _get_dense_o2o_indices(self, indices, indices_aux_list):
+        go = super()._get_dense_o2o_indices(indices, indices_aux_list)
+        self._local_go = float(sum(len(x[0]) for x in go))  # for the DDP normalisation
+        return go
+
     def forward(self, outputs, targets):
         losses = super().forward(outputs, targets)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # As DETR does under DDP: normalise by the mean box count over processes, not the
-            # local one, so averaged gradients equal those of one process on the global batch.
-            local = float(sum(len(t["class_labels"]) for t in targets))
-            total = torch.tensor([local])
-            torch.distributed.all_reduce(total)
-            mean = max(total.item() / torch.distributed.get_world_size(), 1.0)
-            losses = {k: v * (max(local, 1.0) / mean) for k, v in losses.items()}
+            losses = self._global_normalisation(losses, outputs, targets)
         return losses
+
+    def _global_normalisation(self, losses, outputs, targets):
+        """As DEIMv2 does under DDP: each term is divided by the mean box count over the
+        processes, not the local one, so averaged gradients equal one process's on the global
+        batch. Upstream divides by local counts: rescale by local / mean, with the count each
+        term used (the dense one-to-one union for boxes and FGL, the matched boxes for the
+        class terms and every denoising term); DDF is not box-normalised and is left as is.
+        """
+        device = outputs["logits"].device  # NCCL reduces device tensors only
+        local = float(sum(len(t["class_labels"]) for t in targets))
+        counts = torch.tensor([local, getattr(self, "_local_go", local)], device=device)
+        torch.distributed.all_reduce(counts)
+        mean = (counts / torch.distributed.get_world_size()).clamp(min=1.0).tolist()
+        ratio = max(local, 1.0) / mean[0]
+        ratio_go = max(getattr(self, "_local_go", local), 1.0) / mean[1]
+        out = {}
+        for k, v in losses.items():
+            if k.startswith("loss_ddf"):
+                out[k] = v
+            elif "_dn_" not in k and k.startswith(("loss_bbox", "loss_giou", "loss_fgl")):
+                out[k] = v * ratio_go
+            else:
+                out[k] = v * ratio
+        return out
 
     def get_loss(self, loss, outputs, targets, indices, num_boxes):
         if loss == "focal":
@@ -108,9 +134,17 @@ def _layer_outputs(cls, box, corners, refs) -> tuple[dict, list[dict], dict]:
 
 
 def make_loss_function(
-    cls_loss: str = "mal", focal_alpha: float = 0.25, focal_gamma: float = 2.0
+    cls_loss: str = "mal",
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    mal_gamma: float = 1.5,
 ) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor], list[dict]]]:
-    """A drop-in for ``Deimv2ForObjectDetection.loss_function`` (same call signature)."""
+    """A drop-in for ``Deimv2ForObjectDetection.loss_function`` (same call signature).
+
+    The criterion (matcher included) is built on the first call, for the model's config and
+    device, and reused.
+    """
+    built: dict[tuple[int, str], DetectionCriterion] = {}
 
     def loss_function(
         logits,
@@ -127,7 +161,12 @@ def make_loss_function(
         initial_reference_points=None,
         **kwargs,
     ):
-        criterion = DetectionCriterion(config, cls_loss, focal_alpha, focal_gamma).to(device)
+        key = (id(config), str(device))
+        if key not in built:
+            built[key] = DetectionCriterion(
+                config, cls_loss, focal_alpha, focal_gamma, mal_gamma
+            ).to(device)
+        criterion = built[key]
         box = outputs_coord.clamp(min=0, max=1)
         cls, corners, refs = outputs_class, predicted_corners, initial_reference_points
         dn = None
@@ -159,5 +198,6 @@ def install_loss(
     cls_loss: str = "mal",
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    mal_gamma: float = 1.5,
 ) -> None:
-    model.loss_function = make_loss_function(cls_loss, focal_alpha, focal_gamma)
+    model.loss_function = make_loss_function(cls_loss, focal_alpha, focal_gamma, mal_gamma)

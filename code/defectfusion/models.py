@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     Deimv2Config,
@@ -276,7 +277,7 @@ def _load_detector(
             use_safetensors=True,  # never unpickle weights from a remote
             output_loading_info=True,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a corrupt file: one line
         raise _weights_error("detector", weights, e) from None
     mismatched = sorted(
         k for k, *_ in info["mismatched_keys"] if not any(h in k for h in _CLASS_HEADS)
@@ -317,7 +318,7 @@ def _load_backbone(model: Deimv2ForObjectDetection, weights: str | None, preset:
                 weights, out_indices=target.config.out_indices, use_safetensors=True
             )
             state = src.state_dict()
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise _weights_error("backbone", weights, e) from None
     own = (
         target.state_dict() if preset.backbone["kind"] != "timm" else target._backbone.state_dict()

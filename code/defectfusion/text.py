@@ -168,14 +168,15 @@ def save_embeddings(path: str | Path, result: dict[str, Any]) -> Path:
 
 
 def load_embeddings(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
-    import json
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: text embeddings not found; run `defectfusion text embed` first")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        return data["embeddings"], json.loads(data["info"])
+        from defectfusion.data.coco import parse_json
+
+        return data["embeddings"], parse_json(data["info"], path)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: not a text-embeddings file ({e.__class__.__name__})") from None
 

@@ -1,7 +1,8 @@
 """Every number the book prints comes from here: the run's results or the thesis's own figures.
 
 Roles (MyST: {role}`text`):
-  {res}`EXPR[:FORMAT]`        a value from results/summary.json, e.g. {res}`phase1.@main.map`
+  {res}`EXPR[:FORMAT]`        a value from results/summary.json, e.g. {res}`phase1.@main.map`;
+                              FORMAT "es": class names in Spanish ({res}`dataset.classes:es`)
   {tesis}`KEY[:FORMAT]`       a figure quoted from the thesis (thesis_figures.yaml), marked so
   {ci}`PATH[|pos|neg|zero]`   says whether the interval [lo, hi] at PATH excludes zero
   {sign}`EXPR|pos|neg|zero`   the text that matches the sign of EXPR

@@ -5,7 +5,7 @@ EXPR: key paths, numbers, + - * / (spaced apart), max(...) min(...) abs(...) len
 A path is dot-separated: dict keys, list indices, '@main' (summary.json's main_preset) and
 '*' (every key of a mapping). COND: EXPR [OP EXPR] (OP: < <= > >= == !=), optionally with
 'not', joined by 'and' / 'or'. Numbers print with a decimal point, like the tables and
-figures, and a narrow space between thousands.
+figures, a narrow space between thousands and a true minus sign (U+2212), never "-0.000".
 """
 
 from __future__ import annotations
@@ -134,8 +134,41 @@ def condition(cond: str, lookup: Any) -> bool:
 
 # ---- formatting (decimal point, as in the tables and figures) -------------------------------
 
+MINUS = "\u2212"  # the true minus sign: an ASCII hyphen never stands for one
+SUPERSCRIPTS = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def names_es(value: Any) -> Any:
+    """Class names (a name or a list) in Spanish, as the tables and figures print them."""
+    try:
+        from defectfusion.report import class_name_es
+    except ImportError:  # the extension's logic tested without the package
+        return value
+    if isinstance(value, list | tuple):
+        return [class_name_es(v) if isinstance(v, str) else v for v in value]
+    return class_name_es(value) if isinstance(value, str) else value
+
+
+def _number(value: float, spec: str) -> str:
+    text = format(value, spec)
+    digits = text.rstrip("%").replace(",", "")
+    try:
+        zero = float(digits) == 0
+    except ValueError:
+        zero = False
+    if zero:  # no "-0.000" nor "+0.000": a zero has no sign
+        text = text.lstrip("+-")
+    if re.fullmatch(r"[+-]?[\d.]+e[+-]\d+", text):  # 3e-05 -> 3 × 10⁻⁵
+        mantissa, exponent = text.split("e")
+        sup = str(int(exponent)).translate(SUPERSCRIPTS)
+        text = f"{mantissa}{NNBSP}×{NNBSP}10{sup}"
+    return text.replace("-", MINUS)
+
 
 def fmt(value: Any, spec: str = "") -> str:
+    """SPEC: a Python format spec, or "es" for class names in Spanish."""
+    if spec == "es":
+        value, spec = names_es(value), ""
     if isinstance(value, bool):
         return "sí" if value else "no"
     if isinstance(value, str):
@@ -150,7 +183,7 @@ def fmt(value: Any, spec: str = "") -> str:
         value = int(value)
     if isinstance(value, int) and not spec:
         spec = "," if abs(value) >= 10000 else "d"  # RAE: no separator in four-digit numbers
-    text = format(value, spec or ".3f")
+    text = _number(value, spec or ".3f")
     if spec.endswith("%"):
         text = text[:-1] + NNBSP + "%"
     return text.replace(",", NNBSP)

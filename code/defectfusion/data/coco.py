@@ -47,6 +47,54 @@ def dataset_root(split_json: str | Path) -> Path:
     return Path(split_json).resolve().parent.parent
 
 
+# JSON from a shared remote is untrusted: deeper nesting than any COCO or results file has
+# would only end in a RecursionError (here or in whatever walks the object next).
+MAX_JSON_DEPTH = 64
+# Pixels an image may have before it is decoded (a decompression bomb decodes a small file
+# into gigabytes); 8k x 6k is far above any inspection camera in use here.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def parse_json(text: str, where: str | Path) -> Any:
+    """`json.loads` with a depth cap; every way it can fail is one `UserError` line."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{where}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
+    except RecursionError:
+        data = None
+        depth = MAX_JSON_DEPTH + 1
+    else:
+        depth = json_depth(data, MAX_JSON_DEPTH)
+    if depth > MAX_JSON_DEPTH:
+        raise UserError(
+            f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep; not a file this "
+            "tool wrote (a corrupt or hostile file): restore it, e.g. with `dvc checkout`"
+        )
+    return data
+
+
+def json_depth(obj: Any, limit: int) -> int:
+    """Nesting depth of lists/dicts in `obj`, counted without recursion; stops past `limit`."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        stack.extend((c, d + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
 def load_json(path: str | Path) -> Any:
     """Read a JSON file, turning every way it can be unreadable into one `UserError` line."""
     path = Path(path)
@@ -58,12 +106,66 @@ def load_json(path: str | Path) -> Any:
         raise UserError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
     if not text.strip():
         raise UserError(f"{path}: empty file, expected COCO JSON")
+    return parse_json(text, path)
+
+
+# Written last into every dataset a defectfusion writer makes: the files it made. A runner may
+# delete the split JSONs before it reruns the writer (Snakemake removes a job's outputs), so
+# the images they listed are recognised as ours by this list too.
+MANIFEST = ".defectfusion-files.json"
+
+
+def write_manifest(root: str | Path, writer: str) -> Path:
+    """List every file under `root` (relative paths) as made by `writer` (e.g. "synth")."""
+    root = Path(root)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return atomic_write_json(root / MANIFEST, {"writer": writer, "files": files}, indent=None)
+
+
+def manifest_writer(root: str | Path) -> str | None:
+    """The writer named by `root`'s manifest, if it has a readable one."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from None
+        data = load_json(Path(root) / MANIFEST)
+    except UserError:
+        return None
+    return data.get("writer") if isinstance(data, dict) else None
+
+
+def foreign_files(root: str | Path) -> list[Path]:
+    """Files under dataset folder `root` that it does not own: neither a split JSON, nor an
+    image a split JSON lists, nor a file its manifest lists (our own stale temporaries count
+    as owned). Sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    owned: set[Path] = set()
+    for split in SPLITS:
+        f = split_path(root, split)
+        if not f.is_file():
+            continue
+        try:
+            data = load_json(f)
+        except UserError:
+            continue  # unreadable: its images count as foreign, so nothing is deleted
+        owned.add(f)
+        for im in data.get("images", []) if isinstance(data, dict) else []:
+            name = im.get("file_name") if isinstance(im, dict) else None
+            if isinstance(name, str):
+                owned.add(images_dir(root) / name)
+    if (root / MANIFEST).is_file():
+        try:
+            listed = load_json(root / MANIFEST).get("files", [])
+        except (UserError, AttributeError):
+            listed = []
+        owned.add(root / MANIFEST)
+        owned.update(root / f for f in listed if isinstance(f, str))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if (p.is_file() or p.is_symlink())
+        and p not in owned
+        and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    )
 
 
 def write_split(root: str | Path, split: str, coco: dict[str, Any]) -> Path:
@@ -78,10 +180,29 @@ def write_split(root: str | Path, split: str, coco: dict[str, Any]) -> Path:
     return atomic_write_json(split_path(root, split), coco, indent=1)
 
 
-def category_names(coco: dict[str, Any]) -> list[str]:
-    """Class names in id order (ids are 0..K-1 by this layout's convention)."""
-    cats = sorted(coco["categories"], key=lambda c: c["id"])
-    return [c["name"] for c in cats]
+def category_names(coco: Any, where: str | Path = "annotation file") -> list[str]:
+    """Class names in id order (ids are 0..K-1 by this layout's convention).
+
+    A file of another schema (the caller reads it before the loader validates it) is one
+    `UserError` line, not a KeyError or TypeError deep in training.
+    """
+    cats = coco.get("categories") if isinstance(coco, dict) else None
+    if not (
+        isinstance(cats, list)
+        and cats
+        and all(
+            isinstance(c, dict)
+            and isinstance(c.get("id"), int)
+            and not isinstance(c.get("id"), bool)
+            and isinstance(c.get("name"), str)
+            for c in cats
+        )
+    ):
+        raise UserError(
+            f"{where}: not COCO detection JSON in this project's layout: 'categories' must be "
+            "a non-empty list of {id, name}; check it with `defectfusion data validate`"
+        )
+    return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
 
 
 def make_categories(names: Sequence[str]) -> list[dict[str, Any]]:

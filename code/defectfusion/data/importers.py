@@ -10,10 +10,8 @@ read from different formats give byte-identical JSON.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -25,8 +23,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from defectfusion.data import coco
-from defectfusion.data.validate import ValidationReport, check_coco, raise_if_invalid, validate_path
+from defectfusion.data.validate import (
+    ValidationReport,
+    check_coco,
+    image_too_large,
+    raise_if_invalid,
+    validate_path,
+)
 from defectfusion.errors import UserError
+from defectfusion.fsutil import make_staging_dir, swap_dir, user_os_error
 
 NEU_CLASSES: tuple[str, ...] = (
     "crazing",
@@ -77,6 +82,7 @@ def import_neu(src: str | Path, out: str | Path, seed: int = 0) -> dict[str, Any
     the name has none, by the image's majority class.
     """
     src, out = Path(src), Path(out)
+    _check_inputs_outside(out, [src])
     _check_out(out)
     if not src.is_dir():
         raise UserError(f"{src}: NEU-DET folder not found")
@@ -221,6 +227,7 @@ def import_coco(
     """
     images, out = Path(images), Path(out)
     ann_files = [Path(a) for a in annotations]
+    _check_inputs_outside(out, [images, *ann_files])
     _check_out(out)
     if not ann_files:
         raise UserError("import-coco: give at least one annotations file")
@@ -268,6 +275,13 @@ def import_coco(
         dropped += n_crowd
         if splits is not None:
             split_of += [coco.SPLITS.index(splits[i])] * len(recs)
+    if dropped and not any(im.boxes for im in records):
+        # Importing would silently give a dataset with no boxes at all.
+        raise UserError(
+            f"{ann_files[0]}: all {dropped} annotations are crowd regions (iscrowd=1), which "
+            "this layout drops; nothing would be left to train on: set iscrowd to 0 for "
+            "the boxes to keep"
+        )
     if splits is None:
         totals = Counter(c for im in records for c, _ in im.boxes)
         keys = [
@@ -346,8 +360,7 @@ def _write_dataset(
 
     Image ids follow the order of `images` (1..N), annotation ids follow the images.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging = make_staging_dir(out)
     try:
         per_split: dict[int, tuple[list, list]] = {k: ([], []) for k in range(len(coco.SPLITS))}
         ann_id = 0
@@ -388,7 +401,12 @@ def _write_dataset(
         report = validate_path(staging, check_images=True)
         report.errors = [e.replace(str(staging), str(out)) for e in report.errors]
         raise_if_invalid(report)
+        coco.write_manifest(staging, str(info.get("importer", "import")))
         _publish(staging, out)
+    except UserError as e:  # a full disk while staging: name the folder the user asked for
+        raise UserError(str(e).replace(str(staging), str(out))) from None
+    except OSError as e:
+        raise user_os_error(e, out) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -402,26 +420,46 @@ def _write_dataset(
 
 
 def _is_dataset_dir(path: Path) -> bool:
-    return path.is_dir() and {p.name for p in path.iterdir()} <= {"images", "annotations"}
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {
+        "images",
+        "annotations",
+        coco.MANIFEST,
+    }
 
 
 def _check_out(out: Path) -> None:
-    """`out` may be absent, empty, or an earlier dataset (replaced); anything else is refused."""
+    """`out` may be absent, empty, or an earlier dataset (replaced); anything else is refused.
+
+    An earlier dataset is replaced only when it holds nothing but its split JSONs and the
+    images they list: a file no split lists (a README, an unlabelled image) is not ours.
+    """
     if out.exists() and not _is_dataset_dir(out):
         raise UserError(
             f"{out}: exists and is not a dataset folder; remove it or choose another --out"
         )
+    foreign = coco.foreign_files(out)
+    if foreign:
+        raise UserError(
+            f"{out}: holds {len(foreign)} file(s) that no split JSON lists, e.g. {foreign[0]}; "
+            "the import would delete them: move them out or choose another --out"
+        )
+
+
+def _check_inputs_outside(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an `out` that is, or contains, one of the inputs: replacing it would delete them."""
+    o = out.resolve()
+    for p in inputs:
+        r = Path(p).resolve()
+        if r == o or o in r.parents:
+            raise UserError(
+                f"--out {out} contains the input {p}; the import replaces --out and would "
+                "delete it: choose an --out outside the inputs"
+            )
 
 
 def _publish(staging: Path, out: Path) -> None:
     _check_out(out)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)
+    swap_dir(staging, out)
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -484,6 +522,12 @@ def _image_files(folder: Path) -> dict[str, Path]:
 def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
-            return im.size
+            size = im.size
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: {image_too_large(None, None)}") from None
     except Exception as e:  # PIL raises many types for a bad file
         raise UserError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
+    too_large = image_too_large(*size)
+    if too_large:
+        raise UserError(f"{path}: {too_large}")
+    return size

@@ -30,11 +30,13 @@ workers, nor on the caller's RNG, which is left untouched).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -45,11 +47,22 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import get_bounding_boxes, query_size
 
 from defectfusion.data import coco
+from defectfusion.data.validate import check_loadable, image_too_large
 from defectfusion.errors import UserError
 
 # DINOv3 (like most ImageNet-pretrained backbones) was trained on these statistics.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# OpenAI CLIP's constants (open_clip.constants.OPENAI_DATASET_MEAN/STD): what a script that
+# borrowed a vision-language model's preprocessing would feed the detector.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a ``data.normalize`` name."""
+    return NORMALIZATIONS[name]
 
 # DEIMv2's backbone and hybrid encoder go down to stride 32.
 STRIDE = 32
@@ -201,11 +214,33 @@ def geometric_transform(aug: AugmentConfig, fill: Sequence[int] = (0, 0, 0)) -> 
     return v2.Compose(steps) if steps else v2.Identity()
 
 
+def is_grey(image: torch.Tensor) -> bool:
+    """An RGB ``[3,H,W]`` image whose three channels are equal (NEU-DET's, for instance)."""
+    return image.ndim == 3 and image.shape[0] == 3 and bool(
+        torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    )
+
+
+class GreyAwareColorJitter(v2.ColorJitter):
+    """`v2.ColorJitter` that skips saturation and hue on a grey image.
+
+    Neither changes a grey image (brightness and contrast keep it grey, in any order), but
+    hue costs most of the jitter's time (an RGB -> HSV -> RGB round trip), and saturation's
+    uint8 greyscale rounds down by one level. The parameters are still drawn, so the random
+    stream, hence every later draw, is the same as for a colour image.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, torch.Tensor) and is_grey(inpt):
+            params = {**params, "saturation_factor": None, "hue_factor": None}
+        return super().transform(inpt, params)
+
+
 def photometric_transform(aug: AugmentConfig) -> v2.Transform:
     """Colour changes on the uint8 image; they never move a box."""
     steps: list[v2.Transform] = []
     if aug.photometric > 0:
-        jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
+        jitter = GreyAwareColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
         steps.append(v2.RandomApply([jitter], p=aug.photometric))
     if aug.noise > 0:
         noise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.GaussianNoise(sigma=0.03)])
@@ -213,7 +248,69 @@ def photometric_transform(aug: AugmentConfig) -> v2.Transform:
     return v2.Compose(steps) if steps else v2.Identity()
 
 
+# ---- reading images (checked: size, pixel cap, bit depth) ----------------------------------
+
+# Modes whose pixels are 16-bit grey (a 16-bit PNG or TIFF): PIL's convert("RGB") clips them
+# at 255, which turns almost every pixel white, so they are scaled down here instead.
+_GREY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def to_rgb8(im: Image.Image, where: str) -> Image.Image:
+    """`im` as 8-bit RGB: 16-bit grey scaled by 255/65535, floating-point images refused."""
+    if im.mode in _GREY16_MODES:
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UserError(
+                f"{where}: {im.mode} image with values outside 0..65535; save it as an 8- or "
+                "16-bit PNG"
+            )
+        a8 = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(a8, mode="L").convert("RGB")
+    if im.mode == "F":
+        raise UserError(f"{where}: floating-point image; save it as an 8- or 16-bit PNG")
+    return im.convert("RGB")
+
+
+def read_image_rgb(path: Path, where: str, expect: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as uint8 RGB ``[3,H,W]``; its size (``expect``: the JSON's width and
+    height) and pixel count are checked from the header, before anything is decoded."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            too_large = image_too_large(w, h)
+            if too_large:
+                raise UserError(f"{where}: {too_large}")
+            if expect is not None and (w, h) != tuple(expect):
+                raise UserError(
+                    f"{where}: image is {w}x{h} but the JSON says {expect[0]}x{expect[1]}"
+                )
+            return F.pil_to_tensor(to_rgb8(im, where))
+    except FileNotFoundError:
+        raise UserError(f"{where}: image file not found") from None
+    except UserError:
+        raise
+    except Image.DecompressionBombError:  # PIL's own, higher limit, hit while reading the header
+        raise UserError(f"{where}: {image_too_large(None, None)}") from None
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+    ) as e:
+        raise UserError(f"{where}: cannot read image ({e.__class__.__name__}: {e})") from None
+
+
 # ---- dataset ---------------------------------------------------------------------------
+
+
+def view_seed(pool_seed: int, image_id: int, view: int) -> int:
+    """The augmentation seed of view `view` of image `image_id` in a fixed pool of views.
+
+    A hash, not the run's RNG: the pool depends on (pool_seed, image id, view) alone, so runs
+    with other seeds or variants draw the same views (and can share their cached features).
+    """
+    digest = hashlib.sha256(f"{pool_seed}/{image_id}/{view}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2  # < 2**62, like SeededSampler's seeds
 
 
 class CocoDetection(Dataset):
@@ -233,7 +330,11 @@ class CocoDetection(Dataset):
         augment: AugmentConfig | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        views: int | None = None,
+        view_seed: int = 0,
     ) -> None:
+        if views is not None and views < 0:
+            raise UserError(f"views={views}: must be None (fresh augmentations) or >= 0")
         if (
             isinstance(image_size, bool)
             or not isinstance(image_size, int)
@@ -248,6 +349,7 @@ class CocoDetection(Dataset):
         self.image_size = image_size
         self.train = train
         self.coco: dict[str, Any] = coco.load_json(self.split_json)
+        check_loadable(self.coco, self.split_json)  # the validator's checks, where data is used
         for key in ("images", "annotations", "categories"):
             if not isinstance(self.coco, dict) or not isinstance(self.coco.get(key), list):
                 raise UserError(f"{self.split_json}: not COCO detection JSON (no '{key}' list)")
@@ -268,6 +370,10 @@ class CocoDetection(Dataset):
             self._anns[ann["image_id"]].append(ann)
 
         self.mean, self.std = list(mean), list(std)
+        # views=N: a fixed pool of N augmented views per image (see `view_seed`); 0: none.
+        self.views, self.view_seed = (views if train else None), view_seed
+        if train and views == 0:
+            augment = AugmentConfig.off()
         self.augment = (augment or AugmentConfig()) if train else None
         if self.augment is not None:
             # Zoom-out fills with the mean colour, i.e. zero after normalisation.
@@ -284,8 +390,10 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, Target]:
         if isinstance(index, tuple):
             i, seed = index
-            if self.augment is None:
+            if self.augment is None or self.views == 0:
                 return self._item(i)
+            if self.views is not None:  # the sample seed picks one view of the fixed pool
+                seed = view_seed(self.view_seed, self.image_ids[i], seed % self.views)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 return self._item(i)
@@ -296,19 +404,7 @@ class CocoDetection(Dataset):
         rec = self.images[i]
         path = self.root / rec["file_name"]
         where = f"{path} (image id {rec['id']})"
-        try:
-            with Image.open(path) as im:
-                image = F.pil_to_tensor(im.convert("RGB"))
-        except FileNotFoundError:
-            raise UserError(f"{where}: image file not found") from None
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError(f"{where}: cannot read image ({e.__class__.__name__}: {e})") from None
-        h, w = image.shape[-2:]
-        if (w, h) != (rec["width"], rec["height"]):
-            raise UserError(
-                f"{where}: image is {w}x{h} but the JSON says {rec['width']}x{rec['height']}"
-            )
-        return image
+        return read_image_rgb(path, where, (rec["width"], rec["height"]))
 
     def raw_target(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The i-th image's pixel COCO boxes ``[n,4]`` (float64) and labels ``[n]`` (int64)."""
@@ -390,13 +486,21 @@ def make_loader(
     num_workers: int = 0,
     seed: int = 0,
     drop_last: bool | None = None,
+    normalize: str = "imagenet",
+    views: int | None = None,
+    view_seed: int = 0,
 ) -> DataLoader:
     """A loader of ``(pixel_values, targets)`` batches, reproducible for a fixed `seed`.
 
     ``train`` shuffles and augments. ``drop_last=None`` drops a last partial batch when
     training (steady batch statistics), unless the split is smaller than one batch.
+    ``views``: None draws fresh augmentations every epoch; N >= 1 a fixed pool of N views per
+    image (the sample seed picks one; see `view_seed`); 0 no augmentation.
     """
-    ds = CocoDetection(split_json, image_size, train=train, augment=augment)
+    mean, std = normalization(normalize)
+    ds = CocoDetection(
+        split_json, image_size, train, augment, mean, std, views=views, view_seed=view_seed
+    )
     if drop_last is None:
         drop_last = train and len(ds) >= batch_size
     sampler = SeededSampler(len(ds), shuffle=train, generator=torch.Generator().manual_seed(seed))

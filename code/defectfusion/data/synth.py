@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from defectfusion.data import coco
 from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_bytes
+from defectfusion.fsutil import make_staging_dir, swap_dir, user_os_error
 
 CLASS_NAMES: tuple[str, ...] = (
     "normal",
@@ -488,9 +489,17 @@ def _check(out: Path, spec: SynthSpec) -> None:
         # Only regenerate over an earlier synth dataset, never over someone else's files.
         prev = coco.split_path(out, "train")
         info = coco.load_json(prev).get("info", {}) if prev.is_file() else {}
-        if not isinstance(info, dict) or info.get("dataset") != "synth":
+        ours = isinstance(info, dict) and info.get("dataset") == "synth"
+        if not ours and coco.manifest_writer(out) != "synth":  # JSONs removed by a runner
             raise UserError(
                 f"{out}: folder is not empty and holds no synth dataset; choose a new --out"
+            )
+        # The new dataset replaces the folder whole: files the old one did not list are not ours.
+        foreign = coco.foreign_files(out)
+        if foreign:
+            raise UserError(
+                f"{out}: folder is not empty and holds {len(foreign)} file(s) that are not "
+                f"part of its synth dataset, e.g. {foreign[0]}; move them or choose a new --out"
             )
 
 
@@ -528,6 +537,33 @@ def generate(out: str | Path, spec: SynthSpec, workers: int | None = None) -> di
         for image_id in range(1, sizes[split] + 1)
     ]
     workers = workers or _default_workers(len(jobs))
+    # Built in a staging folder beside `out` and swapped in when complete: a run killed
+    # half-way leaves the earlier dataset whole, never new images under old JSONs.
+    staging = make_staging_dir(out)
+    try:
+        summary = _generate_into(staging, spec, sizes, jobs, workers)
+        # The generator is checked by the same validator users run on their own data.
+        from defectfusion.data.validate import raise_if_invalid, validate_path
+
+        report = validate_path(staging, check_images=True)
+        report.errors = [e.replace(str(staging), str(out)) for e in report.errors]
+        raise_if_invalid(report)
+        coco.write_manifest(staging, "synth")
+        _check(out, spec)  # again: someone may have put files there meanwhile
+        swap_dir(staging, out)
+    except UserError as e:  # a full disk while staging: name the folder the user asked for
+        raise UserError(str(e).replace(str(staging), str(out))) from None
+    except OSError as e:
+        raise user_os_error(e, out) from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _generate_into(
+    out: Path, spec: SynthSpec, sizes: dict[str, int], jobs: list, workers: int
+) -> dict[str, Any]:
     # Spawned, not forked: the caller may hold threads (torch, BLAS) that a fork would copy.
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
     results = pool.map(_make, jobs, chunksize=16) if pool else map(_make, jobs)
@@ -539,12 +575,16 @@ def generate(out: str | Path, spec: SynthSpec, workers: int | None = None) -> di
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-
-    # The generator is checked by the same validator users run on their own data.
-    from defectfusion.data.validate import raise_if_invalid, validate_path
-
-    raise_if_invalid(validate_path(out, check_images=True))
     return summary
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Plain write plus fsync: the staging folder is private, so no temp-and-rename per file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_split(
@@ -556,7 +596,7 @@ def _write_split(
     for image_id in range(1, n + 1):
         png, objects = next(results)
         file_name = f"{split}/{image_id:05d}.png"
-        atomic_write_bytes(coco.images_dir(out) / file_name, png)
+        _write_durably(coco.images_dir(out) / file_name, png)
         images.append(
             {
                 "id": image_id,

@@ -175,6 +175,94 @@ def check_coco(
     return errs, stats
 
 
+# ---- the checks run where data is used ----------------------------------------------------
+
+
+def check_loadable(data: Any, file: str | Path) -> None:
+    """The cheap subset of `check_coco` that training and evaluation run on every split they
+    load (no image files opened): a usable structure, integer ids, contiguous category ids,
+    at least one image, file names inside the images folder, finite positive boxes inside
+    their image. Raises one `UserError` line: the first problem and how many there are.
+    """
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: top level is {type(data).__name__}, expected a COCO object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"{file}: not COCO detection JSON (no '{key}' list)")
+    errs: list[str] = []
+
+    def err(record: str, msg: str) -> None:
+        errs.append(_one_line(f"{file}: {record}: {msg}"))
+
+    ids = [c.get("id") if isinstance(c, dict) else None for c in data["categories"]]
+    names = [c.get("name") if isinstance(c, dict) else None for c in data["categories"]]
+    if not ids:
+        err("categories", "empty list, expected at least one category")
+    elif not all(_is_int(i) for i in ids) or sorted(ids) != list(range(len(ids))):
+        err("categories", f"ids {ids[:10]} are not the integers 0..{len(ids) - 1}")
+    elif not all(isinstance(n, str) and n for n in names):
+        err("categories", "every category needs a non-empty string name")
+    k = len(ids)
+    if not data["images"]:
+        err("images", "empty list; a split to train or evaluate on needs at least one image")
+    sizes: dict[int, tuple[float, float]] = {}
+    for i, im in enumerate(data["images"]):
+        rec = _record("image", im, i, "images")
+        if not isinstance(im, dict) or not _is_int(im.get("id")):
+            err(rec, "not an object with an integer id")
+            continue
+        name, w, h = im.get("file_name"), im.get("width"), im.get("height")
+        if im["id"] in sizes:
+            err(rec, "duplicate image id")
+        elif not isinstance(name, str) or not name or "\0" in name:
+            err(rec, f"file_name {name!r} is not a non-empty string")
+        elif PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            err(rec, f"file_name {name!r} must be relative to the images folder, without '..'")
+        elif not all(_is_num(v) and float(v).is_integer() and v > 0 for v in (w, h)):
+            err(rec, f"width {w!r} and height {h!r} must be positive integers")
+        else:
+            sizes[im["id"]] = (float(w), float(h))
+    for i, a in enumerate(data["annotations"]):
+        rec = _record("annotation", a, i, "annotations").replace("annotation id", "annotation")
+        if not isinstance(a, dict) or not _is_int(a.get("id")):
+            err(rec, "not an object with an integer id")
+            continue
+        if not _is_int(a.get("image_id")) or a["image_id"] not in sizes:
+            err(rec, f"image_id {a.get('image_id')!r} is not in 'images'")
+            continue
+        cat = a.get("category_id")
+        if not _is_int(cat) or not 0 <= cat < k:
+            err(rec, f"category_id {cat!r} is not in 0..{k - 1}")
+            continue
+        box = a.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_num(v) for v in box)):
+            err(rec, f"bbox {box!r} is not 4 finite numbers [x, y, w, h]")
+            continue
+        x, y, bw, bh = (float(v) for v in box)
+        W, H = sizes[a["image_id"]]
+        tx, ty = max(BOX_TOL_PX, BOX_TOL_REL * W), max(BOX_TOL_PX, BOX_TOL_REL * H)
+        if bw <= 0 or bh <= 0:
+            err(rec, f"bbox {box} has non-positive width or height")
+        elif x < -tx or y < -ty or x + bw > W + tx or y + bh > H + ty:
+            err(rec, f"bbox {box} lies outside image id {a['image_id']} ({W:g}x{H:g})")
+    if errs:
+        more = f" ({len(errs)} problems in all)" if len(errs) > 1 else ""
+        root = coco.dataset_root(file)
+        raise UserError(f"{errs[0]}{more}; `defectfusion data validate {root}` lists them all")
+
+
+def image_too_large(width: int | None, height: int | None) -> str | None:
+    """Why an image of this size is refused before decoding (None: it is not); sizes None:
+    PIL itself refused the header as a decompression bomb."""
+    if width is None or height is None or width * height > coco.MAX_IMAGE_PIXELS:
+        size = f"{width}x{height} pixels is" if width is not None else "image is"
+        return (
+            f"{size} over the {coco.MAX_IMAGE_PIXELS / 1e6:g} Mpx limit "
+            "(a decompression bomb, or a scan to downscale before use)"
+        )
+    return None
+
+
 # ---- record checks ----------------------------------------------------------------------
 
 
@@ -321,10 +409,18 @@ def _check_image_files(images: dict[int, dict[str, Any]], root: Path, err) -> No
             # verify() checks the structure (e.g. PNG checksums) but must be the last call on
             # its object; load() then decodes every pixel, which catches truncated JPEGs.
             with Image.open(path) as f:
-                f.verify()
+                too_large = image_too_large(*f.size)
+                if too_large is None:
+                    f.verify()
+            if too_large is not None:
+                err(rec, f"image file {path}: {too_large}")
+                continue
             with Image.open(path) as f:
                 f.load()
                 size = f.size
+        except Image.DecompressionBombError:
+            err(rec, f"image file {path}: {image_too_large(None, None)}")
+            continue
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
             err(rec, f"image file {path} is unreadable ({e.__class__.__name__}: {e})")
             continue

@@ -21,7 +21,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-TABLES: tuple[str, ...] = ("dataset", "phase1", "phase2", "per_class_recall")
+TABLES: tuple[str, ...] = (
+    "dataset",
+    "phase1",
+    "phase2",
+    "per_class_recall",
+    # the book's appendix and methodology (issue 14)
+    "settings",
+    "phase1_detail",
+    "phase2_detail",
+    "runtime",
+    "environment",
+)
 FIGURES: tuple[str, ...] = (
     "dataset_examples",
     "phase1_curves",
@@ -33,6 +44,9 @@ FIGURES: tuple[str, ...] = (
     "pr_curves",
     "qualitative",
     "prompt_similarity",
+    # the post-mortem (issue 13): report/postmortem_figures.py
+    "postmortem_forest",
+    "postmortem_drift",
 )
 KINDS: tuple[str, ...] = ("tables", "figures", "summary")
 # The config sections every report output depends on: the Snakefile's rule params, and the
@@ -42,6 +56,22 @@ PARAM_SECTIONS: tuple[str, ...] = ("data", "model", "eval", "pipeline")
 # DEIMv2-Multimodal), its best.pt as selected on val, the first seed.
 ADOPTED_VARIANT = "zero_start"
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+# The post-mortem's prediction sets (defectfusion.postmortem): Phase 1 per split, and per
+# Phase 2 variant and seed, (split, which checkpoint) -> file. "best" is the val-selected
+# checkpoint (test only: val chose it); "epoch1" and "final" are fixed epochs.
+PHASE1_PREDICTIONS: dict[str, str] = {
+    "val": "val_metrics.predictions.json",
+    "test": "test_metrics.predictions.json",
+}
+PHASE2_PREDICTIONS: dict[tuple[str, str], str] = {
+    ("test", "best"): "test_metrics.predictions.json",
+    ("test", "epoch1"): "test_epoch1.predictions.json",
+    ("test", "final"): "test_final.predictions.json",
+    ("val", "epoch1"): "val_epoch1.predictions.json",
+    ("val", "final"): "val_final.predictions.json",
+}
+# The thesis's own figures (the book's {tesis} role; the "settings" table's thesis column).
+THESIS_FIGURES = "thesis/thesis_figures.yaml"
 
 
 @dataclass(frozen=True)
@@ -85,8 +115,25 @@ class Layout:
     def compare(self, variant: str, seed: int) -> str:
         return f"{self.results}/compare/{variant}_seed{seed}.json"
 
+    @property
+    def postmortem(self) -> str:
+        return f"{self.results}/postmortem.json"
+
+    def postmortem_inputs(self) -> list[str]:
+        """What `defectfusion postmortem` reads: val and test splits, Phase 1's predictions
+        on both, and each variant and seed's history and prediction sets."""
+        return sorted(
+            {
+                self.split("val"),
+                self.split("test"),
+                *(self.phase1(self.main, f) for f in PHASE1_PREDICTIONS.values()),
+                *self.all_phase2("history.jsonl"),
+                *(f for name in PHASE2_PREDICTIONS.values() for f in self.all_phase2(name)),
+            }
+        )
+
     def eval_benchmark(self, preset: str) -> str:
-        return f"{self.benchmarks}/evaluate_phase1_{preset}.tsv"
+        return f"{self.benchmarks}/evaluate_phase1_{preset}_test.tsv"
 
     @property
     def text(self) -> str:
@@ -133,17 +180,42 @@ class Layout:
             ],
             ("tables", "phase2"): [
                 *main1,
+                *self.all_phase2("test_metrics.json"),
+                *([self.postmortem] if v else []),  # the intervals the book's text quotes
+            ],
+            ("tables", "per_class_recall"): [self.phase1(self.main, "test_metrics.json"), *adopted],
+            ("tables", "settings"): [
+                self.text,
+                *([self.postmortem] if v else []),
+                THESIS_FIGURES,
+                *self.splits(),
+            ],
+            ("tables", "phase1_detail"): [
+                *(
+                    self.phase1(p, f)
+                    for p in self.presets
+                    for f in ("history.jsonl", "test_metrics.json")
+                ),
+            ],
+            ("tables", "phase2_detail"): [
+                *main1,
                 *self.all_phase2("history.jsonl"),
                 *self.all_phase2("test_metrics.json"),
                 *(self.compare(v, s) for v in self.variants for s in self.seeds),
             ],
-            ("tables", "per_class_recall"): [self.phase1(self.main, "test_metrics.json"), *adopted],
+            ("tables", "runtime"): [
+                *(self.phase1(p, "history.jsonl") for p in self.presets),
+                *self.all_phase2("history.jsonl"),
+            ],
+            ("tables", "environment"): [],  # the library versions: no results file
             ("figures", "dataset_examples"): [self.split("train")],
             ("figures", "phase1_curves"): [self.phase1(p, "history.jsonl") for p in self.presets],
             ("figures", "postmortem"): [
                 self.phase1(self.main, "history.jsonl"),
                 *self.all_phase2("history.jsonl"),
             ],
+            ("figures", "postmortem_forest"): [self.postmortem],
+            ("figures", "postmortem_drift"): [*self.all_phase2("history.jsonl"), THESIS_FIGURES],
             ("figures", "initialisation"): [
                 self.phase1(self.main, "history.jsonl"),
                 *self.all_phase2("history.jsonl", self.init_variants),
@@ -167,7 +239,7 @@ class Layout:
                 *self.all_phase2("history.jsonl"),
                 *self.all_phase2("steps.jsonl"),
                 *self.all_phase2("test_metrics.json"),
-                *(self.compare(v, s) for v in self.variants for s in self.seeds),
+                self.postmortem,  # every interval (the compare files are per seed)
             ],
         }
         key = (kind, name)
@@ -179,9 +251,26 @@ class Layout:
     def optional_inputs(self, kind: str, name: str) -> list[str]:
         """Files read when present: Snakemake's benchmark files (the pipeline makes them; a
         stage run by hand does not)."""
-        if (kind, name) == ("tables", "phase1"):
+        if (kind, name) in (("tables", "phase1"), ("tables", "phase1_detail")):
             return [self.eval_benchmark(p) for p in self.presets]
+        if (kind, name) == ("tables", "runtime"):
+            return self.stage_benchmarks()
         return []
+
+    def stage_benchmarks(self) -> list[str]:
+        """Snakemake's benchmark file of every data, training, evaluation and comparison job."""
+        b = self.benchmarks
+        pairs = [(v, s) for v in self.variants for s in self.seeds]
+        return [
+            f"{b}/data.tsv",
+            f"{b}/text_embed.tsv",
+            *(f"{b}/phase1_{p}.tsv" for p in self.presets),
+            *(self.eval_benchmark(p) for p in self.presets),
+            *(f"{b}/phase2_{v}_seed{s}.tsv" for v, s in pairs),
+            *(f"{b}/evaluate_phase2_{v}_seed{s}.tsv" for v, s in pairs),
+            *(f"{b}/compare_{v}_seed{s}.tsv" for v, s in pairs),
+            *([f"{b}/postmortem.tsv"] if self.variants else []),
+        ]
 
 
 def chosen(only: Sequence[str] | None, known: tuple[str, ...], kind: str) -> list[str]:
@@ -193,3 +282,90 @@ def chosen(only: Sequence[str] | None, known: tuple[str, ...], kind: str) -> lis
         if n not in known:
             raise UserError(f"unknown {kind} {n!r}; known: {', '.join(known)}")
     return names
+
+
+# ---- names and colours: one place for tables, figures and the book (issue 14) ---------------
+# The book is in Spanish: every class, model and variant it shows is named here, and every
+# figure draws a model in the same colour (Okabe-Ito, colour-blind safe; a name not listed
+# gets a colour from OKABE_ITO by position). The CSV and LaTeX tables keep the English ids.
+
+CLASS_NAMES_ES: dict[str, str] = {
+    # the synthetic dataset (the thesis's taxonomy)
+    "normal": "Normal",
+    "perforation": "Perforación",
+    "fracture": "Fractura",
+    "scratch": "Arañazo",
+    "dent": "Abolladura",
+    "contamination": "Contaminación",
+    # NEU-DET
+    "crazing": "Cuarteado",
+    "inclusion": "Inclusión",
+    "patches": "Manchas",
+    "pitted_surface": "Superficie picada",
+    "rolled-in_scale": "Cascarilla laminada",
+    "scratches": "Arañazos",
+    "background": "Fondo",
+}
+VARIANT_NAMES_ES: dict[str, str] = {
+    "zero_start": "Arranque en cero",
+    "naive": "Inicialización ingenua",
+    "frozen0": "α fija en 0",
+    "deimv2_loss": "Pérdida de DEIMv2",
+    "bn_train": "BN en modo entrenamiento",
+    # the post-mortem's further candidate causes (issue 13)
+    "raw_start": "Pesos sin EMA",
+    "clip_norm": "Normalización de CLIP",
+    "decoder_only": "Fusión solo en el decodificador",
+    "thesis_replica": "Réplica de la tesis",
+}
+BACKBONE_NAMES_ES: dict[str, str] = {
+    "dinov3": "DINOv3",
+    "resnet": "ResNet",
+    "efficientnet": "EfficientNet",
+}
+OKABE_ITO: tuple[str, ...] = (
+    "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442",
+)  # fmt: skip
+PHASE1_COLOR = "#000000"  # the main Phase 1 model (the one Phase 2 starts from)
+MODEL_COLORS: dict[str, str] = {
+    # Phase 2 variants
+    "zero_start": "#0072B2",
+    "naive": "#D55E00",
+    "frozen0": "#009E73",
+    "deimv2_loss": "#CC79A7",
+    "bn_train": "#E69F00",
+    # the post-mortem's further variants (Paul Tol's colour-blind-safe set)
+    "raw_start": "#332288",
+    "clip_norm": "#44AA99",
+    "decoder_only": "#999933",
+    "thesis_replica": "#882255",
+    # Phase 1 backbones other than the main one (never a variant's colour)
+    "resnet": "#56B4E9",
+    "efficientnet": "#8C6D31",
+}
+
+
+def class_name_es(name: str) -> str:
+    """The Spanish name of a class id name (unknown names as they are)."""
+    return CLASS_NAMES_ES.get(name, name)
+
+
+def variant_name_es(variant: str) -> str:
+    return VARIANT_NAMES_ES.get(variant, variant)
+
+
+def backbone_of(preset: str) -> str | None:
+    return next((k for k in BACKBONE_NAMES_ES if k in preset), None)
+
+
+def model_color(name: str, main: str | None = None, order: Sequence[str] = ()) -> str:
+    """The colour of a Phase 2 variant or a Phase 1 preset, the same in every figure."""
+    if name == main:
+        return PHASE1_COLOR
+    if name in MODEL_COLORS:
+        return MODEL_COLORS[name]
+    backbone = backbone_of(name)
+    if backbone in MODEL_COLORS:
+        return MODEL_COLORS[backbone]
+    i = list(order).index(name) if name in order else len(name)
+    return OKABE_ITO[i % len(OKABE_ITO)]

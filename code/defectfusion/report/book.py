@@ -4,6 +4,11 @@ The book's pages never hold a measured number: thesis/_ext/results.py reads them
 results/summary.json, the tables from results/tables/ and the figures from figures/. The build
 always runs with warnings as errors, so a key, table or figure the results lack stops it
 with the key named, and no page with a hole in it is written.
+
+The PDF (``build_pdf``) prints the built site, page after page in the order of _toc.yml,
+with WeasyPrint (a Python dependency of the package; it draws text with the Pango library,
+which the package's usual platforms ship). WeasyPrint runs no JavaScript, so the equations
+that MathJax typesets in the HTML are drawn here, as SVG, by matplotlib's mathtext.
 """
 
 from __future__ import annotations
@@ -16,6 +21,41 @@ from pathlib import Path
 from defectfusion.errors import UserError
 
 BOOK_SOURCE = Path("thesis")
+PDF_NAME = "libro.pdf"
+
+
+def _check(results: Path, figures: Path, source: Path) -> None:
+    for path in (results / "summary.json", source / "_config.yml", source / "_toc.yml"):
+        if not path.is_file():
+            raise UserError(f"{path}: not found (the book needs it)")
+    if not figures.is_dir():
+        raise UserError(f"{figures}: not a folder of figures")
+
+
+def _sphinx(source: Path, results: Path, figures: Path, tmp: Path, builder: str = "html") -> Path:
+    """One Sphinx build of `source` into tmp/`builder`; its folder."""
+    from jupyter_book.sphinx import build_sphinx  # heavy: import only to build
+
+    result = build_sphinx(
+        source,
+        tmp / builder,
+        doctreedir=tmp / "doctrees",
+        noconfig=True,
+        path_config=str(source / "_config.yml"),
+        confoverrides={
+            "external_toc_path": (source / "_toc.yml").as_posix(),
+            "latex_individualpages": False,  # jupyter-book's own CLI always passes it
+            "results_dir": str(results),
+            "figures_dir": str(figures),
+        },
+        builder=builder,
+        warningiserror=True,
+        freshenv=True,  # every page re-reads the results: no stale number survives
+        quiet=True,  # warnings only: the first one stops the build, named in the error
+    )
+    if result != 0:  # an exception (already printed by Sphinx) or a status code
+        raise UserError(f"{source}: the book did not build: {result}")
+    return tmp / builder
 
 
 def build_book(
@@ -27,41 +67,164 @@ def build_book(
     previous one untouched.
     """
     results, figures, out, source = (Path(p).resolve() for p in (results, figures, out, source))
-    for path in (results / "summary.json", source / "_config.yml", source / "_toc.yml"):
-        if not path.is_file():
-            raise UserError(f"{path}: not found (the book needs it)")
-    if not figures.is_dir():
-        raise UserError(f"{figures}: not a folder of figures")
-
-    from jupyter_book.sphinx import build_sphinx  # heavy: import only to build
-
+    _check(results, figures, source)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".html.", dir=out))
     try:
-        result = build_sphinx(
-            source,
-            tmp / "html",
-            doctreedir=tmp / "doctrees",
-            noconfig=True,
-            path_config=str(source / "_config.yml"),
-            confoverrides={
-                "external_toc_path": (source / "_toc.yml").as_posix(),
-                "latex_individualpages": False,  # jupyter-book's own CLI always passes it
-                "results_dir": str(results),
-                "figures_dir": str(figures),
-            },
-            warningiserror=True,
-            freshenv=True,  # every page re-reads the results: no stale number survives
-            quiet=True,  # warnings only: the first one stops the build, named in the error
-        )
-        if result != 0:  # an exception (already printed by Sphinx) or a status code
-            raise UserError(f"{source}: the book did not build: {result}")
+        built = _sphinx(source, results, figures, tmp)
         html = out / "html"
         old = out / f".html.old.{os.getpid()}"
         if html.exists():
             html.rename(old)
-        (tmp / "html").rename(html)
+        built.rename(html)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return html / "index.html"
+
+
+# ---- the PDF -----------------------------------------------------------------------------------
+
+# Print layout: the book theme's navigation, sidebars and buttons hidden; A4 pages, numbered.
+PRINT_CSS = """
+@page { size: A4; margin: 22mm 20mm 22mm 20mm;
+        @bottom-center { content: counter(page); font-size: 9pt; color: #555; } }
+html { font-size: 10pt; }
+body { font-family: "DejaVu Serif", serif; line-height: 1.35; }
+.bd-header, .bd-sidebar-primary, .bd-sidebar-secondary, .bd-footer, .bd-footer-content,
+.bd-header-article, .header-article-items, .prev-next-area, .headerlink, .toctree-wrapper,
+.bd-search, .search-button-field, .theme-switch-button, .skip-link, .sidebar-toggle,
+.primary-toggle, .secondary-toggle, .article-header-buttons, nav, .bd-footer-article,
+#pst-back-to-top, .footer-article-items, .bd-toc, .bd-sidebar, footer { display: none !important; }
+.bd-main, .bd-content, .bd-article-container, .bd-article, .bd-page-width, .bd-container,
+.bd-container__inner, main { display: block !important; max-width: none !important;
+        width: auto !important; margin: 0 !important; padding: 0 !important; }
+.pagina { page-break-before: always; }
+.pagina:first-child { page-break-before: avoid; }
+h1 { font-size: 18pt; }
+h1, h2, h3 { font-family: "DejaVu Sans", sans-serif; page-break-after: avoid; }
+h2 { font-size: 13pt; } h3 { font-size: 11pt; }
+img { max-width: 100% !important; height: auto; }
+figure { page-break-inside: avoid; }
+tr { page-break-inside: avoid; }
+caption { page-break-after: avoid; }
+table { font-size: 8pt; border-collapse: collapse; margin: 0 auto; }
+th, td { padding: 2pt 4pt; border-bottom: 0.5pt solid #bbb; }
+caption, figcaption { font-size: 8.5pt; text-align: left; }
+abbr { text-decoration: none; }
+.math-svg { vertical-align: middle; }
+div.math { text-align: center; margin: 6pt 0; }
+.eqno { float: right; }
+pre { font-size: 8pt; white-space: pre-wrap; }
+div.citation { margin: 0 0 4pt 0; padding-left: 1.2em; text-indent: -1.2em; }
+div.citation > span.label { display: none; }
+div.citation > p { display: inline; }
+"""
+
+# What mathtext spells differently from TeX (regex, replacement).
+_MATH_FIXES = (
+    (r"\\[lr]Vert", r"\\Vert"),
+    (r"\\le(?![a-zA-Z])", r"\\leq"),
+    (r"\\ge(?![a-zA-Z])", r"\\geq"),
+    (r"\\;", r"\\ "),
+    (r"\\!", ""),
+    (r"\\begin\{[a-z]+\*?\}|\\end\{[a-z]+\*?\}|&", ""),
+)
+
+
+def _math_svg(tex: str, size: float) -> str | None:
+    """`tex` drawn by matplotlib's mathtext, as an inline <img>; None if mathtext can't."""
+    import base64
+    import io
+    import re
+
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.mathtext import math_to_image
+
+    for pattern, repl in _MATH_FIXES:
+        tex = re.sub(pattern, repl, tex)
+    lines = [" ".join(t.split()) for t in re.split(r"\\\\", tex) if t.strip()]
+    imgs = []
+    for line in lines:
+        buf = io.BytesIO()
+        try:
+            math_to_image(f"${line}$", buf, prop=FontProperties(size=size), format="svg")
+        except Exception:  # noqa: BLE001 - what mathtext does not know stays TeX
+            return None
+        data = base64.b64encode(buf.getvalue()).decode()
+        imgs.append(f'<img class="math-svg" alt="" src="data:image/svg+xml;base64,{data}"/>')
+    return "<br/>".join(imgs)
+
+
+def _typeset_math(html: str) -> str:
+    """MathJax's \\( \\) and \\[ \\] in Sphinx's HTML, drawn as SVG images."""
+    import html as html_lib
+    import re
+
+    def display(m: re.Match) -> str:
+        svg = _math_svg(html_lib.unescape(m.group(1)), 11)
+        return svg if svg else f"<code>{m.group(1)}</code>"
+
+    def inline(m: re.Match) -> str:
+        svg = _math_svg(html_lib.unescape(m.group(1)), 10)
+        return svg if svg else f"<code>{m.group(1)}</code>"
+
+    html = re.sub(r"\\\[(.*?)\\\]", display, html, flags=re.S)
+    return re.sub(r"\\\((.*?)\\\)", inline, html, flags=re.S)
+
+
+def _pages(toc: Path) -> list[str]:
+    """The book's pages in reading order, from _toc.yml (root, then chapters)."""
+    import yaml
+
+    data = yaml.safe_load(toc.read_text(encoding="utf-8")) or {}
+    names = [data["root"], *(c["file"] for c in data.get("chapters") or [])]
+    return [str(Path(n).with_suffix("")) for n in names]
+
+
+def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
+    """Print the built site `html` (from `build_book`) to `out`/libro.pdf, pages in the order
+    of `toc`: each page's article, one after the other, through WeasyPrint."""
+    import logging
+    import re
+
+    html, toc, out = (Path(p).resolve() for p in (html, toc, out))
+    try:
+        from weasyprint import CSS, HTML
+    except (ImportError, OSError) as e:  # OSError: the Pango library is missing
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the PDF needs WeasyPrint and its Pango library: {first}") from None
+    for name in ("weasyprint", "weasyprint.progress"):  # e.g. links between pages
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("fontTools").setLevel(logging.CRITICAL)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    articles = []
+    for name in _pages(toc):
+        page = html / f"{name}.html"
+        if not page.is_file():
+            raise UserError(f"{page}: not found (build the HTML book first)")
+        text = page.read_text(encoding="utf-8")
+        m = re.search(r'<article class="bd-article"[^>]*>(.*?)</article>', text, flags=re.S)
+        if not m:
+            raise UserError(f"{page}: no <article> to print")
+        articles.append(f'<div class="pagina" id="pdf-{name}">{m.group(1)}</div>')
+    title = re.search(r"<title>(.*?)</title>", (html / "index.html").read_text(encoding="utf-8"))
+    doc = (
+        '<!DOCTYPE html><html lang="es"><head><meta charset="utf-8"/>'
+        f"<title>{title.group(1) if title else 'Libro'}</title>"
+        '<link rel="stylesheet" href="_static/pygments.css"/></head><body>'
+        + _typeset_math("\n".join(articles))
+        + "</body></html>"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".pdf.", dir=out))
+    try:
+        pdf = tmp / PDF_NAME
+        HTML(string=doc, base_url=str(html) + "/").write_pdf(
+            pdf, stylesheets=[CSS(string=PRINT_CSS)]
+        )
+        target = out / PDF_NAME
+        pdf.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

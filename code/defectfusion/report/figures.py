@@ -1,26 +1,32 @@
 """The thesis's figures, as PNG (200 dpi) and PDF, from the results files.
 
 Drawn with matplotlib's object API (no pyplot, no display: headless), one style for all:
-a 6.3-inch text width, 7-9 pt type, colour-blind-safe colours (Okabe-Ito) that name the
-same model in every figure (Phase 1 black, zero-start blue, naive vermilion, ...).
+a 6.3-inch text width, 7-9 pt type. Every label is in Spanish, like the book (class names
+from ``report.CLASS_NAMES_ES``, variants from ``VARIANT_NAMES_ES``); numbers in the text of a
+figure use the book's conventions (decimal point, U+2212 minus). Colours: one per model in
+every figure, from ``report.MODEL_COLORS`` (Phase 1's main model black, zero-start blue,
+naive vermilion, frozen0 green, ...; the CNN baselines sky blue and brown).
 
 =====================  =====================================================================
 ``dataset_examples``   training images with their boxes, one row per class (that class's
                        boxes drawn bold, the others thin and dashed)
 ``phase1_curves``      Phase 1 train loss and val mAP per epoch for each backbone preset
-``postmortem``         Phase 2 train loss, val mAP and val critical recall per epoch (epoch
-                       0 = before any update) for each variant; Phase 1's best val level as
-                       a reference line
-``initialisation``     val mAP over the first epochs, zero-start vs naive, with Phase 1's
-``gate_dynamics``      alpha, tau and ||W_proj|| at each Phase 2 training step, per variant
-``confusion``          row-normalised test confusion matrices (background row: false
-                       positives; background column: missed boxes), Phase 1 and Phase 2
-``per_class``          test AP and recall per class, Phase 1 vs Phase 2
+``postmortem``         Phase 2 per epoch for each variant (epoch 0 = before any update):
+                       (a) train loss over its epoch-1 value (focal and MAL differ in
+                       scale), (b) val mAP, (c) val critical recall, with Phase 1's best val
+                       level; (b) and (c) span at least 0.1 so thousandths do not fill them
+``initialisation``     zero-start vs naive over the first epochs: (a) val mAP with Phase 1's
+                       level, (b) train loss
+``gate_dynamics``      (a) alpha - alpha0, (b) tau, (c) ||W_proj|| - ||W_proj||0 at each
+                       Phase 2 training step, per variant
+``confusion``          row-normalised test confusion matrices in % (background row: false
+                       positives; background column: missed boxes), (a) Phase 1, (b) Phase 2
+``per_class``          test (a) AP and (b) recall per class, Phase 1 vs Phase 2
 ``pr_curves``          test precision-recall curves of the critical classes (COCO's
                        interpolated precision at 101 recall points, maxDets 100), IoU .50
-                       and .75, Phase 1 vs Phase 2
+                       and .75, Phase 1 vs Phase 2; the APs in each panel's title
 ``qualitative``        test images where one model found a critical defect and the other
-                       did not (criteria below)
+                       did not (criteria below); no text over the images
 ``prompt_similarity``  cosine similarity between the class-prompt embeddings
 =====================  =====================================================================
 
@@ -34,8 +40,9 @@ overlaps it with IoU >= 0.5. Candidates are the boxes one model finds and the ot
 not; the gap of a candidate is the finder's best matching score minus the other model's best
 score for a same-class detection at IoU >= 0.5 (any score; 0 if none). Per image the largest
 gap counts; images are ranked by it (ties: image id) and the top four of each direction
-are shown with both models' detections above the threshold (labelled with class and score
-where they overlap the box). A direction without candidates is said so in the figure.
+are shown with both models' detections above the threshold, coloured by class; each panel's
+title says what that model made of the box (found, with its score; or the class it saw
+there instead). A direction without candidates is said so in its heading.
 """
 
 from __future__ import annotations
@@ -51,7 +58,6 @@ import matplotlib
 matplotlib.use("Agg")  # headless, whatever MPLBACKEND says
 
 import numpy as np
-from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
@@ -60,7 +66,21 @@ from PIL import Image
 from defectfusion.data.coco import category_names, images_dir, load_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write
-from defectfusion.report import FIGURES, PARAM_SECTIONS, Layout, chosen
+from defectfusion.report import (
+    BACKBONE_NAMES_ES,
+    FIGURES,
+    MODEL_COLORS,
+    PARAM_SECTIONS,
+    PHASE1_COLOR,
+    VARIANT_NAMES_ES,
+    Layout,
+    backbone_of,
+    chosen,
+    class_name_es,
+    model_color,
+    postmortem_figures,
+    variant_name_es,
+)
 from defectfusion.report import provenance as prov
 from defectfusion.report import summary as S
 
@@ -86,25 +106,28 @@ STYLE: dict[str, Any] = {
     "savefig.bbox": "tight",
     "savefig.pad_inches": 0.03,
 }
-# Okabe-Ito: distinguishable with colour-blindness and in greyscale print by the line styles.
-OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442"]
-PHASE1_COLOR = "#000000"
-VARIANT_COLORS = {
-    "zero_start": "#0072B2",
-    "naive": "#D55E00",
-    "frozen0": "#009E73",
-    "deimv2_loss": "#CC79A7",
-    "bn_train": "#E69F00",
-}
+# Colours: one per model in every figure, from report/__init__.py (MODEL_COLORS: Okabe-Ito,
+# distinguishable with colour-blindness; in greyscale print the line styles tell them apart).
+VARIANT_COLORS = {v: MODEL_COLORS[v] for v in VARIANT_NAMES_ES}
 DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1))]
 # Boxes drawn on metal: saturated hues that stand out on grey.
 CLASS_COLORS = ["#1f77b4", "#ff7f0e", "#e41a1c", "#ffd700", "#17becf", "#e377c2", "#2ca02c"]
 
 
 def variant_color(layout: Layout, variant: str) -> str:
-    if variant in VARIANT_COLORS:
-        return VARIANT_COLORS[variant]
-    return OKABE_ITO[layout.variants.index(variant) % len(OKABE_ITO)]
+    return model_color(variant, order=layout.variants)
+
+
+def num(value: float, spec: str = ".2f") -> str:
+    """A number in a figure's text as in the book: decimal point, U+2212 minus, no -0.00."""
+    text = format(value, spec)
+    if float(text) == 0:
+        text = text.lstrip("+-")
+    return text.replace("-", "\u2212")
+
+
+def cls(name: str) -> str:
+    return class_name_es(name)
 
 
 def variant_dash(layout: Layout, variant: str) -> Any:
@@ -134,11 +157,17 @@ class Ctx:
         return float(self.values["eval"]["score_threshold"])
 
     def phase1_label(self) -> str:
-        return f"Phase 1 ({self.layout.main})"
+        return f"Fase 1 ({preset_label(self.layout.main)})"
 
     def phase2_label(self) -> str:
         v, s = self.layout.adopted
-        return f"Phase 2 {v}" + (f" (seed {s})" if len(self.layout.seeds) > 1 else "")
+        seed = f", semilla {s}" if len(self.layout.seeds) > 1 else ""
+        return f"Fase 2 ({variant_name_es(v).lower()}{seed})"
+
+
+def preset_label(preset: str, main: str | None = None) -> str:
+    name = BACKBONE_NAMES_ES.get(backbone_of(preset) or "", preset)
+    return f"{name} (principal)" if preset == main else name
 
 
 def _figure(
@@ -176,20 +205,6 @@ def _box(ax: Any, bbox: Sequence[float], color: str, lw: float = 1.4, ls: Any = 
     ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=lw, linestyle=ls))
 
 
-def _label(ax: Any, x: float, y: float, text: str, color: str) -> None:
-    """`text` just inside the top-left corner of a box, clipped to the image."""
-    ax.text(
-        x + 0.5,
-        y + 0.5,
-        text,
-        color=color,
-        fontsize=5.5,
-        va="top",
-        clip_on=True,
-        path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")],
-    )
-
-
 # ---- the figures -----------------------------------------------------------------------------
 
 
@@ -218,14 +233,14 @@ def dataset_examples(ctx: Ctx) -> Figure:
                     _box(ax, a["bbox"], CLASS_COLORS[k % len(CLASS_COLORS)], lw=1.6)
                 else:
                     _box(ax, a["bbox"], "white", lw=0.7, ls="--")
-            ax.set_title(f"image {im['id']}", fontsize=6.5, pad=2)
-        mark = " (critical)" if k in ctx.critical_ids else ""
-        axes[k, 0].set_ylabel(f"{name}{mark}", fontsize=8, fontweight="bold" if mark else None)
+            ax.set_title(f"imagen {im['id']}", fontsize=6.5, pad=2)
+        mark = " (crítica)" if k in ctx.critical_ids else ""
+        axes[k, 0].set_ylabel(f"{cls(name)}{mark}", fontsize=8, fontweight="bold" if mark else None)
         if not having:
             axes[k, 0].text(
                 0.5,
                 0.5,
-                "no training image",
+                "sin imagen de entrenamiento",
                 ha="center",
                 va="center",
                 transform=axes[k, 0].transAxes,
@@ -261,7 +276,7 @@ def _epochs_plot(
 
 
 def _epoch_axis(ax: Any, ylabel: str) -> None:
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("época")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -272,8 +287,8 @@ def phase1_curves(ctx: Ctx) -> Figure:
         path = ctx.layout.phase1(preset, "history.jsonl")
         h = S.read_jsonl(path)
         main = preset == ctx.layout.main
-        color = PHASE1_COLOR if main else OKABE_ITO[(i + 1) % len(OKABE_ITO)]
-        label = f"{preset} (main)" if main else preset
+        color = model_color(preset, ctx.layout.main, ctx.layout.presets)
+        label = preset_label(preset, ctx.layout.main)
         _epochs_plot(
             axes[0, 0], [h], "loss", color, label, DASHES[i % len(DASHES)], 1.8 if main else None
         )
@@ -284,10 +299,11 @@ def phase1_curves(ctx: Ctx) -> Figure:
         axes[0, 1].plot(
             [best["epoch"]], [best["val_map"]], marker="*", ms=9, color=color, ls="none"
         )
-    _epoch_axis(axes[0, 0], "train loss")
-    _epoch_axis(axes[0, 1], "val mAP@[.50:.95]")
-    axes[0, 0].set_title("Training loss")
-    axes[0, 1].set_title("Validation mAP (★ best epoch)")
+    _min_span(axes[0, 1])  # thousandths between backbones must not fill the panel
+    _epoch_axis(axes[0, 0], "pérdida de entrenamiento")
+    _epoch_axis(axes[0, 1], "mAP@[.50:.95] de validación")
+    axes[0, 0].set_title("Pérdida de entrenamiento")
+    axes[0, 1].set_title("mAP de validación (★ mejor época)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)))
     return fig
@@ -307,47 +323,79 @@ def _reference(ax: Any, value: float | None, label: str) -> None:
         ax.axhline(value, color=PHASE1_COLOR, ls=(0, (4, 2)), lw=1.0, label=label, zorder=1)
 
 
+def _min_span(ax: Any, span: float = 0.1) -> None:
+    """At least `span` on the y axis: a difference of a few thousandths must not fill a panel
+    (the curves carry no interval; the test differences with theirs are in the tables)."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        lo, hi = max(0.0, mid - span / 2), mid + span / 2
+        ax.set_ylim(lo, max(hi, lo + span))
+
+
+def _relative_loss(histories: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+    """Each run's loss over its first logged loss: focal and MAL losses differ in scale."""
+    out = []
+    for h in histories:
+        first = next((r["loss"] for r in h if r.get("loss")), None)
+        out.append(
+            [{**r, "loss_rel": r["loss"] / first} for r in h if first and r.get("loss") is not None]
+        )
+    return out
+
+
 def postmortem(ctx: Ctx) -> Figure:
-    fig, axes = _figure(1, 3, 2.5)
+    fig, axes = _figure(1, 3, 2.6)
     best = _phase1_best(ctx)
     panels = [
-        ("loss", "train loss", "Training loss"),
-        ("val_map", "val mAP@[.50:.95]", "Validation mAP"),
-        ("val_critical_recall", "val critical recall", "Validation critical recall"),
+        ("loss_rel", "pérdida / pérdida de la época 1", "(a) Pérdida de entrenamiento, relativa"),
+        ("val_map", "mAP@[.50:.95] de validación", "(b) mAP de validación"),
+        ("val_critical_recall", "recall crítico de validación", "(c) Recall crítico de validación"),
     ]
     for ax, (key, ylabel, title) in zip(axes[0], panels, strict=True):
         for v in ctx.layout.variants:
+            hs = _phase2_histories(ctx, v)
             _epochs_plot(
                 ax,
-                _phase2_histories(ctx, v),
+                _relative_loss(hs) if key == "loss_rel" else hs,
                 key,
                 variant_color(ctx.layout, v),
-                v,
+                variant_name_es(v),
                 variant_dash(ctx.layout, v),
             )
-        if key != "loss":  # Phase 1 trained with another loss: its level is no reference
-            _reference(ax, best.get(key), "Phase 1, best val epoch")
+        if key != "loss_rel":  # Phase 1 trained with another loss: its level is no reference
+            _reference(ax, best.get(key), "Fase 1, mejor época de validación")
+            _min_span(ax)
         _epoch_axis(ax, ylabel)
         ax.set_title(title)
     handles, labels = axes[0, 1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)))
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)))
     return fig
 
 
 def initialisation(ctx: Ctx, max_epoch: int = 10) -> Figure:
-    fig, axes = _figure(1, 1, 2.6, width=4.2)
-    ax = axes[0, 0]
+    fig, axes = _figure(1, 2, 2.6)
     shown = 0
     for v in ctx.layout.init_variants:
         hs = [[r for r in h if r["epoch"] <= max_epoch] for h in _phase2_histories(ctx, v)]
         shown = max([shown, *(r["epoch"] for h in hs for r in h)])
-        _epochs_plot(
-            ax, hs, "val_map", variant_color(ctx.layout, v), v, variant_dash(ctx.layout, v)
-        )
-    _reference(ax, _phase1_best(ctx).get("val_map"), "Phase 1, best val epoch")
-    _epoch_axis(ax, "val mAP@[.50:.95]")
-    ax.set_title(f"Epochs 0-{shown} of Phase 2 (0: before any update)")
-    ax.legend(loc="best")
+        for ax, key in zip(axes[0], ("val_map", "loss"), strict=True):
+            _epochs_plot(
+                ax,
+                hs,
+                key,
+                variant_color(ctx.layout, v),
+                variant_name_es(v),
+                variant_dash(ctx.layout, v),
+            )
+    _reference(axes[0, 0], _phase1_best(ctx).get("val_map"), "Fase 1, mejor época de validación")
+    _min_span(axes[0, 0])
+    _epoch_axis(axes[0, 0], "mAP@[.50:.95] de validación")
+    _epoch_axis(axes[0, 1], "pérdida de entrenamiento")
+    axes[0, 0].set_title(f"(a) mAP de validación, épocas 0 a {shown} (0: sin entrenar)")
+    axes[0, 1].set_title("(b) Pérdida de entrenamiento")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)))
     return fig
 
 
@@ -357,9 +405,9 @@ def gate_dynamics(ctx: Ctx) -> Figure:
     The initial values (the epoch-0 row, step 0) are in the legend."""
     fig, axes = _figure(1, 3, 2.5)
     panels = [
-        ("alpha", "α − α₀ (gate)", True),
-        ("tau", "τ (temperature)", False),
-        ("w_proj_norm", "‖W_proj‖ − ‖W_proj‖₀ (Frobenius)", True),
+        ("alpha", "(a) α − α₀ (compuerta)", True),
+        ("tau", "(b) τ (temperatura)", False),
+        ("w_proj_norm", "(c) ‖W_proj‖ − ‖W_proj‖₀", True),
     ]
     for v in ctx.layout.variants:
         for k, s in enumerate(ctx.layout.seeds):
@@ -368,7 +416,12 @@ def gate_dynamics(ctx: Ctx) -> Figure:
             label = None
             if k == 0:
                 a0, w0 = start.get("alpha"), start.get("w_proj_norm")
-                label = v if a0 is None or w0 is None else f"{v} (α₀ {a0:.3g}, ‖W‖₀ {w0:.3g})"
+                name = variant_name_es(v)
+                label = (
+                    name
+                    if a0 is None or w0 is None
+                    else f"{name} (α₀ = {num(a0, '.3g')}, ‖W‖₀ = {num(w0, '.3g')})"
+                )
             for ax, (key, _, relative) in zip(axes[0], panels, strict=True):
                 pts = [(r["step"], r[key]) for r in steps if r.get(key) is not None]
                 if not pts:
@@ -384,7 +437,7 @@ def gate_dynamics(ctx: Ctx) -> Figure:
                 )
     for ax, (_, title, relative) in zip(axes[0], panels, strict=True):
         ax.set_title(title)
-        ax.set_xlabel("training step")
+        ax.set_xlabel("paso de entrenamiento")
         # Step counts reach hundreds: few ticks, so their labels stay apart.
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
@@ -392,9 +445,9 @@ def gate_dynamics(ctx: Ctx) -> Figure:
             ax.axhline(0, color="grey", lw=0.6, zorder=0)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if not handles:
-        _say(axes[0, 1], "no Phase 2 training step logged")
+        _say(axes[0, 1], "la Fase 2 no registró ningún paso de entrenamiento")
     else:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)))
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(2, len(labels)))
     return fig
 
 
@@ -427,7 +480,7 @@ def confusion(ctx: Ctx) -> Figure:
         counts = np.asarray(conf["matrix"])
         shown = np.ma.masked_invalid(norm)
         cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#dddddd")
-        image = ax.imshow(shown, cmap=cmap, vmin=0, vmax=1)
+        image = ax.imshow(100 * shown, cmap=cmap, vmin=0, vmax=100)
         ax.grid(False)
         for i in range(k):
             for j in range(k):
@@ -441,21 +494,23 @@ def confusion(ctx: Ctx) -> Figure:
                         fontsize=6,
                         color="white" if norm[i, j] > 0.6 else "black",
                     )
-        names = [("bg" if n == "background" else n) for n in conf["classes"]]
+        names = [cls(n) for n in conf["classes"]]
         rows = [f"{n} ({int(t)})" for n, t in zip(names, counts.sum(1), strict=True)]
         ax.set_xticks(range(k), names, rotation=45, ha="right", rotation_mode="anchor")
         ax.set_yticks(range(k), rows)
         for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
-            if t.get_text().split(" ")[0] in ctx.critical:
+            if t.get_text().split(" ")[0] in {cls(c) for c in ctx.critical}:
                 t.set_fontweight("bold")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("ground truth (boxes)")
-        ax.set_title(label)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="fraction of the row")
+        ax.set_xlabel("clase predicha")
+        if ax is axes[0, 0]:
+            ax.set_ylabel("clase real (cajas)")
+        ax.set_title(f"({'ab'[axes[0].tolist().index(ax)]}) {label}")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="% de la fila")
     m0 = models[0][1]["confusion"]
     fig.suptitle(
-        f"% of each row; score ≥ {m0['score_threshold']:g}, IoU ≥ {m0['iou_threshold']:g}; "
-        "bg row: false positives, bg column: missed boxes; critical classes in bold",
+        f"Cada celda: % de su fila. Detecciones con puntuación ≥ {num(m0['score_threshold'], 'g')}"
+        f" e IoU ≥ {num(m0['iou_threshold'], 'g')}.\nFila «Fondo»: falsos positivos (entre "
+        "paréntesis, cuántos); columna «Fondo»: cajas no detectadas. Clases críticas en negrita.",
         fontsize=7,
     )
     return fig
@@ -467,10 +522,12 @@ def per_class(ctx: Ctx) -> Figure:
     fig, axes = _figure(1, 2, 2.6)
     x = np.arange(len(names))
     width = 0.38
-    colors = [PHASE1_COLOR, VARIANT_COLORS["zero_start"]]
+    colors = [PHASE1_COLOR, variant_color(ctx.layout, ctx.layout.adopted[0])]
     hatches = ["", "////"]
     for ax, (key, title) in zip(
-        axes[0], [("ap", "AP@[.50:.95]"), ("recall", "Recall (AR@[.50:.95])")], strict=True
+        axes[0],
+        [("ap", "(a) AP@[.50:.95]"), ("recall", "(b) Recall (AR@[.50:.95])")],
+        strict=True,
     ):
         for i, (label, m) in enumerate(models):
             vals = [m["per_class"][n].get(key) for n in names]
@@ -488,13 +545,13 @@ def per_class(ctx: Ctx) -> Figure:
             )
             # Values printed: a bar of height 0 must not read as a missing one.
             for p, v in zip(pos, vals, strict=True):
-                text = "n/a" if v is None else f"{v:.2f}"
+                text = "n/d" if v is None else num(v)
                 ax.text(
                     p, (v or 0) + 0.01, text, ha="center", va="bottom", fontsize=4.5, rotation=90
                 )
         ax.set_xticks(
             x,
-            [f"{n}†" if n in ctx.critical else n for n in names],
+            [f"{cls(n)}†" if n in ctx.critical else cls(n) for n in names],
             rotation=30,
             ha="right",
             rotation_mode="anchor",
@@ -505,14 +562,14 @@ def per_class(ctx: Ctx) -> Figure:
         ax.set_ylim(0, 1)
         ax.set_title(title)
         ax.grid(axis="x", visible=False)
-    axes[0, 0].set_ylabel("test split")
+    axes[0, 0].set_ylabel("valor en prueba")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(
         handles,
         labels,
         loc="outside lower center",
         ncol=2,
-        title="† critical class",
+        title="† clase crítica",
         title_fontsize=7,
     )
     return fig
@@ -540,15 +597,15 @@ def pr_curves(ctx: Ctx) -> Figure:
     v, s = ctx.layout.adopted
     models = [
         (
-            "Phase 1",
+            "F1",
             ctx.phase1_label(),
             PHASE1_COLOR,
             ctx.layout.phase1(ctx.layout.main, "test_metrics.predictions.json"),
         ),
         (
-            "Phase 2",
+            "F2",
             ctx.phase2_label(),
-            VARIANT_COLORS["zero_start"],
+            variant_color(ctx.layout, v),
             ctx.layout.phase2(v, s, "test_metrics.predictions.json"),
         ),
     ]
@@ -561,31 +618,23 @@ def pr_curves(ctx: Ctx) -> Figure:
         precision, params = _precision(gt, results) if results else (None, None)
         for ax, c in zip(axes[0], crit, strict=False):
             if precision is None:
-                ap_text[c].append(f"{short}: no detections")
+                ap_text[c].append(f"{short}: sin detecciones")
                 continue
             k = list(params.catIds).index(c)
             aps = []
             for t, ls in ious:
                 curve = precision[int(np.argmin(np.abs(params.iouThrs - t))), :, k]
                 ax.plot(params.recThrs, curve, color=color, ls=ls, lw=1.2)
-                aps.append(f"{np.nanmean(curve):.2f}" if np.isfinite(curve).any() else "n/a")
+                aps.append(num(np.nanmean(curve)) if np.isfinite(curve).any() else "n/d")
             ap_text[c].append(f"{short}: AP50 {aps[0]}, AP75 {aps[1]}")
     for ax, c in zip(axes[0], crit, strict=False):
         n = sum(1 for a in gt["annotations"] if a["category_id"] == c)
-        ax.set_title(f"{ctx.classes[c]} ({n} test boxes)")
+        # The APs go above the panel, never over the curves.
+        ax.set_title(f"{cls(ctx.classes[c])} ({n} cajas de prueba)\n" + "\n".join(ap_text[c]))
         ax.set_xlabel("recall")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        ax.text(
-            0.03,
-            0.03,
-            "\n".join(ap_text[c]),
-            transform=ax.transAxes,
-            fontsize=6,
-            va="bottom",
-            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1.5},
-        )
-    axes[0, 0].set_ylabel("precision (interpolated)")
+    axes[0, 0].set_ylabel("precisión (interpolada)")
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=color, label=label) for _, label, color, _ in models]
@@ -669,27 +718,29 @@ def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
     thr = ctx.score_threshold
     cases = qualitative_cases(gt, preds["a"], preds["b"], ctx.critical_ids, thr, top=2 * per_row)
     images = {im["id"]: im for im in gt["images"]}
-    short = {"a": "Phase 1", "b": "Phase 2"}
+    short = {"a": "F1", "b": "F2"}
     sections = [
-        ("b_not_a", f"{ctx.phase2_label()} found, {ctx.phase1_label()} missed"),
-        ("a_not_b", f"{ctx.phase1_label()} found, {ctx.phase2_label()} missed"),
+        ("b_not_a", f"(a) {ctx.phase2_label()} encuentra el defecto; {ctx.phase1_label()}, no"),
+        ("a_not_b", f"(b) {ctx.phase1_label()} encuentra el defecto; {ctx.phase2_label()}, no"),
     ]
-    # Each case is two panels side by side (Phase 1 | Phase 2), `per_row` cases a row; a
-    # direction without cases is one short row that says so.
+    # Each case is two panels side by side (F1 | F2), `per_row` cases a row; a direction
+    # without cases is one short line that says so. No text on the images: what each model
+    # sees on the defect goes in the panel's title, the class colours in the legend.
     rows = {d: -(-len(cases[d]) // per_row) for d, _ in sections}
     panel = WIDTH / (2 * per_row)
-    heights = [0.35 + (rows[d] * panel * 1.08 if rows[d] else 0.25) for d, _ in sections]
-    fig = Figure(figsize=(WIDTH, sum(heights) + 0.3), layout="constrained")
+    heights = [0.35 + (rows[d] * panel * 1.15 if rows[d] else 0.1) for d, _ in sections]
+    fig = Figure(figsize=(WIDTH, sum(heights) + 0.45), layout="constrained")
     subfigs = fig.subfigures(len(sections), 1, height_ratios=heights)
+    used: set[int] = set()
     for sub, (direction, heading) in zip(subfigs, sections, strict=True):
-        sub.suptitle(heading, fontsize=7.5, fontweight="bold")
         if not cases[direction]:
-            _say(
-                sub.subplots(),
-                "no such test image (a critical-class box that one model finds with a "
-                f"same-class detection of IoU ≥ 0.5 and score ≥ {thr:g}, and the other does not)",
+            sub.suptitle(
+                f"{heading}: ninguna imagen de prueba cumple el criterio",
+                fontsize=7.5,
+                fontweight="bold",
             )
             continue
+        sub.suptitle(heading, fontsize=7.5, fontweight="bold")
         axes = sub.subplots(rows[direction], 2 * per_row, squeeze=False)
         for ax in axes.flat:
             _no_ticks(ax)
@@ -702,35 +753,43 @@ def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
                 _box(ax, box["bbox"], "white", lw=1.3, ls=(0, (3, 2)))
                 shown = [d for d in preds[key] if d["image_id"] == im["id"] and d["score"] >= thr]
                 near = _iou(shown, [box])[:, 0] if shown else np.zeros(0)
-                # Detections on the defect in question are labelled; the rest drawn thin.
                 for d, overlap in sorted(
                     zip(shown, near, strict=True), key=lambda t: t[0]["score"]
                 ):
+                    used.add(d["category_id"])
                     color = CLASS_COLORS[d["category_id"] % len(CLASS_COLORS)]
                     _box(ax, d["bbox"], color, lw=1.3 if overlap >= 0.1 else 0.6)
-                    if overlap >= 0.1:
-                        name = ctx.classes[d["category_id"]]
-                        _label(ax, d["bbox"][0], d["bbox"][1], f"{name} {d['score']:.2f}", color)
                 score = case[f"score_{key}"]
-                found = score is not None and score >= thr
-                verdict = f"found {score:.2f}" if found else "missed"
-                ax.set_title(f"{short[key]}: {verdict}", fontsize=6.5, pad=2)
+                if score is not None and score >= thr:
+                    verdict = f"lo encuentra ({num(score)})"
+                else:
+                    # What the model sees there instead, if anything (IoU >= 0.5, any class).
+                    other = [(d, o) for d, o in zip(shown, near, strict=True) if o >= 0.5]
+                    if other:
+                        d = max(other, key=lambda t: t[0]["score"])[0]
+                        verdict = f"ve {cls(ctx.classes[d['category_id']])} ({num(d['score'])})"
+                    else:
+                        verdict = "no lo encuentra"
+                ax.set_title(f"{short[key]}: {verdict}", fontsize=6, pad=2)
                 if col == 0:
                     ax.set_ylabel(
-                        f"image {im['id']}: {ctx.classes[box['category_id']]}", fontsize=6.5
+                        f"imagen {im['id']}: {cls(ctx.classes[box['category_id']])}", fontsize=6
                     )
-    fig.suptitle(
-        f"Dashed white: the critical ground-truth box. Boxes: detections with score ≥ {thr:g}, "
-        "labelled where they overlap it",
-        fontsize=7,
-    )
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="black", ls=(0, (3, 2)), label="caja real del defecto")]
+    handles += [
+        Line2D([], [], color=CLASS_COLORS[c % len(CLASS_COLORS)], lw=2, label=cls(ctx.classes[c]))
+        for c in sorted(used)
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)))
     return fig
 
 
 def prompt_similarity(ctx: Ctx) -> Figure:
     data = load_json(ctx.layout.text)
     cos = np.asarray(data["cosine"], dtype=float)
-    names = list(data["class_names"])
+    names = [cls(n) for n in data["class_names"]]
     fig, axes = _figure(1, 1, 3.6, width=4.6)
     ax = axes[0, 0]
     # The colours span the off-diagonal range (the diagonal is 1 by definition, greyed), so
@@ -747,24 +806,24 @@ def prompt_similarity(ctx: Ctx) -> Figure:
             ax.text(
                 j,
                 i,
-                f"{cos[i, j]:.2f}",
+                num(cos[i, j]),
                 ha="center",
                 va="center",
                 fontsize=6.5,
                 color="black" if bright or i == j else "white",
             )
-    crit = set(ctx.critical)
+    crit = {cls(c) for c in ctx.critical}
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(len(names)), names)
     for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
         if t.get_text() in crit:
             t.set_fontweight("bold")
     ax.set_title(
-        f"Class prompts, {data.get('encoder', '?')} (D_t = {data.get('dim', '?')})\n"
-        "critical classes in bold",
+        f"Descripciones de las clases, {data.get('encoder', '?')} (D_t = {data.get('dim', '?')})"
+        "\nclases críticas en negrita",
         fontsize=7.5,
     )
-    fig.colorbar(image, ax=ax, shrink=0.8, label="cosine similarity")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="similitud coseno")
     return fig
 
 
@@ -779,6 +838,7 @@ DRAW: dict[str, Callable[[Ctx], Figure]] = {
     "pr_curves": pr_curves,
     "qualitative": qualitative,
     "prompt_similarity": prompt_similarity,
+    **postmortem_figures.DRAW,  # issue 13: the post-mortem's forest plot and drift by epoch
 }
 assert tuple(DRAW) == FIGURES
 

@@ -29,15 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_json
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from defectfusion.fsutil import atomic_write_json, sha256_file  # noqa: F401 (re-exported: prov.sha256_file)
 
 
 def sha256_json(obj: Any) -> str:
@@ -138,9 +130,12 @@ def build_index(sidecars: Iterable[str | Path], out: str | Path) -> dict[str, An
     index: dict[str, Any] = {}
     for path in sorted(map(str, sidecars)):
         try:
-            record = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
             raise UserError(f"{path}: unreadable provenance record ({e})") from None
+        from defectfusion.data.coco import parse_json  # depth-capped, one-line errors
+
+        record = parse_json(text, path)
         outputs = record.pop("outputs", None)
         if not isinstance(outputs, dict):
             raise UserError(f"{path}: provenance record without 'outputs'")
@@ -171,7 +166,9 @@ def read_embedded(path: str | Path) -> dict[str, Any]:
         )
     if not text:
         raise UserError(f"{path}: no provenance record embedded")
-    return json.loads(text)
+    from defectfusion.data.coco import parse_json
+
+    return parse_json(text, path)
 
 
 def _pdf_subject(path: Path) -> str | None:

@@ -31,21 +31,47 @@ The book reads only this file, the tables and the figures, so this schema is a c
                                              seeds that reached the epoch (null where none),
                           "alpha_final", "tau_final": the gate and temperature after the
                                              last training step, mean over seeds,
-                          "diff_map", "diff_critical_recall": test B - A, B this variant,
-                                             A the main Phase 1 model, mean over seeds,
-                          "ci_map", "ci_critical_recall": paired-bootstrap 95% CI [lo, hi]
-                                             of that difference; with several seeds, the
-                                             envelope of the per-seed intervals,
+                          "diff_map", "diff_critical_recall": test B - A, B this variant
+                                             (val-selected checkpoint), A the main Phase 1
+                                             model, mean over seeds,
+                          "ci_map", "ci_critical_recall": its 95% CI [lo, hi], hierarchical
+                                             bootstrap over seeds and test images
+                                             (results/postmortem.json; what it covers:
+                                             postmortem.covers.vs_phase1),
                           "frac_b_gt_a_map": fraction of bootstrap replicates with B > A
-                                             in mAP, mean over seeds}},
+                                             in mAP,
+                          "drift":           {"epoch1"|"final": {"val"|"test": {metric:
+                                             {"diff", "ci", "n_seeds", "verdict", ...}}},
+                                             "best": {"test": ...}}: the checkpoint minus
+                                             Phase 1 on the same images (postmortem.json),
+                          "verdict":         the hypothesis "this variant reproduces the
+                                             epoch-1 drop": {"outcome": drop|rise|no_change,
+                                             "drop", "rise", "no_change" (booleans), "diff",
+                                             "ci", "thesis_drop", "ratio_to_thesis", "test",
+                                             "final", "vs_adopted"},
+                          "vs_adopted":      (not for the adopted variant) this variant minus
+                                             the adopted one, paired by seed: {which: {split:
+                                             {metric: {"diff", "ci", "verdict", ...}}}},
+                          "operating_point": test recall of each critical class (and their
+                                             mean, "critical") at score >= eval.score_threshold
+                                             and IoU eval.iou_match, val-selected checkpoint:
+                                             {key: {"value", "ci"}}, plus "tp_score_mean"}},
+     "contrasts": [{"a", "b", "metric", "split", "which", "diff", "ci", "n_seeds", "verdict",
+                    "covers", ...}]: every variant against Phase 1 and against the adopted one,
+     "postmortem": {"adopted", "n_seeds", "n_boot", "ci_level", "seconds", "covers", "thesis",
+                    "operating_point", "outcome": {"adopted_drop", "n_drop", "drop_variants",
+                    "explained", "no_drop", "open", ...}, "phase1": {"operating_point",
+                    "tp_score_mean"}} (``postmortem_summary``),
      "phase1_val_map_best": the main preset's val mAP at its best epoch,
      "epoch0_equals_phase1": whether every seed of zero_start, before any update, has exactly
-                             the val metrics of Phase 1's best epoch (null: no zero_start)}
+                             the val metrics of Phase 1's best epoch (null: no zero_start),
+     "confusion": {"phase1", "phase2": {"fraction": row-normalised test confusion matrix,
+                   rows and columns by class id then background; "boxes": each row's boxes}}
+                   (``confusion_summary``)}
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -56,10 +82,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from defectfusion.data.coco import category_names, load_json
+from defectfusion.data.coco import category_names, load_json, parse_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json
-from defectfusion.report import PARAM_SECTIONS, SPLIT_NAMES, Layout
+from defectfusion.report import PARAM_SECTIONS, SPLIT_NAMES, Layout, variant_name_es
 from defectfusion.report import provenance as prov
 
 TEST_KEYS = ("map", "map50", "map75", "critical_recall", "critical_recall50", "composite")
@@ -76,10 +102,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {i}: malformed JSON: {e.msg}") from None
+        rows.append(parse_json(line, f"{path}: line {i}"))  # depth-capped, one line on error
     return rows
 
 
@@ -200,20 +223,20 @@ def phase2_runs(layout: Layout, variant: str) -> list[dict[str, Any]]:
                 "best": best_row(history, hpath),
                 "last": steps[-1] if steps else epoch_row(history, 0),
                 "test": load_json(layout.phase2(variant, seed, "test_metrics.json")),
-                "compare": load_json(layout.compare(variant, seed))["metrics"],
             }
         )
     return runs
 
 
 def ci_envelope(cis: list[list[float | None]]) -> list[float | None]:
-    """One seed: its interval. Several: [min lo, max hi], covering every seed's interval."""
+    """One seed: its interval. Several: [min lo, max hi], covering every seed's interval.
+    Not a confidence interval (no longer used: the summary takes the hierarchical one)."""
     los = [c[0] for c in cis if c[0] is not None]
     his = [c[1] for c in cis if c[1] is not None]
     return [min(los) if los else None, max(his) if his else None]
 
 
-def phase2_entry(layout: Layout, variant: str) -> dict[str, Any]:
+def phase2_entry(layout: Layout, variant: str, pm: dict[str, Any]) -> dict[str, Any]:
     runs = phase2_runs(layout, variant)
     last_epoch = max(int(r["epoch"]) for run in runs for r in run["history"])
     by_epoch = [
@@ -221,8 +244,9 @@ def phase2_entry(layout: Layout, variant: str) -> dict[str, Any]:
         for e in range(last_epoch + 1)
     ]
 
-    def cmp(metric: str, key: str) -> Any:
-        return [run["compare"][metric][key] for run in runs]
+    def cmp(metric: str) -> dict[str, Any]:
+        # the val-selected checkpoint on test against Phase 1, over seeds and images
+        return pm["phase2"][variant]["drift"]["best"]["test"][metric]
 
     return {
         "seeds": [run["seed"] for run in runs],
@@ -233,11 +257,12 @@ def phase2_entry(layout: Layout, variant: str) -> dict[str, Any]:
         "val_map_by_epoch": by_epoch,
         "alpha_final": mean(run["last"].get("alpha") for run in runs),
         "tau_final": mean(run["last"].get("tau") for run in runs),
-        "diff_map": mean(cmp("map", "diff")),
-        "ci_map": ci_envelope(cmp("map", "ci95")),
-        "diff_critical_recall": mean(cmp("critical_recall", "diff")),
-        "ci_critical_recall": ci_envelope(cmp("critical_recall", "ci95")),
-        "frac_b_gt_a_map": mean(cmp("map", "frac_b_gt_a")),
+        "diff_map": cmp("map")["diff"],
+        "ci_map": cmp("map")["ci"],
+        "diff_critical_recall": cmp("critical_recall")["diff"],
+        "ci_critical_recall": cmp("critical_recall")["ci"],
+        "frac_b_gt_a_map": cmp("map")["frac_gt_0"],
+        **postmortem_entry(pm, variant),
     }
 
 
@@ -285,7 +310,8 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         ds["classes"], values["data"]["critical_classes"], "config data.critical_classes"
     )
     phase1 = {p: phase1_entry(layout, p) for p in layout.presets}
-    phase2 = {v: phase2_entry(layout, v) for v in layout.variants}
+    pm = load_json(layout.postmortem)
+    phase2 = {v: phase2_entry(layout, v, pm) for v in layout.variants}
 
     main_history = read_jsonl(layout.phase1(layout.main, "history.jsonl"))
     main_best = best_row(main_history, layout.phase1(layout.main, "history.jsonl"))
@@ -316,6 +342,100 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "phase2": phase2,
         "phase1_val_map_best": main_best.get("val_map"),
         "epoch0_equals_phase1": equal,
+        **confusion_summary(layout),  # issue 14: the book's reading of the confusion figure
+        **postmortem_summary(pm),  # issue 13: drifts, contrasts and verdicts
+    }
+
+
+# ---- issue 14: the confusion matrices the book discusses (figure "confusion") ---------------
+
+
+def confusion_summary(layout: Layout) -> dict[str, Any]:
+    """``{"confusion": {"phase1": {"fraction": M, "boxes": n}, "phase2": ...}}``: each model's
+    test confusion matrix, row-normalised (rows and columns by class id, then background;
+    each row over its sum, zeros for an empty row) and the boxes of each row, so the book can
+    quote e.g. the share of scratches taken for fractures, ``confusion.phase1.fraction.3.2``.
+    Phase 2 is the adopted variant's first seed."""
+
+    def read(path: str) -> dict[str, Any]:
+        matrix = load_json(path)["confusion"]["matrix"]
+        return {
+            "fraction": [[c / sum(r) if sum(r) else 0.0 for c in r] for r in matrix],
+            "boxes": [int(sum(r)) for r in matrix],
+        }
+
+    out = {"phase1": read(layout.phase1(layout.main, "test_metrics.json"))}
+    if layout.variants:
+        v, s = layout.adopted
+        out["phase2"] = read(layout.phase2(v, s, "test_metrics.json"))
+    return {"confusion": out}
+
+
+# ---- issue 13: the post-mortem (results/postmortem.json, defectfusion.postmortem) ----------
+
+
+def _operating_point(values: dict[str, Any], cal: dict[str, Any] | None) -> dict[str, Any]:
+    """Recall per critical class at the operating point, from a postmortem "values" block
+    (``{metric: {"value", "ci", ...}}``) of the test split."""
+    out = {
+        k[len("op_recall_") :]: {"value": v["value"], "ci": v["ci"]}
+        for k, v in values.items()
+        if k.startswith("op_recall_")
+    }
+    out["tp_score_mean"] = None if cal is None else cal.get("tp_score_mean")
+    return out
+
+
+def postmortem_entry(pm: dict[str, Any], variant: str) -> dict[str, Any]:
+    """A variant's ``drift``, ``verdict``, ``vs_adopted`` and ``operating_point``."""
+    entry = pm["phase2"][variant]
+    cal = pm["calibration"]["phase2"][variant]["best"]["test"]
+    out = {
+        "drift": entry["drift"],
+        "verdict": entry["verdict"],
+        "operating_point": _operating_point(entry["values"]["best"]["test"], cal),
+    }
+    if variant != pm["adopted"]:
+        vs: dict[str, Any] = {}
+        for c in pm["contrasts"]:
+            if c["a"] == pm["adopted"] and c["b"] == variant:
+                keep = {
+                    k: v for k, v in c.items() if k not in ("a", "b", "metric", "split", "which")
+                }
+                vs.setdefault(c["which"], {}).setdefault(c["split"], {})[c["metric"]] = keep
+        out["vs_adopted"] = vs
+    return out
+
+
+def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
+    """Top-level ``contrasts`` and ``postmortem`` (what the book's §5.4-5.5 read)."""
+    return {
+        "contrasts": pm["contrasts"],
+        "postmortem": {
+            "adopted": pm["adopted"],
+            "n_seeds": len(pm["seeds"]),
+            "n_boot": pm["n_boot"],
+            "ci_level": pm["ci_level"],
+            "seconds": pm["seconds"],
+            "covers": pm["covers"],
+            "thesis": pm["thesis"],
+            "operating_point": pm["operating_point"],
+            "hypotheses": [v for v in pm["variants"] if v != pm["adopted"]],
+            "outcome": {
+                **pm["outcome"],
+                # the book prints these lists: the variants' Spanish names
+                **{
+                    f"{k}_names": [variant_name_es(v) for v in pm["outcome"][f"{k}_variants"]]
+                    for k in ("drop", "rise", "removing")
+                },
+            },
+            "phase1": {
+                "operating_point": _operating_point(
+                    pm["phase1"]["test"], pm["calibration"]["phase1"]["test"]
+                ),
+                "val_map": pm["phase1"]["val"]["map"]["value"],
+            },
+        },
     }
 
 

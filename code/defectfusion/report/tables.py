@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,28 @@ from tabulate import tabulate
 from defectfusion.data.coco import load_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_text
-from defectfusion.report import PARAM_SECTIONS, SPLIT_NAMES, TABLES, Layout, chosen
+from defectfusion.report import (
+    BACKBONE_NAMES_ES,
+    PARAM_SECTIONS,
+    SPLIT_NAMES,
+    TABLES,
+    THESIS_FIGURES,
+    Layout,
+    backbone_of,
+    chosen,
+    class_name_es,
+    variant_name_es,
+)
 from defectfusion.report import provenance as prov
 from defectfusion.report import summary as S
 
 CRITICAL_MARK = "†"
 NA = "n/a"
+NA_ES = "n/d"
+MINUS = "\u2212"  # the book's minus sign (U+2212), never the ASCII hyphen
+NNBSP = "\u202f"  # narrow no-break space: thousands (RAE), and before "%"
 # Characters pdfLaTeX does not know from UTF-8 alone.
-TEX_SYMBOLS = {"Δ": r"$\Delta$", "†": r"\dag{}", ">": r"$>$"}
+TEX_SYMBOLS = {"Δ": r"$\Delta$", "†": r"\dag{}", ">": r"$>$", "α": r"$\alpha$", "τ": r"$\tau$"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,10 @@ class Col:
     key: str
     header: str
     fmt: str = "3"  # s: text, d: integer, 3: 3 decimals, +3: signed, 1/0: decimals, ci, %
+    es: str | None = None  # the header in the book's Markdown (Spanish); None: `header`
+    # +ci: the signed difference at `key` with the interval at `ci_key` in one cell
+    ci_key: str | None = None
+    align: str | None = None  # the Markdown's alignment; default: text left, numbers right
 
 
 @dataclass
@@ -56,9 +74,15 @@ class Table:
     columns: list[Col]
     rows: list[dict[str, Any]]
     notes: list[str]
+    # The book's Markdown is in Spanish: its title and notes; string cells from the row's
+    # "KEY_es" when there is one. CSV and LaTeX keep the English (for reuse).
+    title_es: str = ""
+    notes_es: list[str] = field(default_factory=list)
+    es_columns: list[Col] | None = None  # the Markdown's columns, when they differ
+    es_rows: list[dict[str, Any]] | None = None  # the Markdown's rows, when they differ
 
 
-def _fmt(value: Any, fmt: str) -> str:
+def _fmt(value: Any, fmt: str, ci: Any = None) -> str:
     if value is None:
         return NA
     if isinstance(value, str) and fmt != "s":  # "": does not apply to this row
@@ -70,11 +94,46 @@ def _fmt(value: Any, fmt: str) -> str:
     if fmt == "ci":
         lo, hi = value
         return NA if lo is None or hi is None else f"[{lo:+.3f}, {hi:+.3f}]"
+    if fmt == "+ci":
+        return f"{value:+.3f} {_fmt(ci, 'ci')}"
     if fmt == "%":
         return f"{100 * value:.0f}%"
     if fmt == "+3":
         return f"{value:+.3f}"
     return f"{value:.{int(fmt)}f}"
+
+
+def _num_es(value: float, spec: str) -> str:
+    """A number as the book prints it: decimal point, U+2212 minus, no negative zero."""
+    text = format(value, spec)
+    if float(text.replace(",", "")) == 0:  # -0.000 and +0.000: no sign on a zero
+        text = text.lstrip("+-")
+    return text.replace("-", MINUS).replace(",", NNBSP)
+
+
+def fmt_es(value: Any, fmt: str, ci: Any = None) -> str:
+    """A cell of the book's (Spanish) Markdown table; the same conventions as thesis_values.fmt
+    (decimal point, a narrow space between thousands from five digits on, true minus)."""
+    if value is None:
+        return NA_ES
+    if isinstance(value, str) and fmt != "s":
+        return value
+    if fmt == "s":
+        return str(value)
+    if fmt == "d":
+        return _num_es(int(value), "," if abs(int(value)) >= 10000 else "d")
+    if fmt == "ci":
+        lo, hi = value
+        if lo is None or hi is None:
+            return NA_ES
+        return f"[{_num_es(lo, '.3f')}, {_num_es(hi, '.3f')}]"
+    if fmt == "+ci":
+        return f"{_num_es(value, '+.3f')} {fmt_es(ci, 'ci')}"
+    if fmt == "%":
+        return f"{_num_es(100 * value, '.0f')}{NNBSP}%"
+    if fmt == "+3":
+        return _num_es(value, "+.3f")
+    return _num_es(float(value), f".{int(fmt)}f")
 
 
 def _raw(value: Any) -> str:
@@ -86,10 +145,13 @@ def _raw(value: Any) -> str:
 
 
 def render(table: Table, record: dict[str, Any]) -> dict[str, str]:
-    """The table as {"csv", "md", "tex"} text, each headed by its provenance comment."""
+    """The table as {"csv", "md", "tex"} text, each headed by its provenance comment.
+
+    CSV and LaTeX are in English; the Markdown, which the book includes, is in Spanish."""
     line = prov.one_line(record)
     headers = [c.header for c in table.columns]
-    cells = [[_fmt(r.get(c.key), c.fmt) for c in table.columns] for r in table.rows]
+    cells = [[_fmt(r.get(c.key), c.fmt, r.get(c.ci_key or "")) for c in table.columns]
+             for r in table.rows]  # fmt: skip
     align = ["left" if c.fmt == "s" else "right" for c in table.columns]
 
     buf = io.StringIO()
@@ -98,11 +160,26 @@ def render(table: Table, record: dict[str, Any]) -> dict[str, str]:
         buf.write(f"# note: {note}\n")
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(headers)
-    writer.writerows([[_raw(r.get(c.key)) for c in table.columns] for r in table.rows])
+    writer.writerows(
+        [[_raw(r.get(c.key + "_raw", r.get(c.key))) for c in table.columns] for r in table.rows]
+    )
 
-    md = tabulate(cells, headers, tablefmt="pipe", colalign=align, disable_numparse=True)
-    notes = "".join(f"\n{n}\n" for n in table.notes)
-    md_text = f"<!-- provenance: {line} -->\n# {table.title}\n\n{md}\n{notes}"
+    es_columns = table.es_columns or table.columns
+    es_headers = [c.es or c.header for c in es_columns]
+    es_cells = [
+        [
+            fmt_es(r.get(f"{c.key}_es", r.get(c.key)), c.fmt, r.get(c.ci_key or ""))
+            for c in es_columns
+        ]
+        for r in (table.es_rows if table.es_rows is not None else table.rows)
+    ]
+    es_align = [
+        c.align or ("left" if c.fmt == "s" and not c.key.endswith(("_pair", "seed")) else "right")
+        for c in es_columns
+    ]
+    md = tabulate(es_cells, es_headers, tablefmt="pipe", colalign=es_align, disable_numparse=True)
+    notes = "".join(f"\n{n}\n" for n in table.notes_es or table.notes)
+    md_text = f"<!-- provenance: {line} -->\n# {table.title_es or table.title}\n\n{md}\n{notes}"
 
     tex_cells = [[c.replace(NA, "--") for c in row] for row in cells]
     tex = tabulate(
@@ -122,30 +199,59 @@ def _mark(name: str, critical: Sequence[str]) -> str:
     return f"{name}{CRITICAL_MARK}" if name in critical else name
 
 
+def _mark_es(name: str, critical: Sequence[str]) -> str:
+    return _mark(class_name_es(name), [class_name_es(c) for c in critical])
+
+
 def _critical(values: dict[str, Any], classes: list[str]) -> list[str]:
     return S.critical_names(
         classes, values["data"]["critical_classes"], "config data.critical_classes"
     )
 
 
+def _preset_es(preset: str, main: str) -> str:
+    backbone = BACKBONE_NAMES_ES.get(backbone_of(preset) or "", preset)
+    return f"{backbone} (principal)" if preset == main else backbone
+
+
+def _epochs_run(history: list[dict[str, Any]]) -> int:
+    return max((int(r["epoch"]) for r in history), default=0)
+
+
+SPLIT_ES = {"train": "Entrenamiento", "val": "Validación", "test": "Prueba"}
+
+
 def dataset_table(values: dict[str, Any], layout: Layout) -> Table:
     ds = S.dataset_counts(layout)
     critical = _critical(values, ds["classes"])
-    cols = [Col("class", "Class", "s"), Col("id", "Id", "d")]
+    cols = [Col("class", "Class", "s", "Clase"), Col("id", "Id", "d", "Id")]
     for s in SPLIT_NAMES:
-        cols += [Col(f"{s}_images", f"{s} images", "d"), Col(f"{s}_boxes", f"{s} boxes", "d")]
+        cols += [
+            Col(f"{s}_images", f"{s} images", "d"),
+            Col(f"{s}_boxes", f"{s} boxes", "d"),
+        ]
     rows = []
     for i, name in enumerate(ds["classes"]):
-        row: dict[str, Any] = {"class": _mark(name, critical), "id": i}
+        row: dict[str, Any] = {
+            "class": _mark(name, critical),
+            "class_es": _mark_es(name, critical),
+            "id": i,
+        }
         for s in SPLIT_NAMES:
             row[f"{s}_images"] = ds["splits"][s]["images"][name]
             row[f"{s}_boxes"] = ds["splits"][s]["boxes"][name]
         rows.append(row)
-    total: dict[str, Any] = {"class": "all", "id": ""}
+    total: dict[str, Any] = {"class": "all", "class_es": "Todas", "id": ""}
     for s in SPLIT_NAMES:
         total[f"{s}_images"] = ds["splits"][s]["n_images"]
         total[f"{s}_boxes"] = ds["splits"][s]["n_boxes"]
     rows.append(total)
+    # The book's table is compact: one column per split, "images / boxes".
+    es_cols = [Col("class", "Class", "s", "Clase"), Col("id", "Id", "d", "Id")]
+    for s in SPLIT_NAMES:
+        es_cols.append(Col(f"{s}_pair", f"{s} images / boxes", "s", f"{SPLIT_ES[s]}"))
+        for r in rows:
+            r[f"{s}_pair"] = f"{fmt_es(r[f'{s}_images'], 'd')} / {fmt_es(r[f'{s}_boxes'], 'd')}"
     return Table(
         f"Dataset {ds['name']}: images and boxes per class and split",
         cols,
@@ -154,11 +260,21 @@ def dataset_table(values: dict[str, Any], layout: Layout) -> Table:
             f"{CRITICAL_MARK} critical class. A class's images are the images holding at least "
             "one box of it; row 'all' counts every image of the split, with or without boxes."
         ],
+        f"Conjunto {ds['name']}: imágenes / cajas por clase y partición",
+        [
+            f"Cada celda: imágenes / cajas. {CRITICAL_MARK} clase crítica. Las imágenes de una "
+            "clase son las que tienen al menos una caja suya; la fila «Todas» cuenta todas las "
+            "imágenes de la partición, tengan cajas o no."
+        ],
+        es_columns=es_cols,
     )
 
 
 def _class_ap_cols(classes: list[str], critical: list[str]) -> list[Col]:
-    return [Col(f"ap_{n}", f"AP {_mark(n, critical)}") for n in classes]
+    return [
+        Col(f"ap_{n}", f"AP {_mark(n, critical)}", "3", f"AP {_mark_es(n, critical)}")
+        for n in classes
+    ]
 
 
 def _class_ap(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -170,95 +286,157 @@ def _classes(layout: Layout) -> list[str]:
 
 
 METRIC_COLS = [
-    Col("map", "mAP"),
-    Col("map50", "mAP50"),
-    Col("map75", "mAP75"),
-    Col("critical_recall", "Crit. recall"),
-    Col("critical_recall50", "Crit. recall@.5"),
-    Col("composite", "Composite"),
+    Col("map", "mAP", "3", "mAP"),
+    Col("map50", "mAP50", "3", "mAP50"),
+    Col("map75", "mAP75", "3", "mAP75"),
+    Col("critical_recall", "Crit. recall", "3", "Recall crítico"),
+    Col("critical_recall50", "Crit. recall@.5", "3", "Recall crítico a IoU 0.5"),
+    Col("composite", "Composite", "3", "Puntuación compuesta"),
 ]
 
 
-def phase1_table(values: dict[str, Any], layout: Layout) -> Table:
-    classes = _classes(layout)
-    critical = _critical(values, classes)
-    cols = [
-        Col("preset", "Preset", "s"),
-        Col("parameters", "Parameters", "d"),
-        *METRIC_COLS,
-        *_class_ap_cols(classes, critical),
-        Col("best_epoch", "Best epoch", "d"),
-        Col("train_seconds", "Train s", "0"),
-        Col("ms_per_image", "Eval ms/img", "1"),
-    ]
+def _composite_text(values: dict[str, Any], es: bool = False) -> str:
+    names = {"map": "mAP", "critical_recall": "recall crítico" if es else "critical recall"}
+    mult = " × " if es else "*"
+    return " + ".join(
+        f"{w:g}{mult}{names.get(k, k)}" for k, w in values["eval"]["composite_weights"].items()
+    )
+
+
+def _phase1_rows(layout: Layout) -> list[dict[str, Any]]:
     rows = []
     for preset in layout.presets:
         entry = S.phase1_entry(layout, preset)
         metrics = load_json(layout.phase1(preset, "test_metrics.json"))
+        history = S.read_jsonl(layout.phase1(preset, "history.jsonl"))
         rows.append(
             {
                 **entry,
                 **_class_ap(metrics),
                 "preset": f"{preset} (main)" if preset == layout.main else preset,
+                "preset_es": _preset_es(preset, layout.main),
+                "epochs": _epochs_run(history),
                 "ms_per_image": S.eval_ms_per_image(layout, preset),
             }
         )
+    return rows
+
+
+def phase1_table(values: dict[str, Any], layout: Layout) -> Table:
+    cols = [
+        Col("preset", "Preset", "s", "Backbone"),
+        Col("parameters", "Parameters", "d", "Parámetros"),
+        Col("epochs", "Epochs", "d", "Épocas"),
+        Col("map", "mAP", "3", "mAP"),
+        Col("map50", "mAP50", "3", "mAP50"),
+        Col("critical_recall", "Crit. recall", "3", "Recall crítico"),
+        Col("critical_recall50", "Crit. recall@.5", "3", "Recall crít. a IoU 0.5"),
+        Col("best_epoch", "Best epoch", "d", "Mejor época"),
+    ]
     return Table(
         "Phase 1 on test: each backbone with the same DEIMv2 head",
         cols,
-        rows,
+        _phase1_rows(layout),
         [
             "Test split. Crit. recall: COCO AR@[.50:.95] (maxDets 100) averaged over the "
-            f"critical classes ({CRITICAL_MARK}); @.5: recall at IoU 0.5. Composite: "
-            + " + ".join(f"{w:g}*{k}" for k, w in values["eval"]["composite_weights"].items())
-            + ".",
-            "Best epoch: the val-selected checkpoint. Train s: training time without "
-            "validation. Eval ms/img: wall time of the whole evaluate job (process start-up "
-            "and model loading included) divided by the test images, an upper bound on "
-            "inference latency.",
+            "critical classes; @.5: recall at IoU 0.5. Epochs: epochs trained (the backbones "
+            "may have different budgets). Best epoch: the val-selected checkpoint."
+        ],
+        "Fase 1 en prueba: cada backbone con la misma cabeza DEIMv2",
+        [
+            "Partición de prueba. Recall crítico: recall medio COCO AR@[.50:.95] (100 "
+            "detecciones por imagen) promediado sobre las clases críticas. Épocas: las que "
+            "entrenó cada backbone (los presupuestos pueden ser distintos). Mejor época: el "
+            "punto de control elegido en validación. Detalle por clase en el apéndice."
         ],
     )
 
 
-def phase2_table(values: dict[str, Any], layout: Layout) -> Table:
+def _transpose(rows: list[dict[str, Any]], cols: list[Col], key: str) -> tuple[list, list]:
+    """The book's Markdown of a wide table: one column per row of it (named by `key`), one
+    row per column, so that it fits the text column."""
+    names = [str(r.get(f"{key}_es", r.get(key))) for r in rows]
+    es_cols = [Col("what", "", "s", "")] + [
+        Col(f"c{i}", name, "s", name, align="right") for i, name in enumerate(names)
+    ]
+    es_rows = []
+    for c in cols:
+        if c.key == key:
+            continue
+        es_rows.append(
+            {
+                "what": c.es or c.header,
+                **{f"c{i}": fmt_es(r.get(c.key), c.fmt) for i, r in enumerate(rows)},
+            }
+        )
+    return es_cols, es_rows
+
+
+def phase1_detail_table(values: dict[str, Any], layout: Layout) -> Table:
     classes = _classes(layout)
     critical = _critical(values, classes)
     cols = [
-        Col("model", "Model", "s"),
-        Col("seed", "Seed", "s"),
-        *METRIC_COLS,
+        Col("preset", "Preset", "s", "Backbone"),
+        Col("map75", "mAP75", "3", "mAP75"),
+        Col("composite", "Composite", "3", "Compuesta"),
         *_class_ap_cols(classes, critical),
-        Col("val_map0", "Val mAP ep.0"),
-        Col("val_map1", "Val mAP ep.1"),
-        Col("best_epoch", "Best epoch", "d"),
-        Col("diff_map", "ΔmAP", "+3"),
-        Col("ci_map", "ΔmAP 95% CI", "ci"),
-        Col("diff_cr", "ΔCrit. recall", "+3"),
-        Col("ci_cr", "ΔCrit. recall 95% CI", "ci"),
-        Col("p_map", "P(ΔmAP>0)", "%"),
+        Col("train_seconds", "Train s", "0", "Entren. (s)"),
+        Col("ms_per_image", "Eval ms/img", "0", "Eval. (ms/img.)"),
     ]
+    rows = _phase1_rows(layout)
+    es_cols, es_rows = _transpose(rows, cols, "preset")
+    return Table(
+        "Phase 1 on test, detail: AP per class, composite, time",
+        cols,
+        rows,
+        [
+            f"Composite: {_composite_text(values)}. {CRITICAL_MARK} critical class. Train s: "
+            "training time without validation. Eval ms/img: wall time of the whole evaluate "
+            "job (start-up and model loading included) per test image, an upper bound on "
+            "inference latency."
+        ],
+        "Fase 1 en prueba, detalle: AP por clase, puntuación compuesta y tiempos",
+        [
+            f"Compuesta: {_composite_text(values, es=True)}. {CRITICAL_MARK} clase crítica. "
+            "Entren.: tiempo de entrenamiento sin la validación. Eval.: tiempo total del "
+            "trabajo de evaluación (arranque y carga del modelo incluidos) por imagen de "
+            "prueba, una cota superior de la latencia de inferencia."
+        ],
+        es_columns=es_cols,
+        es_rows=es_rows,
+    )
+
+
+def _phase2_rows(values: dict[str, Any], layout: Layout, per_seed: bool) -> list[dict[str, Any]]:
+    """Phase 1's main model, then per variant its seeds (`per_seed`) and/or its mean."""
+    pm = {} if per_seed else load_json(layout.postmortem)
     p1_path = layout.phase1(layout.main, "history.jsonl")
     p1_best = S.best_row(S.read_jsonl(p1_path), p1_path)
     p1_test = load_json(layout.phase1(layout.main, "test_metrics.json"))
+    blank = ("val_map1", "diff_map", "ci_map", "diff_cr", "ci_cr", "p_map")
     rows = [
         {
             "model": f"Phase 1 ({layout.main})",
+            "model_es": f"Fase 1 ({_preset_es(layout.main, '')})",
             "seed": "",
             **{c.key: p1_test.get(c.key) for c in METRIC_COLS},
             **_class_ap(p1_test),
             "val_map0": p1_best.get("val_map"),
             "best_epoch": p1_best["epoch"],
-            **dict.fromkeys(("val_map1", "diff_map", "ci_map", "diff_cr", "ci_cr", "p_map"), ""),
+            **dict.fromkeys(blank, ""),
         }
     ]
     for variant in layout.variants:
-        runs = S.phase2_runs(layout, variant)
-        for run in runs:
+        runs = S.phase2_runs(layout, variant) if per_seed else []
+        tests = [load_json(layout.phase2(variant, s, "test_metrics.json")) for s in layout.seeds]
+        name_es = variant_name_es(variant)
+        for run in runs if per_seed else []:
             e1 = S.epoch_row(run["history"], 1) or {}
-            c = run["compare"]
+            c = load_json(layout.compare(variant, run["seed"]))["metrics"]
             rows.append(
                 {
                     "model": variant,
+                    "model_es": name_es,
                     "seed": str(run["seed"]),
                     **{col.key: run["test"].get(col.key) for col in METRIC_COLS},
                     **_class_ap(run["test"]),
@@ -272,40 +450,84 @@ def phase2_table(values: dict[str, Any], layout: Layout) -> Table:
                     "p_map": c["map"]["frac_b_gt_a"],
                 }
             )
-        if len(runs) > 1:
-            e = S.phase2_entry(layout, variant)
+        if not per_seed:
+            # Over the seeds: the test metrics' mean, and the difference from Phase 1 with the
+            # interval the book's text quotes (results/postmortem.json: a hierarchical
+            # bootstrap over seeds and test images, the val-selected checkpoint).
+            drift = pm["phase2"][variant]["drift"]["best"]["test"]
             rows.append(
                 {
-                    "model": f"{variant} (mean)",
-                    "seed": f"{len(runs)} seeds",
-                    **{
-                        col.key: S.mean(r["test"].get(col.key) for r in runs) for col in METRIC_COLS
-                    },
-                    **{
-                        f"ap_{n}": S.mean(r["test"]["per_class"][n].get("ap") for r in runs)
-                        for n in classes
-                    },
-                    "val_map0": e["epoch0_val_map"],
-                    "val_map1": e["epoch1_val_map"],
-                    "best_epoch": e["best_epoch"],
-                    "diff_map": e["diff_map"],
-                    "ci_map": e["ci_map"],
-                    "diff_cr": e["diff_critical_recall"],
-                    "ci_cr": e["ci_critical_recall"],
-                    "p_map": e["frac_b_gt_a_map"],
+                    "model": variant,
+                    "model_es": name_es,
+                    "seed": f"{len(tests)} seeds",
+                    "seed_es": f"{len(tests)} semilla" + ("s" if len(tests) > 1 else ""),
+                    **{col.key: S.mean(t.get(col.key) for t in tests) for col in METRIC_COLS},
+                    "diff_map": drift["map"]["diff"],
+                    "ci_map": drift["map"]["ci"],
+                    "diff_cr": drift["critical_recall"]["diff"],
+                    "ci_cr": drift["critical_recall"]["ci"],
+                    "p_map": drift["map"].get("frac_gt_0"),
                 }
             )
+    return rows
+
+
+def phase2_table(values: dict[str, Any], layout: Layout) -> Table:
+    cols = [
+        Col("model", "Model", "s", "Modelo"),
+        Col("map", "mAP", "3", "mAP"),
+        Col("diff_map", "ΔmAP [95% CI]", "+ci", "ΔmAP [IC 95\u202f%]", ci_key="ci_map"),
+        Col("critical_recall", "Crit. recall", "3", "Recall crítico"),
+        Col("diff_cr", "ΔCrit. recall [95% CI]", "+ci", "Δ recall crítico [IC 95\u202f%]",
+            ci_key="ci_cr"),
+    ]  # fmt: skip
     return Table(
         "Phase 2 on test: the adopted variant and the controls, against Phase 1",
         cols,
-        rows,
+        _phase2_rows(values, layout, per_seed=False),
         [
-            "Test metrics of each run's val-selected checkpoint. Δ: Phase 2 minus Phase 1 "
-            f"({layout.main}) on the same test images; 95% CI: paired bootstrap over test "
-            "images; P(ΔmAP>0): fraction of bootstrap replicates where Phase 2 is higher.",
-            "Val mAP ep.0: before any update (zero-start must equal Phase 1's); on the Phase 1 "
-            "row, the val mAP of its best epoch. A mean row averages its seeds; its CI is the "
-            "envelope of the per-seed intervals.",
+            "Test metrics of each run's val-selected checkpoint, mean over seeds. Δ: Phase 2 "
+            f"minus Phase 1 ({layout.main}) on the same test images, with its 95% CI from "
+            f"{layout.postmortem} (bootstrap over the seeds and the test images)."
+        ],
+        "Fase 2 en prueba: la variante adoptada y los controles frente a la Fase 1",
+        [
+            "Métricas de prueba del punto de control que eligió la validación, media sobre las "
+            "semillas. Δ: Fase 2 menos Fase 1 sobre las mismas imágenes de prueba, con su "
+            "intervalo de confianza del 95 % por *bootstrap* emparejado (jerárquico: remuestrea "
+            "las semillas y las imágenes de prueba). Detalle por semilla en el apéndice."
+        ],
+    )
+
+
+def phase2_detail_table(values: dict[str, Any], layout: Layout) -> Table:
+    cols = [
+        Col("model", "Model", "s", "Modelo"),
+        Col("seed", "Seed", "s", "Semilla"),
+        Col("map50", "mAP50", "3", "mAP50"),
+        Col("map75", "mAP75", "3", "mAP75"),
+        Col("critical_recall50", "Crit. recall@.5", "3", "Recall crít. a IoU 0.5"),
+        Col("composite", "Composite", "3", "Compuesta"),
+        Col("val_map0", "Val mAP ep.0", "3", "mAP val. ép. 0"),
+        Col("val_map1", "Val mAP ep.1", "3", "mAP val. ép. 1"),
+        Col("best_epoch", "Best epoch", "d", "Mejor época"),
+        Col("p_map", "P(ΔmAP>0)", "%", "P(ΔmAP > 0)"),
+    ]
+    return Table(
+        "Phase 2 on test, detail per seed",
+        cols,
+        _phase2_rows(values, layout, per_seed=True),
+        [
+            f"Composite: {_composite_text(values)}. Val mAP ep.0: before any update "
+            "(zero-start must equal Phase 1's); on the Phase 1 row, the val mAP of its best "
+            "epoch. P(ΔmAP>0): fraction of bootstrap replicates where Phase 2 is higher."
+        ],
+        "Fase 2 en prueba, detalle por semilla",
+        [
+            f"Compuesta: {_composite_text(values, es=True)}. mAP val. ép. 0: antes de "
+            "cualquier actualización (con el arranque en cero debe ser la de la Fase 1); en la "
+            "fila de la Fase 1, la mAP de validación de su mejor época. P(ΔmAP > 0): fracción "
+            "de réplicas *bootstrap* en que la Fase 2 queda por encima."
         ],
     )
 
@@ -317,16 +539,15 @@ def per_class_recall_table(values: dict[str, Any], layout: Layout) -> Table:
     classes = S.class_order(a)
     critical = _critical(values, classes)
     cols = [
-        Col("class", "Class", "s"),
-        Col("critical", "Critical", "s"),
-        Col("n_gt", "Test boxes", "d"),
-        Col("ap_a", "AP P1"),
-        Col("ap_b", "AP P2"),
-        Col("recall_a", "Recall P1"),
-        Col("recall_b", "Recall P2"),
-        Col("diff", "ΔRecall", "+3"),
-        Col("recall50_a", "Recall@.5 P1"),
-        Col("recall50_b", "Recall@.5 P2"),
+        Col("class", "Class", "s", "Clase"),
+        Col("n_gt", "Test boxes", "d", "Cajas"),
+        Col("ap_a", "AP P1", "3", "AP F1"),
+        Col("ap_b", "AP P2", "3", "AP F2"),
+        Col("recall_a", "Recall P1", "3", "Recall F1"),
+        Col("recall_b", "Recall P2", "3", "Recall F2"),
+        Col("diff", "ΔRecall", "+3", "Δ recall"),
+        Col("recall50_a", "Recall@.5 P1", "3", "Recall a 0.5 F1"),
+        Col("recall50_b", "Recall@.5 P2", "3", "Recall a 0.5 F2"),
     ]
     rows = []
     for name in classes:
@@ -339,7 +560,7 @@ def per_class_recall_table(values: dict[str, Any], layout: Layout) -> Table:
         rows.append(
             {
                 "class": _mark(name, critical),
-                "critical": "yes" if name in critical else "",
+                "class_es": _mark_es(name, critical),
                 "n_gt": pa.get("n_gt"),
                 "ap_a": pa.get("ap"),
                 "ap_b": pb.get("ap"),
@@ -359,6 +580,256 @@ def per_class_recall_table(values: dict[str, Any], layout: Layout) -> Table:
             "val-selected checkpoint. Recall: COCO AR@[.50:.95] (maxDets 100); Recall@.5 at "
             f"IoU 0.5. {CRITICAL_MARK} critical class."
         ],
+        "AP y recall por clase en prueba, Fase 1 frente a Fase 2",
+        [
+            f"F1: Fase 1 ({_preset_es(layout.main, '')}); F2: Fase 2, "
+            f"{variant_name_es(variant).lower()} (semilla {seed}); en ambos, el punto de "
+            "control elegido en validación. Recall: recall medio COCO AR@[.50:.95]; «a 0.5»: "
+            f"recall a IoU 0.5. Cajas: cajas de prueba de la clase. {CRITICAL_MARK} clase "
+            "crítica."
+        ],
+    )
+
+
+# ---- settings: the thesis's beside this run's -------------------------------------------------
+
+
+def _thesis_figures() -> dict[str, Any]:
+    import yaml
+
+    path = Path(THESIS_FIGURES)
+    if not path.is_file():
+        raise UserError(f"{path}: not found (the settings table quotes the thesis from it)")
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def _es(value: Any) -> str:
+    """A setting of this run as the book prints it."""
+    if isinstance(value, bool):
+        return "sí" if value else "no"
+    if isinstance(value, float):
+        text = f"{value:g}"
+        if "e" in text:  # 5e-05 -> 5 × 10⁻⁵, as the book prints the thesis's
+            mantissa, exponent = text.split("e")
+            sup = str(int(exponent)).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
+            text = f"{mantissa}{NNBSP}×{NNBSP}10{sup}"
+        return text.replace("-", MINUS)
+    if isinstance(value, int):
+        return fmt_es(value, "d")
+    return str(value)
+
+
+def settings_table(values: dict[str, Any], layout: Layout) -> Table:
+    """Each setting: the thesis's (a {tesis} role in the book, its value in CSV/LaTeX) and
+    this run's, from the config the run used and the files it wrote."""
+    from defectfusion.models import PRESETS  # torch: only this table pays for it
+
+    thesis = _thesis_figures()
+    text = load_json(layout.text)
+    v, seed = layout.adopted
+    pm = load_json(layout.postmortem)
+    preset = PRESETS.get(layout.main)
+    d_v = preset.detector.get("d_model") if preset else None
+    p1, p2, fu = values["phase1"], values["phase2"], values["fusion"]
+    overrides = (values.get("pipeline") or {}).get("preset_overrides") or {}
+    p1_epochs = [
+        f"{_preset_es(p, '')}: {(overrides.get(p) or {}).get('phase1.epochs', p1['epochs'])}"
+        for p in layout.presets
+    ]
+    model_cfg = values.get("model") or {}
+    pretrained = model_cfg.get("init") not in (None, "scratch")
+    ds = S.dataset_counts(layout)
+    n_images = sum(ds["splits"][s]["n_images"] for s in SPLIT_NAMES)
+    weights = values["eval"]["composite_weights"]
+
+    def row(aspect: str, aspect_en: str, thesis_es: str, thesis_en: Any, run: Any) -> dict:
+        return {"aspect": aspect_en, "aspect_es": aspect, "thesis": _raw(thesis_en),
+                "thesis_es": thesis_es, "run": _raw(run), "run_es": _es(run)}  # fmt: skip
+
+    def t(key: str, spec: str = "") -> tuple[str, Any]:
+        if key not in thesis:
+            raise UserError(f"{THESIS_FIGURES}: no entry {key!r}")
+        return (f"{{tesis}}`{key}{':' + spec if spec else ''}`", thesis[key]["value"])
+
+    rows = [
+        row("Conjunto de datos", "dataset", "privado, piezas metálicas", "private",
+            f"{ds['name']} ({fmt_es(n_images, 'd')} imágenes)"),
+        row("Backbone de la Fase 1", "Phase 1 backbone", "DINOv3 preentrenado",
+            "DINOv3, pretrained",
+            f"{layout.main}, " + ("preentrenado" if pretrained else "pesos aleatorios")),
+        row("$D_v$ (consultas del decodificador)", "D_v", *t("d_v"), d_v),
+        row("Codificador de texto (congelado)", "text encoder", "familia CLIP (SigLIP como "
+            "alternativa)", "CLIP family", text.get("encoder")),
+        row("$D_t$ (incrustación de texto)", "D_t", *t("d_t"), text.get("dim")),
+        row("Resolución de entrada (px)", "image size", "no indicada", "",
+            values["data"]["image_size"]),
+        row("Épocas de la Fase 1", "Phase 1 epochs", "no indicadas", "", "; ".join(p1_epochs)),
+        row("Tasa de aprendizaje de la Fase 1", "Phase 1 lr", "no indicada", "", p1["lr"]),
+        row("Épocas máximas de la Fase 2", "Phase 2 max epochs", *t("max_epochs"),
+            p2["epochs"]),
+        row("Paciencia de la Fase 2 (épocas)", "Phase 2 patience", *t("patience"),
+            p2["patience"]),
+        row("Tasa de aprendizaje de la Fase 2 (AdamW)", "Phase 2 lr", *t("lr_phase2", ".0e"),
+            p2["lr"]),
+        row("Fracción de la tasa de la Fase 1", "Phase 2 lr / Phase 1 lr",
+            *t("lr_fraction"), round(p2["lr"] / p1["lr"], 6)),
+        row("Pérdida de clasificación de la Fase 2", "Phase 2 classification loss",
+            "focal", "focal",
+            "focal" if fu["loss"] == "focal" else "la de DEIMv2 (MAL)"),
+        row("Focal: $\\alpha_f$, $\\gamma$", "focal alpha, gamma", "no indicados", "",
+            f"{_es(fu['focal_alpha'])}, {_es(fu['focal_gamma'])}"),
+        row("Inicialización de la fusión", "fusion init", "arranque en cero", "zero_start",
+            "arranque en cero" if fu["init"] == "zero_start" else fu["init"]),
+        row("Temperatura inicial $\\tau_0$", "tau_init", *t("tau_init"), fu["tau_init"]),
+        row("Fusión también en la cabeza de puntuación del codificador",
+            "fusion on the encoder score head", "sí", "yes", bool(fu["fuse_encoder_head"])),
+        row("Pesos de la puntuación compuesta (mAP, recall crítico)", "composite weights",
+            f"{t('w_map')[0]}, {t('w_crit')[0]}",
+            f"{thesis['w_map']['value']}, {thesis['w_crit']['value']}",
+            f"{_es(float(weights['map']))}, {_es(float(weights['critical_recall']))}"),
+        row("Semillas de entrenamiento", "training seeds", "una ejecución", "one run",
+            len(layout.seeds)),
+        row("Réplicas *bootstrap* (jerárquico: semillas e imágenes)", "bootstrap replicates",
+            "sin *bootstrap*", "none", pm.get("n_boot")),
+        row("Nivel de los intervalos de confianza (%)", "CI level (%)", "sin intervalos", "none",
+            pm.get("ci_level")),
+        row("Semilla del remuestreo *bootstrap*", "bootstrap seed", "sin *bootstrap*", "none",
+            pm.get("seed")),
+    ]  # fmt: skip
+    cols = [
+        Col("aspect", "Setting", "s", "Aspecto"),
+        Col("thesis", "Thesis", "s", "Tesis"),
+        Col("run", "This run", "s", "Esta ejecución"),
+    ]
+    return Table(
+        "Settings: the thesis's beside this run's",
+        cols,
+        rows,
+        [
+            "Thesis: its chapter 4 (thesis/thesis_figures.yaml). This run: the config it ran "
+            f"with, {layout.text} and {layout.postmortem}."
+        ],
+        "Diferencias con la tesis: sus ajustes junto a los de esta ejecución",
+        [
+            "Tesis: su capítulo 4, con la marca de cifra de la tesis. Esta ejecución: la "
+            "configuración con la que corrió el pipeline, el codificador de texto que registró "
+            "y los ajustes del *bootstrap* que registró el análisis *post mortem*."
+        ],
+    )
+
+
+# ---- the appendix: runtime per stage and the environment --------------------------------------
+
+
+def _benchmark(path: Path) -> dict[str, float] | None:
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if len(lines) < 2:
+        return None
+    row = dict(zip(lines[0].split("\t"), lines[1].split("\t"), strict=False))
+    out = {}
+    for key in ("s", "max_rss", "cpu_time"):
+        try:
+            out[key] = float(row[key])
+        except (KeyError, ValueError):
+            out[key] = None
+    return out
+
+
+def runtime_table(values: dict[str, Any], layout: Layout) -> Table:
+    b = layout.benchmarks
+    pairs = [(v, s) for v in layout.variants for s in layout.seeds]
+    seeds = len(layout.seeds) > 1
+
+    def seed_es(s: int) -> str:
+        return f", semilla {s}" if seeds else ""
+
+    stages: list[tuple[str, str, str, int | None]] = [
+        ("Datos", "data", f"{b}/data.tsv", None),
+        ("Incrustaciones de texto", "text embeddings", f"{b}/text_embed.tsv", None),
+    ]
+    for p in layout.presets:
+        h = S.read_jsonl(layout.phase1(p, "history.jsonl"))
+        stages.append((f"Fase 1: {_preset_es(p, layout.main)}", f"phase1 {p}",
+                       f"{b}/phase1_{p}.tsv", _epochs_run(h)))  # fmt: skip
+    for p in layout.presets:
+        stages.append((f"Evaluación, Fase 1: {_preset_es(p, layout.main)}",
+                       f"evaluate phase1 {p}", layout.eval_benchmark(p), None))  # fmt: skip
+    for v, s in pairs:
+        h = S.read_jsonl(layout.phase2(v, s, "history.jsonl"))
+        stages.append((f"Fase 2: {variant_name_es(v)}{seed_es(s)}", f"phase2 {v} seed{s}",
+                       f"{b}/phase2_{v}_seed{s}.tsv", _epochs_run(h)))  # fmt: skip
+    for v, s in pairs:
+        stages.append((f"Evaluación, Fase 2: {variant_name_es(v)}{seed_es(s)}",
+                       f"evaluate phase2 {v} seed{s}",
+                       f"{b}/evaluate_phase2_{v}_seed{s}.tsv", None))  # fmt: skip
+    for v, s in pairs:
+        stages.append((f"*Bootstrap*: {variant_name_es(v)}{seed_es(s)}",
+                       f"compare {v} seed{s}", f"{b}/compare_{v}_seed{s}.tsv", None))  # fmt: skip
+    if layout.variants:
+        stages.append(("Análisis *post mortem*", "postmortem", f"{b}/postmortem.tsv", None))
+    rows = []
+    total = 0.0
+    for es, en, path, epochs in stages:
+        bench = _benchmark(Path(path))
+        seconds = bench["s"] if bench else None
+        total += seconds or 0.0
+        rows.append({"stage": en, "stage_es": es, "seconds": seconds,
+                     "rss": bench["max_rss"] if bench else None,
+                     "epochs": epochs if epochs is not None else ""})  # fmt: skip
+    rows.append({"stage": "total", "stage_es": "Total", "seconds": total, "rss": "",
+                 "epochs": ""})  # fmt: skip
+    cols = [
+        Col("stage", "Stage", "s", "Etapa"),
+        Col("epochs", "Epochs", "d", "Épocas"),
+        Col("seconds", "Wall s", "0", "Tiempo (s)"),
+        Col("rss", "Max RSS MiB", "0", "Memoria máx. (MiB)"),
+    ]
+    return Table(
+        "Runtime per stage (Snakemake benchmarks)",
+        cols,
+        rows,
+        [
+            f"From {b}/*.tsv, written by Snakemake for each job: wall time and peak resident "
+            "memory. n/a: no benchmark file (the stage was not run by the pipeline)."
+        ],
+        "Tiempo de cada etapa de esta ejecución",
+        [
+            f"Medido por Snakemake en cada trabajo ({b}/*.tsv): tiempo de reloj y memoria "
+            "residente máxima. n/d: sin archivo de medida (la etapa no la ejecutó el "
+            "pipeline). Los trabajos pueden haber corrido en paralelo: el total suma "
+            "tiempos, no es la duración de la ejecución."
+        ],
+    )
+
+
+LIBRARIES = (
+    "defectfusion", "torch", "torchvision", "transformers", "sentence-transformers",
+    "accelerate", "numpy", "pycocotools", "faster-coco-eval", "matplotlib", "snakemake",
+    "dvc", "jupyter-book", "sphinx", "sphinxcontrib-bibtex", "weasyprint",
+)  # fmt: skip
+
+
+def environment_table(values: dict[str, Any], layout: Layout) -> Table:
+    import platform
+    from importlib import metadata
+
+    rows = [{"library": "Python", "version": platform.python_version()}]
+    for name in LIBRARIES:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = None
+        rows.append({"library": name, "version": version, "version_es": version or "no instalada"})
+    cols = [Col("library", "Library", "s", "Biblioteca"), Col("version", "Version", "s", "Versión")]
+    return Table(
+        "Versions of the main libraries",
+        cols,
+        rows,
+        ["The Python environment that ran the report stage (the pipeline's environment)."],
+        "Versiones de las bibliotecas principales",
+        ["El entorno de Python que ejecutó la etapa de informe, el mismo del resto del pipeline."],
     )
 
 
@@ -367,6 +838,11 @@ BUILDERS: dict[str, Callable[[dict[str, Any], Layout], Table]] = {
     "phase1": phase1_table,
     "phase2": phase2_table,
     "per_class_recall": per_class_recall_table,
+    "settings": settings_table,
+    "phase1_detail": phase1_detail_table,
+    "phase2_detail": phase2_detail_table,
+    "runtime": runtime_table,
+    "environment": environment_table,
 }
 assert tuple(BUILDERS) == TABLES
 

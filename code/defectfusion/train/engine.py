@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from defectfusion.checkpoint import load_checkpoint, save_checkpoint
 from defectfusion.config import Config, TrainSection
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_text
+from defectfusion.train.schedule import ema_decay_at, lr_lambda, plateau_gain
 
 
 @dataclass
@@ -57,7 +58,15 @@ class Job:
     step_extras: Callable[[nn.Module], dict[str, float]] | None = None  # per-step log (alpha ...)
     epoch_extras: Callable[[nn.Module], dict[str, float]] | None = None
     eval_before_training: bool = False  # Phase 2 logs epoch 0 (before any update)
+    # Eval weights kept at fixed epochs (epochK.pt) and at the last epoch run (final.pt), and
+    # val predictions of epochs 0, 1 and the last: the post-mortem's drift needs them.
+    keep_epochs: tuple[int, ...] = ()
+    keep_final: bool = False
+    save_val_predictions: bool = False
     notes: list[str] = field(default_factory=list)  # lines for experiment_log.txt's header
+    # Per-process batch -> train loader, in place of the default one (Phase 2: its view pool,
+    # or its cached features, defectfusion.cache); it must use a SeededSampler.
+    train_loader: Callable[[int], Any] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -70,20 +79,22 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def lr_lambda(total_steps: int, tc: TrainSection) -> Callable[[int], float]:
-    """Linear warm-up, flat, then cosine down to ``min_lr_fraction`` (DEIM's flat-cosine)."""
-    warm = max(0, tc.warmup_steps)
-    flat_end = max(warm, int(total_steps * tc.flat_fraction))
+def make_ema(model: nn.Module, decay: float, warmup_steps: int) -> AveragedModel:
+    """An EMA of ``model`` (parameters and buffers) with DEIMv2's decay ramp.
 
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if step < flat_end or total_steps <= flat_end:
-            return 1.0
-        t = min(1.0, (step - flat_end) / max(1, total_steps - flat_end))
-        return tc.min_lr_fraction + (1 - tc.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+    torch's ``AveragedModel`` copies the weights on its first update and then calls this
+    with ``num_averaged`` = updates so far; DEIMv2 counts the first update as t = 1, so the
+    t-th update blends with ``ema_decay_at(t)``.
+    """
 
-    return f
+    @torch.no_grad()
+    def avg(ema_params: list, params: list, num_averaged: torch.Tensor) -> None:
+        if not ema_params[0].is_floating_point():
+            return  # integer buffers (BatchNorm's num_batches_tracked): DEIMv2 leaves them
+        d = ema_decay_at(int(num_averaged) + 1, decay, warmup_steps)
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return AveragedModel(model, multi_avg_fn=avg, use_buffers=True)
 
 
 _SUFFIX = re.compile(r"_(aux|dn)_\d+$")
@@ -100,7 +111,9 @@ def loss_terms(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from defectfusion.data.coco import parse_json  # a history pulled from a remote: capped
+
+    return [parse_json(line, path) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -128,17 +141,17 @@ class Logger:
             for r in _read_jsonl(self.steps_path)
             if resume_step is not None and r["step"] <= resume_step
         ]
-        self.text = (
-            self.text_path.read_text()
-            if resume_epoch is not None and self.text_path.exists()
-            else ""
-        )
+        self.echo = enabled  # experiment_log lines also go to stdout (Snakemake's log)
 
     def line(self, msg: str) -> None:
+        """Append one line to experiment_log.txt (appended, never replaced: `tail -f` follows
+        it, and an earlier run's lines stay above the new run's header)."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.text += f"[{stamp}] {msg}\n"
         if self.enabled:
-            atomic_write_text(self.text_path, self.text)
+            with open(self.text_path, "a", encoding="utf-8") as f:
+                f.write(f"[{stamp}] {msg}\n")
+        if self.echo:
+            print(msg, flush=True)
 
     def step(self, row: dict[str, Any]) -> None:
         self.steps.append(row)
@@ -148,6 +161,19 @@ class Logger:
         if self.enabled:
             _write_jsonl(self.history_path, self.history)
             _write_jsonl(self.steps_path, self.steps)
+            atomic_write_text(self.history_path.with_suffix(".csv"), history_csv(self.history))
+
+
+PLOT_COLUMNS = ("epoch", "step", "lr", "loss", "val_map", "val_map50", "val_critical_recall",
+                "val_composite")  # fmt: skip
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """The per-epoch numbers as CSV, a format `dvc plots` draws (it rejects .jsonl)."""
+    lines = [",".join(PLOT_COLUMNS)]
+    for r in history:
+        lines.append(",".join("" if r.get(c) is None else repr(r.get(c)) for c in PLOT_COLUMNS))
+    return "\n".join(lines) + "\n"
 
 
 def run_hash(job: Job) -> str:
@@ -166,16 +192,20 @@ def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state()}
 
 
-def fit(job: Job, resume: bool = False) -> dict[str, Any]:
-    """Train `job` (see the module docstring); returns the best score and epochs run."""
+def fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any]:
+    """Train `job` (see the module docstring); returns the best score and epochs run.
+
+    ``resume`` continues the run in ``job.out`` when it is this run (same config and start);
+    a new run never replaces an earlier run's ``best.pt`` unless ``restart`` says so.
+    """
     try:
-        return _fit(job, resume)
+        return _fit(job, resume, restart)
     finally:
         if not torch.cuda.is_available():
             torch.set_flush_denormal(False)  # process-wide state: give it back
 
 
-def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
+def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any]:
     out = job.out
     out.mkdir(parents=True, exist_ok=True)
     tc = job.train
@@ -192,7 +222,6 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
         torch.set_flush_denormal(True)
     seed_everything(job.cfg.seed)
 
-    from defectfusion.config import AugmentSection  # noqa: F401  (config types the loader reads)
     from defectfusion.data.loader import AugmentConfig, make_loader
 
     # train.batch_size is the global batch. Accelerate deals whole loader batches to the
@@ -205,21 +234,22 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
         )
     per_process_batch = tc.batch_size // accelerator.num_processes
     aug = job.cfg.data.augment
-    loader = make_loader(
-        job.train_json,
-        job.cfg.data.image_size,
-        per_process_batch,
-        train=True,
-        augment=AugmentConfig(aug.hflip, aug.vflip, tuple(aug.scale_jitter), aug.photometric),
-        num_workers=job.cfg.data.num_workers,
-        seed=job.cfg.seed,
+    loader = (
+        job.train_loader(per_process_batch)
+        if job.train_loader
+        else make_loader(
+            job.train_json,
+            job.cfg.data.image_size,
+            per_process_batch,
+            train=True,
+            augment=AugmentConfig(aug.hflip, aug.vflip, tuple(aug.scale_jitter), aug.photometric),
+            num_workers=job.cfg.data.num_workers,
+            seed=job.cfg.seed,
+            normalize=job.cfg.data.normalize,
+        )
     )
     optimizer = torch.optim.AdamW(job.param_groups, lr=tc.lr, weight_decay=tc.weight_decay)
-    ema = (
-        AveragedModel(job.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
-        if tc.ema_decay > 0
-        else None
-    )
+    ema = make_ema(job.model, tc.ema_decay, tc.ema_warmup_steps) if tc.ema_decay > 0 else None
     sampler = loader.sampler  # SeededSampler: its generator draws the order and augmentations
     model, optimizer, loader = accelerator.prepare(job.model, optimizer, loader)
     steps_per_epoch = len(loader)
@@ -240,7 +270,22 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
             # A runner (Snakemake, DVC) removes best.pt before it reruns a finished run, say
             # after a code change: train again rather than return without a best.pt.
             stale, resume = "finished, best.pt removed", False
+    if not (resume and last_path.exists()) and best_path.exists() and not restart:
+        # Starting over would replace weights an earlier run selected (a runner that reruns a
+        # job, Snakemake or DVC, removes best.pt first, so this is a person's command).
+        why = stale or "a new run was asked for (no --resume)"
+        raise UserError(
+            f"{out}: holds an earlier run's {best_path.name} and {why}; pass --restart to "
+            "replace that run, or choose another --out"
+        )
+    # The files this run writes besides last.pt, kept in last.pt too (see `checkpoint`), so a
+    # runner that removed them before resuming an interrupted run gets them back.
+    kept: dict[str, dict[str, Any]] = {}
     if resume and last_path.exists():
+        kept = ckpt.get("kept") or {}
+        for name, entry in kept.items():
+            if not (out / name).exists():
+                save_checkpoint(out / name, entry["model"], entry["meta"])
         raw.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -250,6 +295,9 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
         step, best, bad_epochs = ckpt["step"], ckpt["best"], ckpt["bad_epochs"]
         log = Logger(out, ckpt["epoch"], step, accelerator.is_main_process)
         log.line(f"resumed from {last_path} at epoch {ckpt['epoch']} (step {step})")
+        restored = [n for n in kept if (out / n).exists()]
+        if restored:
+            log.line(f"weights kept in {last_path.name}: {', '.join(sorted(restored))}")
         if ckpt.get("finished"):
             return {"best": best, "epochs": ckpt["epoch"], "resumed": True}
     else:
@@ -284,24 +332,54 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
         }
         if ema is not None:
             state["ema"] = ema.state_dict()
-        save_checkpoint(last_path, raw.state_dict(), job.meta, **state)
+        save_checkpoint(last_path, raw.state_dict(), job.meta, kept=kept, **state)
+
+    def keep(name: str, model: nn.Module, meta: dict[str, Any]) -> None:
+        """Write OUT/name and remember a copy for last.pt."""
+        if not accelerator.is_main_process:
+            return
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        kept[name] = {"model": weights, "meta": meta}
+        save_checkpoint(out / name, weights, meta)
+
+    def save_eval_weights(name: str, epoch: int, metrics: dict[str, Any]) -> None:
+        keep(name, eval_model(), {**job.meta, "epoch": epoch, "val": _metric_row(metrics)})
 
     def save_best(epoch: int, metrics: dict[str, Any]) -> None:
-        if accelerator.is_main_process:
-            meta = {**job.meta, "epoch": epoch, "val": _metric_row(metrics)}
-            save_checkpoint(best_path, eval_model().state_dict(), meta)
+        save_eval_weights(best_path.name, epoch, metrics)
+        if job.phase == "phase1":
+            # The raw weights of the same epoch: Phase 2 may start from them instead of the
+            # EMA (one of the post-mortem's candidate causes). Without EMA they are the same.
+            meta = {**job.meta, "epoch": epoch, "val": _metric_row(metrics), "weights": "raw"}
+            keep("best_raw.pt", raw, meta)
+
+    def after_eval(epoch: int, metrics: dict[str, Any]) -> None:
+        """The fixed-epoch records the post-mortem reads (see Job.keep_epochs)."""
+        preds = metrics.pop("predictions", None)
+        if not accelerator.is_main_process:
+            return
+        if epoch in job.keep_epochs:
+            save_eval_weights(f"epoch{epoch}.pt", epoch, metrics)
+        if job.keep_final and epoch > 0:
+            save_eval_weights("final.pt", epoch, metrics)
+        if job.save_val_predictions and preds is not None:
+            names = [f"val_epoch{epoch}"] if epoch in (0, 1) else []
+            names += ["val_final"] if epoch > 0 else []
+            for name in names:
+                atomic_write_text(out / f"{name}.predictions.json", json.dumps(preds))
 
     select = tc.select_metric
     if job.eval_before_training and start_epoch == 1:
         job.set_mode(raw, False)
         metrics = job.evaluate(eval_model())
+        after_eval(0, metrics)
         row = {"epoch": 0, "step": 0, "seconds": 0.0, "lr": 0.0, **_metric_row(metrics)}
         if job.epoch_extras:
             row.update(job.epoch_extras(raw))
         log.epoch(row)
-        best = metrics[select]
-        save_best(0, metrics)
-        log.line(f"epoch 0 (before any update): {_summary(metrics)}")
+        # Logged, never selected: epoch 0 is the starting model itself, and letting it compete
+        # would report a steadily falling run as identical to its start (a CI of [0, 0]).
+        log.line(f"epoch 0 (before any update, not selectable): {_summary(metrics)}")
 
     for epoch in range(start_epoch, tc.epochs + 1):
         es = epoch_seed(job.cfg.seed, epoch)
@@ -315,7 +393,9 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
             loader,
             desc=f"{job.phase} epoch {epoch}/{tc.epochs}",
             leave=False,
-            disable=not accelerator.is_main_process,
+            # None: off when stderr is not a terminal (a Snakemake log gets the epoch lines,
+            # not carriage-return bar frames)
+            disable=None if accelerator.is_main_process else True,
         )
         for pixel_values, targets in bar:
             labels = [{"class_labels": t["class_labels"], "boxes": t["boxes"]} for t in targets]
@@ -355,6 +435,7 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
             continue
         job.set_mode(raw, False)
         metrics = job.evaluate(eval_model())
+        after_eval(epoch, metrics)
         row = {
             "epoch": epoch,
             "step": step,
@@ -374,7 +455,8 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
         row["best"] = improved
         log.epoch(row)
         log.line(
-            f"epoch {epoch}: loss {row['loss']:.3f}  {_summary(metrics)}{'  *best*' if improved else ''}  ({seconds:.1f}s)"
+            f"epoch {epoch}/{tc.epochs}: loss {row['loss']:.3f}  {_summary(metrics)}  "
+            f"best {select} {best:.4f}{' (new)' if improved else ''}  ({seconds:.1f}s)"
         )
         stop = tc.patience > 0 and bad_epochs >= tc.patience
         checkpoint(epoch, finished=stop or epoch == tc.epochs)
@@ -382,6 +464,14 @@ def _fit(job: Job, resume: bool = False) -> dict[str, Any]:
             log.line(f"early stop: {select} did not improve for {tc.patience} epochs")
             break
     log.line(f"done: best val {select} = {best:.4f}")
+    if job.phase == "phase1" and tc.plateau_fraction > 0:
+        p = plateau_gain(log.history, tc.plateau_fraction)
+        if p["gain"] is not None:
+            met = "reached" if p["gain"] < tc.plateau_min_gain else "NOT reached"
+            log.line(
+                f"plateau {met}: val mAP gained {p['gain']:+.4f} from epoch {p['from_epoch']} "
+                f"to {p['to_epoch']} (plateau: less than {tc.plateau_min_gain})"
+            )
     return {"best": best, "epochs": epoch if tc.epochs else 0}
 
 

@@ -46,18 +46,30 @@ def param_groups(
     ]
 
 
-def make_evaluator(cfg: Config, val_json: Path):
-    """A function model -> val metrics, reused by both phases."""
+def make_evaluator(cfg: Config, val_json: Path, loader: Any = None):
+    """A function model -> val metrics, reused by both phases (``loader``: the val batches,
+    e.g. Phase 2's cached features; default: the val images)."""
     from defectfusion.data.loader import make_loader
     from defectfusion.evaluate import coco_metrics, predict
 
     gt = coco.load_json(val_json)
-    loader = make_loader(val_json, cfg.data.image_size, cfg.eval.batch_size, train=False)
+    loader = (
+        loader
+        if loader is not None
+        else make_loader(
+            val_json,
+            cfg.data.image_size,
+            cfg.eval.batch_size,
+            train=False,
+            normalize=cfg.data.normalize,
+        )
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
         results = predict(model, loader, device=device, progress=False)
-        return coco_metrics(gt, results, cfg.data.critical_classes, cfg.eval.composite_weights)
+        metrics = coco_metrics(gt, results, cfg.data.critical_classes, cfg.eval.composite_weights)
+        return {**metrics, "predictions": results}  # the engine keeps some epochs' predictions
 
     return evaluate
 
@@ -72,7 +84,10 @@ def dataset_splits(cfg: Config) -> tuple[Path, Path, list[str]]:
             raise UserError(
                 f"{p}: dataset split not found; prepare data.dir={root} first (defectfusion data synth|import-neu|import-coco)"
             )
-    names = coco.category_names(coco.load_json(train_json))
+    names = coco.category_names(coco.load_json(train_json), train_json)
+    from defectfusion.config import check_classes
+
+    check_classes(cfg, names, "config")  # critical classes within this dataset
     return train_json, val_json, names
 
 
@@ -82,6 +97,7 @@ def model_meta(cfg: Config, class_names: list[str], phase: int, model: nn.Module
         "preset": cfg.model.preset,
         "class_names": class_names,
         "image_size": cfg.data.image_size,
+        "normalize": cfg.data.normalize,
         "critical_classes": cfg.data.critical_classes,
         "composite_weights": cfg.eval.composite_weights,
         "parameters": count_parameters(model),
@@ -90,7 +106,9 @@ def model_meta(cfg: Config, class_names: list[str], phase: int, model: nn.Module
     }
 
 
-def train_phase1(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
+def train_phase1(
+    cfg: Config, out: str | Path, resume: bool = False, restart: bool = False
+) -> dict[str, Any]:
     out = Path(out)
     train_json, val_json, names = dataset_splits(cfg)
     check_image_size(cfg.model.preset, cfg.data.image_size, "config")
@@ -99,7 +117,7 @@ def train_phase1(cfg: Config, out: str | Path, resume: bool = False) -> dict[str
         check_compatible(out / "last.pt", meta, cfg.model.preset, names)
     torch.manual_seed(cfg.seed)  # the random init of a scratch model
     model = build_model(cfg.model.preset, names, cfg.model.init, cfg.model.weights)
-    install_loss(model, "mal")
+    install_loss(model, "mal", mal_gamma=cfg.phase1.mal_gamma)
     tc = cfg.phase1
     job = Job(
         phase="phase1",
@@ -115,4 +133,4 @@ def train_phase1(cfg: Config, out: str | Path, resume: bool = False) -> dict[str
         evaluate=make_evaluator(cfg, val_json),
         notes=[f"parameters: {count_parameters(model):,}", f"classes: {names}"],
     )
-    return fit(job, resume=resume)
+    return fit(job, resume=resume, restart=restart)

@@ -3,8 +3,15 @@
 The thesis's ``train_auto_phase2``: load Phase 1, attach the fusion, evaluate once
 before any update (epoch 0), then train only the fusion and the class heads with
 focal loss at a low learning rate, selecting and early-stopping on the composite score.
-The config's ``fusion`` section picks the variant: ``init`` (zero_start | naive),
-``alpha`` (learned | frozen0), ``loss`` (focal | deimv2), ``bn`` (eval | train).
+The config picks the variant (each a one-switch control of the adopted zero_start):
+``fusion.init`` (zero_start | naive), ``fusion.alpha`` (learned | frozen0), ``fusion.loss``
+(focal | deimv2), ``fusion.bn`` (eval | train), ``fusion.start`` (ema | raw: Phase 1's EMA
+weights, which Phase 1 reports, or its raw weights of the same epoch, ``best_raw.pt``),
+``fusion.fuse_encoder_head`` and ``data.normalize`` (imagenet | clip).
+
+Epoch 0 (before any update) is evaluated and logged but never selected; the eval weights of
+epoch 1 (``epoch1.pt``) and of the last epoch (``final.pt``) and the val predictions of
+epochs 0, 1 and the last are kept for the post-mortem's drift.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from defectfusion.cache import phase2_inputs
 from defectfusion.checkpoint import check_compatible, load_checkpoint, load_model_state
 from defectfusion.config import Config
 from defectfusion.fusion import attach_fusion, set_trainable
@@ -25,8 +33,41 @@ from defectfusion.train.engine import Job, fit
 from defectfusion.train.phase1 import dataset_splits, make_evaluator, model_meta, param_groups
 
 
+def text_embeddings(
+    cfg: Config, class_names: list[str], path: str | Path | None = None
+) -> dict[str, Any]:
+    """T of the class prompts: read from ``path`` (what `defectfusion text embed` wrote: the
+    pipeline encodes once for every run) when given, else encoded now. A file made from
+    other prompts, another encoder or other classes is refused."""
+    if path is None:
+        return embed_prompts(cfg.text.prompts, cfg.text.encoder, cfg.text.weights, class_names)
+    import hashlib
+
+    from defectfusion.errors import UserError
+    from defectfusion.text import load_embeddings
+
+    emb, info = load_embeddings(path)
+    prompts_sha = hashlib.sha256(Path(cfg.text.prompts).read_bytes()).hexdigest()
+    mismatch = [
+        what
+        for what, ok in (
+            ("prompts", info.get("prompt_sha256") == prompts_sha),
+            ("encoder", info.get("encoder") == cfg.text.encoder),
+            ("classes", list(info.get("class_names") or []) == list(class_names)),
+            ("shape", emb.ndim == 2 and emb.shape[0] == len(class_names)),
+        )
+        if not ok
+    ]
+    if mismatch:
+        raise UserError(
+            f"{path}: text embeddings of other {', '.join(mismatch)} than this run's "
+            f"({cfg.text.prompts}, {cfg.text.encoder}); rerun `defectfusion text embed`"
+        )
+    return {"embeddings": emb, "info": info}
+
+
 def build_phase2_model(
-    cfg: Config, phase1: str | Path, class_names: list[str]
+    cfg: Config, phase1: str | Path, class_names: list[str], text_path: str | Path | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Phase 1 weights + fusion with the configured init and trainable set."""
     ckpt = load_checkpoint(phase1)
@@ -38,7 +79,7 @@ def build_phase2_model(
     check_compatible(phase1, meta1, cfg.model.preset, class_names)
     model = build_model(meta1["preset"], class_names, init="scratch")  # Phase 1 weights follow
     load_model_state(model, ckpt["model"], phase1)
-    text = embed_prompts(cfg.text.prompts, cfg.text.encoder, cfg.text.weights, class_names)
+    text = text_embeddings(cfg, class_names, text_path)
     torch.manual_seed(cfg.seed)  # the projection's random init
     attach_fusion(
         model,
@@ -53,16 +94,40 @@ def build_phase2_model(
         "focal" if cfg.fusion.loss == "focal" else "mal",
         cfg.fusion.focal_alpha,
         cfg.fusion.focal_gamma,
+        mal_gamma=cfg.phase1.mal_gamma,  # "the Phase 1 loss" is Phase 1's MAL, its gamma too
     )
     return model, text["info"]
 
 
+def start_checkpoint(cfg: Config, phase1: str | Path) -> Path:
+    """The Phase 1 weights Phase 2 starts from: ``phase1`` (best.pt, the EMA weights Phase 1
+    reports) or, with ``fusion.start=raw``, the raw weights of the same epoch beside it."""
+    phase1 = Path(phase1)
+    if cfg.fusion.start == "ema":
+        return phase1
+    raw = phase1.with_name("best_raw.pt")
+    if not raw.is_file():
+        from defectfusion.errors import UserError
+
+        raise UserError(
+            f"{raw}: not found; fusion.start=raw needs the raw weights Phase 1 writes beside "
+            f"{phase1.name} (retrain Phase 1 with this version)"
+        )
+    return raw
+
+
 def train_phase2(
-    cfg: Config, phase1: str | Path, out: str | Path, resume: bool = False
+    cfg: Config,
+    phase1: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    restart: bool = False,
+    text: str | Path | None = None,
 ) -> dict[str, Any]:
     out = Path(out)
     train_json, val_json, names = dataset_splits(cfg)
-    model, text_info = build_phase2_model(cfg, phase1, names)
+    phase1 = start_checkpoint(cfg, phase1)
+    model, text_info = build_phase2_model(cfg, phase1, names, text)
     tc = cfg.phase2
     meta = model_meta(cfg, names, 2, model)
     meta.update(
@@ -72,14 +137,19 @@ def train_phase2(
             "text_shape": list(model.fusion.text.shape),
             "tau_init": cfg.fusion.tau_init,
             "fuse_encoder_head": cfg.fusion.fuse_encoder_head,
-            "variant": {k: getattr(cfg.fusion, k) for k in ("init", "alpha", "loss", "bn")},
+            "variant": {
+                **{k: getattr(cfg.fusion, k) for k in ("init", "alpha", "loss", "bn", "start")},
+                "normalize": cfg.data.normalize,
+            },
             "trainable_parameters": count_parameters(model, trainable_only=True),
         }
     )
+    # The frozen backbone + encoder's output, cached and shared by runs (defectfusion.cache).
+    inputs = phase2_inputs(cfg, model, train_json, val_json)
     job = Job(
         phase="phase2",
         model=model,
-        param_groups=param_groups(model, tc.lr, 1.0, tc.weight_decay),
+        param_groups=param_groups(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay),
         cfg=cfg,
         train=tc,
         meta=meta,
@@ -87,14 +157,19 @@ def train_phase2(
         train_json=train_json,
         val_json=val_json,
         set_mode=lambda m, train: set_train_mode(m, train, cfg.fusion.bn),
-        evaluate=make_evaluator(cfg, val_json),
+        evaluate=make_evaluator(cfg, val_json, loader=inputs.val_loader),
+        train_loader=inputs.train_loader,
         step_extras=lambda m: m.fusion.stats(),
         epoch_extras=lambda m: m.fusion.stats(),
         eval_before_training=True,
+        keep_epochs=(1,),
+        keep_final=True,
+        save_val_predictions=True,
         notes=[
             f"variant: {meta['variant']}",
             f"trainable parameters: {meta['trainable_parameters']:,} of {count_parameters(model):,}",
             f"text: {text_info['encoder']} ({text_info['weights']}), D_t={text_info['dim']}",
+            *inputs.notes,
         ],
     )
-    return fit(job, resume=resume)
+    return fit(job, resume=resume, restart=restart)

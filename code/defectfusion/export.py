@@ -1,0 +1,589 @@
+"""`defectfusion export`: a trained checkpoint as files other tools can use.
+
+``--format hf`` writes a folder:
+
+- Phase 1: transformers' ``save_pretrained`` (``config.json``, ``model.safetensors``) and the
+  image processor transformers pairs with DEIMv2 (``RTDetrImageProcessor``) set to this
+  model's input size and normalisation, so
+  ``transformers.pipeline("object-detection", model=DIR)`` runs it;
+- Phase 2: ``model.safetensors`` (detector + fusion weights) and ``defectfusion.json`` with the
+  text embeddings (the fusion is this project's module, not a transformers class, so the
+  folder is for `defectfusion.load`);
+- both: ``defectfusion.json`` (the checkpoint's meta: classes, input size, training config)
+  and ``README.md``, a model card generated from the meta and, if given, the test metrics.
+
+``--format onnx`` writes ``model.onnx`` with torch's exporter (input ``pixel_values``
+[B,3,S,S], outputs ``scores`` [B,Q,K] = sigmoid of the class logits and ``boxes`` [B,Q,4]
+normalised ``(x0, y0, x1, y1)``), checks it with onnxruntime against PyTorch on the same
+input, and records the largest differences in ``defectfusion.json``.
+
+Every folder is written beside OUT and renamed into place, so a failed export leaves no
+half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from defectfusion import __version__
+from defectfusion.errors import UserError
+from defectfusion.fsutil import atomic_write_json, atomic_write_text
+
+FORMATS = ("hf", "onnx")
+FORMAT_HF = "defectfusion-hf-v1"
+FORMAT_PHASE2 = "defectfusion-phase2-v1"
+FORMAT_ONNX = "defectfusion-onnx-v1"
+ONNX_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| accepted on scores and boxes
+ONNX_OPSET = 18
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "defectfusion.json"
+
+
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    fmt: str = "hf",
+    metrics: str | Path | None = None,
+    tolerance: float = ONNX_TOLERANCE,
+) -> dict[str, Any]:
+    """Export `checkpoint` to the folder `out` in format `fmt` (``hf`` or ``onnx``)."""
+    from defectfusion.checkpoint import load_detector
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
+    test_metrics = _read_metrics(metrics) if metrics is not None else None
+    model, meta = load_detector(checkpoint)
+    out = Path(out)
+    if fmt == "hf":
+        info = _into_folder(out, lambda tmp: write_hf(model, meta, tmp, test_metrics))
+    else:
+        info = _into_folder(out, lambda tmp: write_onnx(model, meta, tmp, tolerance))
+    return {"out": str(out), **info}
+
+
+# ---- hf -----------------------------------------------------------------------------------
+
+
+def image_processor(meta: dict[str, Any]) -> Any:
+    """The processor transformers uses for DEIMv2, set to the evaluation's preprocessing:
+    a square resize (bilinear, antialiased, no padding), scale to [0, 1], mean/std."""
+    from transformers import RTDetrImageProcessor
+
+    from defectfusion.data.loader import IMAGENET_MEAN, IMAGENET_STD
+
+    s = int(meta["image_size"])
+    return RTDetrImageProcessor(
+        size={"height": s, "width": s},
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(meta.get("mean") or IMAGENET_MEAN),
+        image_std=list(meta.get("std") or IMAGENET_STD),
+        do_pad=False,
+    )
+
+
+def write_hf(
+    model: nn.Module, meta: dict[str, Any], folder: Path, metrics: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The hf export of a Phase 1 or Phase 2 model into the (empty) `folder`."""
+    phase = int(meta.get("phase", 1))
+    record: dict[str, Any] = {"meta": meta, "defectfusion_version": __version__}
+    if phase == 2:
+        from safetensors.torch import save_model
+
+        # save_model drops the duplicates of tied tensors (DEIMv2 ties its class/box heads),
+        # and load_model re-ties them.
+        save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        record.update(
+            format=FORMAT_PHASE2,
+            text_embeddings=model.fusion.text.tolist(),  # the frozen class anchors T
+        )
+    else:
+        model.save_pretrained(folder)  # safetensors
+        image_processor(meta).save_pretrained(folder)
+        record.update(format=FORMAT_HF)
+    if metrics is not None:
+        record["test_metrics"] = headline(metrics)
+    atomic_write_json(folder / META_FILE, record)
+    atomic_write_text(folder / "README.md", model_card(meta, metrics, fmt="hf"))
+    return {"format": "hf", "phase": phase, "files": sorted(p.name for p in folder.iterdir())}
+
+
+def load_exported(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and meta of an hf export folder (Phase 1 or Phase 2), on the CPU, in eval mode.
+
+    A plain transformers DEIMv2 folder (no ``defectfusion.json``) loads too: its classes come
+    from ``config.json`` and its input size and normalisation from the image processor.
+    """
+    folder = Path(folder)
+    record = _read_record(folder)
+    fmt = record.get("format") if record else None
+    if fmt == FORMAT_ONNX:
+        raise UserError(
+            f"{folder}: an ONNX export; run it with onnxruntime (see its README.md), or export "
+            "the checkpoint with --format hf for defectfusion.load"
+        )
+    if fmt == FORMAT_PHASE2:
+        return _load_phase2(folder, record)
+    if (folder / "config.json").is_file():
+        return _load_transformers(folder, record)
+    raise UserError(
+        f"{folder}: not a model folder (no {META_FILE} or config.json); pass a checkpoint file "
+        "or a folder written by `defectfusion export --format hf`"
+    )
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    p = folder / META_FILE
+    if not p.is_file():
+        return None
+    try:
+        record = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{p}: unreadable ({e.__class__.__name__}: {e})") from None
+    if not isinstance(record, dict) or "meta" not in record:
+        raise UserError(f"{p}: not a defectfusion export record (no 'meta')")
+    return record
+
+
+def _load_transformers(
+    folder: Path, record: dict[str, Any] | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    from transformers import Deimv2ForObjectDetection
+
+    try:
+        # use_safetensors: never unpickle weights; no trust_remote_code: DEIMv2 is built in.
+        model = Deimv2ForObjectDetection.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{folder}: cannot load the DEIMv2 model ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    meta = dict(record["meta"]) if record is not None else _meta_from_transformers(folder, model)
+    return model.eval(), meta
+
+
+def _meta_from_transformers(folder: Path, model: nn.Module) -> dict[str, Any]:
+    proc_file = folder / "preprocessor_config.json"
+    proc = json.loads(proc_file.read_text(encoding="utf-8")) if proc_file.is_file() else {}
+    size = proc.get("size") or {}
+    if size.get("height") != size.get("width") or not size.get("height"):
+        raise UserError(
+            f"{folder}: needs a square input size in preprocessor_config.json (got {size or 'none'})"
+        )
+    id2label = model.config.id2label
+    meta: dict[str, Any] = {
+        "phase": 1,
+        "class_names": [id2label[i] for i in range(len(id2label))],
+        "image_size": int(size["height"]),
+    }
+    if proc.get("do_normalize"):
+        meta.update(mean=proc["image_mean"], std=proc["image_std"])
+    else:  # what the processor does: rescale only
+        meta.update(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    return meta
+
+
+def _load_phase2(folder: Path, record: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    from safetensors.torch import load_model
+
+    from defectfusion.fusion import attach_fusion
+    from defectfusion.models import build_model
+
+    meta = dict(record["meta"])
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"{weights}: weights file not found")
+    text = torch.tensor(record["text_embeddings"], dtype=torch.float32)
+    model = build_model(meta["preset"], meta["class_names"], init="scratch")  # weights follow
+    attach_fusion(
+        model, text, "zero_start", meta.get("tau_init", 0.07), meta.get("fuse_encoder_head", True)
+    )
+    try:
+        load_model(model, str(weights), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise UserError(
+            f"{weights}: weights do not fit the model ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    # The JSON holds the fusion's (normalised) buffer itself, so the two are equal bit for bit.
+    if not torch.equal(model.fusion.text, text):
+        raise UserError(f"{folder}: text embeddings in {META_FILE} and {WEIGHTS_FILE} differ")
+    return model.eval(), meta
+
+
+# ---- onnx ---------------------------------------------------------------------------------
+
+
+class OnnxDetector(nn.Module):
+    """The exported graph: pixel_values -> (scores = sigmoid(logits), boxes as normalised
+    xyxy). Top-k and the scaling to pixels stay outside (`postprocess_onnx`): they depend on
+    each image's size."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(pixel_values=pixel_values)
+        cx, cy, w, h = out.pred_boxes.unbind(-1)
+        boxes = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+        return out.logits.sigmoid(), boxes
+
+
+def write_onnx(
+    model: nn.Module, meta: dict[str, Any], folder: Path, tolerance: float = ONNX_TOLERANCE
+) -> dict[str, Any]:
+    import warnings
+
+    s = int(meta["image_size"])
+    wrapper = OnnxDetector(model).eval()
+    for p in wrapper.parameters():
+        p.requires_grad_(False)
+    example = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+    path = folder / "model.onnx"
+    with warnings.catch_warnings():
+        # The TorchScript exporter warns about every traced Python branch (shape checks in
+        # transformers' code); they are constant for a fixed input size.
+        warnings.simplefilter("ignore")
+        # The TorchScript-based exporter (dynamo=False): 10x faster here than torch.export's
+        # (which also lacks an ONNX translation for the runtime checks in transformers 5.23's
+        # DEIMv2) and it keeps the batch dimension dynamic.
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            input_names=["pixel_values"],
+            output_names=["scores", "boxes"],
+            dynamic_axes={
+                "pixel_values": {0: "batch"},
+                "scores": {0: "batch"},
+                "boxes": {0: "batch"},
+            },
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+    check = check_onnx(wrapper, path, s)
+    worst = max(check["max_abs_diff_scores"], check["max_abs_diff_boxes"])
+    if not worst <= tolerance:
+        raise UserError(
+            f"ONNX export differs from PyTorch by {worst:.2e} (> {tolerance:g}) on the check input"
+        )
+    from defectfusion.data.loader import IMAGENET_MEAN, IMAGENET_STD
+
+    record = {
+        "format": FORMAT_ONNX,
+        "meta": meta,
+        "defectfusion_version": __version__,
+        "onnx": {
+            "file": path.name,
+            "opset": ONNX_OPSET,
+            "input": {"pixel_values": ["batch", 3, s, s]},
+            "outputs": {
+                "scores": ["batch", "queries", len(meta["class_names"])],
+                "boxes": ["batch", "queries", 4],
+            },
+            "mean": list(meta.get("mean") or IMAGENET_MEAN),
+            "std": list(meta.get("std") or IMAGENET_STD),
+            "check": {**check, "tolerance": tolerance},
+        },
+    }
+    atomic_write_json(folder / META_FILE, record)
+    atomic_write_text(folder / "README.md", model_card(meta, None, fmt="onnx"))
+    return {"format": "onnx", "phase": int(meta.get("phase", 1)), **check}
+
+
+def check_onnx(wrapper: nn.Module, path: Path, image_size: int) -> dict[str, Any]:
+    """Run the ONNX file with onnxruntime and PyTorch on the same batch (3 images: not the
+    export's batch size, so the dynamic batch is exercised); the largest differences.
+
+    The outputs are compared as sets of queries, as a DETR's detections are: each ONNX query
+    is paired with a PyTorch one (optimal assignment on their largest difference) before the
+    differences are taken. DEIMv2 orders its queries by encoder score, and a model with
+    exactly tied scores (a barely trained one) may list the same queries in another order
+    when the rounding differs by one bit; the detections are the same.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from scipy.optimize import linear_sum_assignment
+
+    x = torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    x = (x - 0.45) / 0.225  # about the range of normalised images
+    with torch.no_grad():
+        ref_scores, ref_boxes = (t.numpy() for t in wrapper(x))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scores, boxes = session.run(["scores", "boxes"], {"pixel_values": x.numpy()})
+    if scores.shape != ref_scores.shape or boxes.shape != ref_boxes.shape:
+        raise UserError(
+            f"ONNX export: outputs of shape {scores.shape}/{boxes.shape}, PyTorch's are "
+            f"{ref_scores.shape}/{ref_boxes.shape}"
+        )
+    d_scores = d_boxes = 0.0
+    reordered = 0
+    for b in range(x.shape[0]):
+        ref = np.concatenate([ref_scores[b], ref_boxes[b]], axis=-1)
+        got = np.concatenate([scores[b], boxes[b]], axis=-1)
+        cost = np.abs(ref[:, None, :] - got[None, :, :]).max(axis=-1)
+        rows, cols = linear_sum_assignment(cost)
+        reordered += int((cols != rows).sum())
+        d_scores = max(d_scores, float(np.abs(ref_scores[b][rows] - scores[b][cols]).max()))
+        d_boxes = max(d_boxes, float(np.abs(ref_boxes[b][rows] - boxes[b][cols]).max()))
+    return {
+        "batch": int(x.shape[0]),
+        "max_abs_diff_scores": d_scores,
+        "max_abs_diff_boxes": d_boxes,
+        "queries_in_another_order": reordered,
+        "onnxruntime": ort.__version__,
+    }
+
+
+def postprocess_onnx(
+    scores: Any, boxes: Any, sizes: list[tuple[int, int]], max_dets: int = 300
+) -> list[dict[str, torch.Tensor]]:
+    """ONNX outputs -> per-image ``{"scores", "labels", "boxes"}`` (xyxy pixels), best first:
+    the same top-k over (query, class) pairs as `evaluate.postprocess`."""
+    s = torch.as_tensor(scores)
+    b = torch.as_tensor(boxes)
+    n, q, k = s.shape
+    out = []
+    for i in range(n):
+        top, idx = s[i].flatten().topk(min(q, max_dets))
+        h, w = sizes[i]
+        xyxy = b[i][idx // k] * torch.tensor([w, h, w, h], dtype=b.dtype)
+        out.append({"scores": top, "labels": idx % k, "boxes": xyxy})
+    return out
+
+
+# ---- model card ---------------------------------------------------------------------------
+
+
+def _read_metrics(path: str | Path) -> dict[str, Any]:
+    from defectfusion.data.coco import load_json
+
+    m = load_json(path)
+    if not isinstance(m, dict) or "map" not in m:
+        raise UserError(f"{path}: not a metrics file written by `defectfusion evaluate` (no 'map')")
+    return m
+
+
+HEADLINE = ("map", "map50", "map75", "ar_100", "critical_recall", "critical_recall50", "composite")
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {k: metrics.get(k) for k in HEADLINE if k in metrics}
+    for k in ("n_images", "data", "checkpoint"):
+        if k in metrics:
+            out[k] = metrics[k]
+    return out
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str) -> str:
+    """README.md of an export: what the model is, its data, its test metrics, limits, citation."""
+    cfg = meta.get("config") or {}
+    data = cfg.get("data") or {}
+    dataset = (cfg.get("pipeline") or {}).get("dataset") or {}
+    phase = int(meta.get("phase", 1))
+    names = list(meta["class_names"])
+    critical = [names[i] for i in meta.get("critical_classes", []) if 0 <= i < len(names)]
+    s = meta["image_size"]
+    title = f"defectfusion {meta.get('preset', 'DEIMv2')} (Phase {phase})"
+    lines = [
+        "---",
+        "license: mit",
+        "library_name: " + ("transformers" if phase == 1 and fmt == "hf" else "defectfusion"),
+        "pipeline_tag: object-detection",
+        "tags: [object-detection, deimv2, defect-detection, defectfusion]",
+        "---",
+        "",
+        f"# {title}",
+        "",
+        "A surface-defect detector trained with defectfusion, "
+        "the reproducible artifact of a thesis on industrial surface-defect detection. "
+        + (
+            "Phase 1: transformers' `Deimv2ForObjectDetection` (DEIMv2, a real-time DETR), vision only."
+            if phase == 1
+            else "Phase 2: the Phase 1 DEIMv2 detector plus a residual vision-language fusion "
+            "(`L_final = L_base + alpha * S`, S the cosine similarity of the decoder queries "
+            "to frozen text embeddings of the class prompts)."
+        ),
+        "",
+        "## Model",
+        "",
+        f"- preset: `{meta.get('preset', '?')}`, {meta.get('parameters', '?'):,} parameters"
+        if isinstance(meta.get("parameters"), int)
+        else f"- preset: `{meta.get('preset', '?')}`",
+        f"- input: {s} x {s} RGB, resized without padding (non-square images are stretched), "
+        "scaled to [0, 1], normalised with the ImageNet mean and std",
+        f"- classes ({len(names)}): " + ", ".join(f"{i} `{n}`" for i, n in enumerate(names)),
+        f"- critical classes (recall reported separately): {', '.join(critical) or 'none'}",
+    ]
+    if phase == 2:
+        text = meta.get("text") or {}
+        lines.append(
+            f"- text encoder: {text.get('encoder', '?')} ({text.get('weights', '?')}); "
+            f"variant: {meta.get('variant', {})}"
+        )
+    if "epoch" in meta:
+        lines.append(f"- checkpoint: epoch {meta['epoch']}, selected on validation {_val(meta)}")
+    lines += [
+        "",
+        "## Training data",
+        "",
+        f"- dataset: `{data.get('dir', '?')}`"
+        + (f", made by the pipeline as `{dataset.get('kind')}`" if dataset.get("kind") else ""),
+    ]
+    if dataset.get("kind") == "synth":
+        lines.append(
+            "- the procedural metal-surface dataset of defectfusion (the config asks for "
+            f"{dataset.get('n_train')}/{dataset.get('n_val')}/{dataset.get('n_test')} "
+            f"train/val/test images, seed {dataset.get('seed')}): synthetic images, not "
+            "photographs of real parts"
+        )
+    epochs = (cfg.get(f"phase{phase}") or {}).get("epochs")
+    if epochs is not None:
+        lines.append(f"- schedule: {epochs} epochs (see `defectfusion.json`, `meta.config`)")
+    lines += ["", "## Test metrics", ""]
+    if metrics is None:
+        lines.append("Not given at export (`defectfusion export --metrics TEST_METRICS.json`).")
+    else:
+        lines += [
+            f"On `{metrics.get('data', '?')}` ({metrics.get('n_images', '?')} images), COCO "
+            "evaluation (faster-coco-eval), maxDets 100:",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *(f"| {k} | {_fmt(metrics.get(k))} |" for k in HEADLINE if k in metrics),
+        ]
+        per_class = metrics.get("per_class") or {}
+        if per_class:
+            lines += ["", "| class | AP | AP50 | recall | GT boxes |", "|---|---|---|---|---|"]
+            lines += [
+                f"| {n} | {_fmt(v.get('ap'))} | {_fmt(v.get('ap50'))} | {_fmt(v.get('recall'))} | {v.get('n_gt')} |"
+                for n, v in per_class.items()
+            ]
+    lines += ["", "## Use", ""]
+    if fmt == "onnx":
+        lines += [
+            "```python",
+            "import numpy as np, onnxruntime as ort",
+            "session = ort.InferenceSession('model.onnx')",
+            f"# pixel_values: float32 [B, 3, {s}, {s}], the image resized to {s} x {s},",
+            "# divided by 255, minus mean, divided by std (see defectfusion.json: onnx.mean/std)",
+            "scores, boxes = session.run(['scores', 'boxes'], {'pixel_values': pixel_values})",
+            "# scores [B, Q, K]: probabilities per query and class; boxes [B, Q, 4]: x0, y0, x1, y1",
+            "# as fractions of the image: multiply by (width, height, width, height)",
+            "```",
+        ]
+    elif phase == 1:
+        lines += [
+            "```python",
+            "from transformers import pipeline",
+            "detector = pipeline('object-detection', model='PATH/TO/THIS/FOLDER')",
+            "detector('image.png', threshold=0.3)",
+            "```",
+            "",
+            "or `defectfusion predict --checkpoint PATH/TO/THIS/FOLDER --images DIR --out OUT --draw`, "
+            "or `defectfusion.load('PATH/TO/THIS/FOLDER').predict(['image.png'])`.",
+        ]
+    else:
+        lines += [
+            "```python",
+            "import defectfusion",
+            "detector = defectfusion.load('PATH/TO/THIS/FOLDER')",
+            "detector.predict(['image.png'], threshold=0.3)",
+            "```",
+            "",
+            "The fusion is defectfusion's module (forward hooks on DEIMv2's class heads), so this "
+            "folder needs the `defectfusion` package; transformers alone would run it without "
+            "the text branch.",
+        ]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Trained on the data above only: expect lower accuracy on other materials, cameras, "
+        "lighting or defect types; check it on your own labelled images before relying on it.",
+        f"- The input is resized to {s} x {s}: defects a few pixels wide in large images may "
+        "vanish; non-square images are stretched.",
+        "- Images are read as 8-bit RGB (16-bit images are scaled down, alpha is dropped).",
+        "- Scores are not calibrated probabilities; pick the threshold on validation data. "
+        "A missed defect can be costly: it is an aid to inspection, not a replacement for it.",
+    ]
+    if metrics is not None and (metrics.get("map") or 0) < 0.1:
+        lines.append(
+            "- Its test mAP is very low: this is a demonstration model (e.g. a CPU or CI run), "
+            "not one to use for inspection."
+        )
+    lines += [
+        "",
+        "## Citation",
+        "",
+        "Cite the thesis and this artifact (`CITATION.cff` in the defectfusion repository):",
+        "",
+        "```bibtex",
+        "@thesis{defectfusion_thesis,",
+        "  author = {{the defectfusion authors}},",
+        "  title = {Detección de defectos superficiales con fusión visión-lenguaje}",
+        "}",
+        "@software{defectfusion,",
+        "  author = {{the defectfusion authors}},",
+        "  title = {defectfusion: DEIMv2 + DINOv3 defect detection with residual vision-language fusion},",
+        f"  version = {{{meta.get('defectfusion_version', __version__)}}},",
+        "  license = {MIT}",
+        "}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _val(meta: dict[str, Any]) -> str:
+    val = meta.get("val") or {}
+    keys = [k for k in ("map", "composite") if isinstance(val.get(f"val_{k}"), int | float)]
+    selected = (
+        (meta.get("config") or {}).get(f"phase{meta.get('phase', 1)}", {}).get("select_metric")
+    )
+    what = f"{selected}; " if selected else ""
+    return what + (", ".join(f"{k} {val[f'val_{k}']:.3f}" for k in keys) or "metrics")
+
+
+# ---- writing a folder atomically ----------------------------------------------------------
+
+
+def _into_folder(out: Path, write: Any) -> dict[str, Any]:
+    """Write into a fresh folder beside `out`, then put it in place of `out`.
+
+    An existing `out` is replaced only if it is empty or an earlier export (it has
+    ``defectfusion.json``): never a folder of the user's other files.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise UserError(f"--out {out}: folder exists and is not an earlier export; choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        info = write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return info

@@ -1,0 +1,496 @@
+"""`defectfusion postmortem`: what each candidate cause of the thesis's epoch-1 drop does.
+
+The thesis saw Phase 2's validation mAP fall from 0.785 (Phase 1) to 0.671 after one epoch
+of a zero-start fusion, which should have started exactly at Phase 1. Each Phase 2 variant
+of `pipeline.variants` switches one candidate cause on (or off) against the adopted
+zero-start. This stage measures, with intervals that cover both the images and the Phase 2
+seeds (`defectfusion.bootstrap`, hierarchical bootstrap):
+
+- ``drift``: epoch 1 and the last epoch minus Phase 1, on the same images (val: the
+  thesis's setting; test), per variant; the val-selected checkpoint ("best") on test too;
+- ``contrasts``: every variant against Phase 1, and every other variant against the
+  adopted zero-start (paired by seed), for every metric, split and checkpoint;
+- ``verdict`` per variant (hypothesis): "drop" when the epoch-1 val mAP drift's interval
+  lies below 0, "rise" above, "no_change" when it contains 0, with its size beside the
+  thesis's drop;
+- the operating point: each critical class's recall at score >= eval.score_threshold and
+  IoU eval.iou_match, with intervals; and score calibration: that recall over a sweep of
+  score thresholds, and the mean score of the true positives (MAL trains a positive's
+  score toward its IoU, focal loss toward 1: a loss switch moves fixed-threshold recall).
+
+Every prediction set is matched once and evaluated on the same image replicates (one per
+split), and the seed replicates are shared, so each set's metrics are computed once.
+
+Output schema (``results/postmortem.json``)::
+
+    {"n_boot", "seed", "ci_level": 95, "seconds": wall time of the stage, "cpu_seconds",
+     "n_sets": prediction sets read,
+     "seeds": Phase 2 seeds, "adopted": the adopted variant, "variants": [names],
+     "critical_classes": [names], "composite_weights", "n_images": {"val", "test"},
+     "operating_point": {"score_threshold", "iou"},
+     "metrics": [metric names: map, critical_recall, composite, map50, critical_recall50,
+                 op_recall_critical (mean over critical classes), op_recall_<class>],
+     "covers": {"vs_phase1", "vs_adopted", "phase1_values", "phase2_values"}: what the
+               intervals of each kind resample and what they do not,
+     "thesis": {"phase1", "epoch1", "drop", "source"},
+     "phase1": {split: {metric: {"value", "ci"}}},
+     "phase2": {variant: {
+         "values": {which: {split: {metric: {"value": mean over seeds, "ci", "per_seed"}}}},
+         "drift": {"epoch1"|"final": {"val"|"test": {metric: {"diff", "ci", "n_seeds",
+                   "n_valid", "frac_gt_0", "value_a", "value_b", "verdict"}}},
+                   "best": {"test": {...}}},
+         "verdict": {"outcome": "drop"|"rise"|"no_change"|"no_data", "drop", "rise",
+                     "no_change": booleans of the same, "metric": "map", "split": "val",
+                     "which": "epoch1", "diff", "ci", "thesis_drop", "ratio_to_thesis",
+                     "test": outcome of the epoch-1 test drift, "final": of the last-epoch
+                     val drift, "vs_adopted": outcome of this variant minus the adopted one
+                     at epoch 1 on val (null for the adopted one)},
+         "history": {"epoch1_val_map": [per seed], "final_epoch": [per seed],
+                     "max_abs_diff_epoch1": |history - recomputed| (a consistency check)}}},
+     "contrasts": [{"a", "b", "metric", "split", "which", "diff", "ci", "n_seeds", "n_valid",
+                    "frac_b_gt_a", "verdict", "covers"}],
+     "calibration": {"thresholds", "iou", "phase1": {split: CAL}, "phase2": {variant:
+                     {which: {split: CAL}}}}, CAL = {"critical": [recall per threshold],
+                     "per_class": {class: [...]}, "tp_score_mean"} (mean over seeds),
+     "outcome": {"adopted_drop", "drop_variants", "n_drop", "rise_variants", "n_rise",
+                 "removing_variants", "n_removing", "explained", "no_drop", "open"}}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from defectfusion.bootstrap import (
+    CI_LEVEL,
+    EXTRA,
+    METRICS,
+    PerImageEval,
+    SetMetrics,
+    _iou_index,
+    check_critical,
+    contrast,
+    drift,
+    hierarchical_diff,
+    image_replicates,
+    metric_key,
+    seed_replicates,
+    verdict,
+)
+from defectfusion.data.coco import load_json
+from defectfusion.errors import UserError
+from defectfusion.evaluate import _check_results
+from defectfusion.fsutil import atomic_write_json
+from defectfusion.report import (
+    ADOPTED_VARIANT,
+    PHASE1_PREDICTIONS,
+    PHASE2_PREDICTIONS,
+    Layout,
+)
+
+SPLITS = ("val", "test")
+WHICH = ("best", "epoch1", "final")
+# The thesis's epoch-1 drop (THESIS.md, "Initialisation" and "What the Phase 2 run showed":
+# 0.785 -> 0.671 on validation), used when thesis_figures.yaml does not give both ends.
+THESIS_PHASE1, THESIS_EPOCH1 = 0.785, 0.671
+THESIS_FIGURES = Path("thesis/thesis_figures.yaml")
+SWEEP = tuple(round(float(t), 2) for t in np.arange(0.05, 1.0, 0.05))
+
+
+def thesis_drop(path: Path = THESIS_FIGURES) -> dict[str, Any]:
+    """The thesis's epoch-1 change of val mAP, from thesis_figures.yaml when it has both ends."""
+    try:
+        fig = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        p1 = float(fig["map_phase1"]["value"])
+        e1 = float(fig["map_epoch1_zero_start"]["value"])
+        source = f"{path}: map_epoch1_zero_start - map_phase1"
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        p1, e1, source = THESIS_PHASE1, THESIS_EPOCH1, "THESIS.md (constant in postmortem.py)"
+    return {"phase1": p1, "epoch1": e1, "drop": round(e1 - p1, 6), "source": source}
+
+
+def _covers(n_seeds: int) -> dict[str, str]:
+    seeds = (
+        f"the {n_seeds} Phase 2 seeds"
+        if n_seeds > 1
+        else "nothing of Phase 2's training (one seed: its variance is not covered)"
+    )
+    return {
+        "vs_phase1": (
+            f"the images of the split and {seeds}, resampled; conditional on the one "
+            "Phase 1 training run (its training variance is not covered)"
+        ),
+        "vs_adopted": f"the images of the split and {seeds} (paired by seed), resampled",
+        "phase1_values": "the images of the split only (one Phase 1 training run)",
+        "phase2_values": f"the images of the split and {seeds}, resampled",
+    }
+
+
+def _load(path: str, gt: dict[str, Any]) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found (the post-mortem needs every prediction set)")
+    results = load_json(path)
+    if not isinstance(results, list):
+        raise UserError(f"{path}: expected a COCO results list")
+    try:
+        _check_results(gt, results)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return results
+
+
+def _history(path: str) -> list[dict[str, Any]]:
+    from defectfusion.report.summary import read_jsonl
+
+    return read_jsonl(path)
+
+
+class _Sets:
+    """Reads and evaluates every prediction set on shared replicates."""
+
+    def __init__(self, values: dict[str, Any], layout: Layout, n_boot: int, seed: int):
+        self.layout = layout
+        self.critical = [int(c) for c in values["data"]["critical_classes"]]
+        self.weights = dict(values["eval"]["composite_weights"])
+        self.threshold = float(values["eval"]["score_threshold"])
+        self.iou = float(values["eval"]["iou_match"])
+        _iou_index(self.iou)  # a bad eval.iou_match fails before anything is read
+        rng = np.random.default_rng(seed)
+        self.gt, self.counts = {}, {}
+        for split in SPLITS:
+            gt = load_json(layout.split(split))
+            check_critical(gt, self.critical)
+            self.gt[split] = gt
+            self.counts[split] = image_replicates(len(gt["images"]), n_boot, rng)
+        self.seed_idx = seed_replicates(len(layout.seeds), n_boot, rng)
+        cats = self.gt["test"]["categories"]
+        self.names = {c["id"]: c["name"] for c in cats}
+        self.op_keys = [metric_key(self.names[k]) for k in self.critical]
+        self.metrics = [*METRICS, *EXTRA, "op_recall_critical", *self.op_keys]
+        self.n_sets = 0
+        self.cpu_match = 0.0  # CPU seconds over every process (the workers' included)
+        self.cpu_replicates = 0.0
+
+    def evaluate(self, path: str, split: str) -> tuple[SetMetrics, dict[str, Any], float, float]:
+        """The set's metrics on every replicate, its calibration on the full split, and the
+        CPU seconds of reading and matching it and of its replicates."""
+        gt = self.gt[split]
+        t0 = time.process_time()
+        ev = PerImageEval(gt, _load(path, gt))
+        t1 = time.process_time()
+        sm = SetMetrics.compute(
+            ev, self.counts[split], self.critical, self.weights, self.names,
+            self.threshold, self.iou,
+        )  # fmt: skip
+        cal = self.calibration(ev)
+        return sm, cal, t1 - t0, time.process_time() - t1
+
+    def evaluate_all(
+        self, jobs: list[tuple[str, str]], workers: int
+    ) -> list[tuple[SetMetrics, dict[str, Any]]]:
+        """`evaluate` of each (path, split), in order; with ``workers > 1``, in that many
+        processes (each set is independent: the replicates are drawn here, once)."""
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: no fork of a process that may hold BLAS or torch threads
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(self,)
+            ) as pool:
+                done = list(pool.map(_evaluate_job, jobs))
+        else:
+            done = [self.evaluate(path, split) for path, split in jobs]
+        for _, _, match, reps in done:
+            self.cpu_match += match
+            self.cpu_replicates += reps
+        self.n_sets += len(done)
+        return [(sm, cal) for sm, cal, _, _ in done]
+
+    def calibration(self, ev: PerImageEval) -> dict[str, Any]:
+        sweep = ev.recall_at(None, SWEEP, self.iou, self.critical)
+        per_class = {self.names[k]: _floats(sweep[k][0]) for k in self.critical}
+        stack = np.stack([sweep[k][0] for k in self.critical])  # NaN: no box of the class
+        ok = ~np.isnan(stack)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            crit = np.where(ok, stack, 0.0).sum(axis=0) / ok.sum(axis=0)
+        t = _iou_index(self.iou)
+        tp_scores = np.concatenate([c.scores[c.tp[t]] for c in ev.per_class])
+        return {
+            "critical": _floats(crit),
+            "per_class": per_class,
+            "tp_score_mean": float(tp_scores.mean()) if tp_scores.size else None,
+        }
+
+
+_WORKER: _Sets | None = None  # a worker process's copy (set by _init_worker)
+
+
+def _init_worker(sets: _Sets) -> None:
+    global _WORKER
+    _WORKER = sets
+
+
+def _evaluate_job(job: tuple[str, str]) -> tuple[SetMetrics, dict[str, Any], float, float]:
+    if _WORKER is None:
+        raise RuntimeError("postmortem worker not initialised")
+    return _WORKER.evaluate(*job)
+
+
+def _floats(a: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(x) else float(x) for x in np.asarray(a, dtype=np.float64)]
+
+
+def _mean_lists(lists: Sequence[Sequence[float | None]]) -> list[float | None]:
+    out = []
+    for vals in zip(*lists, strict=True):
+        ok = [v for v in vals if v is not None]
+        out.append(float(np.mean(ok)) if ok else None)
+    return out
+
+
+def _mean_cal(cals: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    scores = [c["tp_score_mean"] for c in cals if c["tp_score_mean"] is not None]
+    return {
+        "critical": _mean_lists([c["critical"] for c in cals]),
+        "per_class": {
+            k: _mean_lists([c["per_class"][k] for c in cals]) for k in cals[0]["per_class"]
+        },
+        "tp_score_mean": float(np.mean(scores)) if scores else None,
+    }
+
+
+def run_postmortem(
+    values: dict[str, Any],
+    out: str | Path,
+    results: str = "results",
+    n_boot: int | None = None,
+    seed: int | None = None,
+    thesis_figures: Path = THESIS_FIGURES,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """Measure drifts, contrasts and verdicts (module docstring) and write `out`; `jobs`
+    processes read and evaluate the prediction sets."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    layout = Layout.from_config(values, results)
+    if not layout.variants:
+        raise UserError("pipeline.variants: no Phase 2 variant to examine")
+    n_boot = int(values.get("pipeline", {}).get("bootstrap", 1000) if n_boot is None else n_boot)
+    if n_boot < 1:
+        raise UserError(f"n_boot={n_boot}: need at least 1 bootstrap replicate")
+    seed = int(values.get("seed", 0) if seed is None else seed)
+    sets = _Sets(values, layout, n_boot, seed)
+    adopted = ADOPTED_VARIANT if ADOPTED_VARIANT in layout.variants else layout.variants[0]
+    covers = _covers(len(layout.seeds))
+    metrics = sets.metrics
+
+    # Every file is checked to exist before minutes of work.
+    p1_jobs = [(layout.phase1(layout.main, n), split) for split, n in PHASE1_PREDICTIONS.items()]
+    p2_keys = [
+        (v, sw, s) for v in layout.variants for sw in PHASE2_PREDICTIONS for s in layout.seeds
+    ]
+    p2_jobs = [(layout.phase2(v, s, PHASE2_PREDICTIONS[sw]), sw[0]) for v, sw, s in p2_keys]
+    for path, _ in [*p1_jobs, *p2_jobs]:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: file not found (the post-mortem needs every prediction set)")
+    done = sets.evaluate_all([*p1_jobs, *p2_jobs], jobs)
+    phase1: dict[str, SetMetrics] = {}
+    cal1: dict[str, Any] = {}
+    for split, (sm, cal) in zip(PHASE1_PREDICTIONS, done[: len(p1_jobs)], strict=True):
+        phase1[split], cal1[split] = sm, cal
+    # per variant: (split, which) -> one SetMetrics per seed
+    p2: dict[str, dict[tuple[str, str], list[SetMetrics]]] = {}
+    cal2: dict[str, dict[str, dict[str, Any]]] = {}
+    by_key = dict(zip(p2_keys, done[len(p1_jobs) :], strict=True))
+    for v in layout.variants:
+        p2[v], cal2[v] = {}, {}
+        for split, which in PHASE2_PREDICTIONS:
+            evaluated = [by_key[v, (split, which), s] for s in layout.seeds]
+            p2[v][split, which] = [sm for sm, _ in evaluated]
+            cal2[v].setdefault(which, {})[split] = _mean_cal([c for _, c in evaluated])
+
+    idx = sets.seed_idx
+    thesis = thesis_drop(thesis_figures)
+    one = np.zeros((n_boot, 1), dtype=np.int64)  # Phase 1: one run, images resampled only
+    out_p1 = {split: {m: _value([sm], one, m) for m in metrics} for split, sm in phase1.items()}
+    out_p2: dict[str, Any] = {}
+    contrasts: list[dict[str, Any]] = []
+    for v in layout.variants:
+        vals: dict[str, Any] = {}
+        drifts: dict[str, Any] = {}
+        for (split, which), group in p2[v].items():
+            vals.setdefault(which, {})[split] = {m: _value(group, idx, m) for m in metrics}
+            d = drift(group, phase1[split], idx, metrics)
+            drifts.setdefault(which, {})[split] = {
+                m: {**x, "verdict": verdict(x["ci"])} for m, x in d.items()
+            }
+            for m, x in d.items():
+                contrasts.append(
+                    {"a": "phase1", "b": v, "metric": m, "split": split, "which": which,
+                     **_contrast_fields(x), "covers": covers["vs_phase1"]}
+                )  # fmt: skip
+            if v != adopted:
+                c = contrast(p2[adopted][split, which], group, idx, metrics)
+                for m, x in c.items():
+                    contrasts.append(
+                        {"a": adopted, "b": v, "metric": m, "split": split, "which": which,
+                         **_contrast_fields(x), "covers": covers["vs_adopted"]}
+                    )  # fmt: skip
+        out_p2[v] = {
+            "values": vals,
+            "drift": drifts,
+            "verdict": _verdict(v, adopted, drifts, contrasts, thesis["drop"]),
+            "history": _history_check(layout, v, vals),
+        }
+
+    outcome = _outcome(out_p2, adopted)
+    seconds = time.perf_counter() - start
+    # on a shared machine, what the stage itself used (its workers' sets included)
+    cpu = (
+        time.process_time() - cpu_start + (sets.cpu_match + sets.cpu_replicates if jobs > 1 else 0)
+    )
+    result = {
+        "n_boot": n_boot,
+        "seed": seed,
+        "ci_level": int(CI_LEVEL),
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu, 3),
+        "n_sets": sets.n_sets,
+        "seeds": list(layout.seeds),
+        "adopted": adopted,
+        "variants": list(layout.variants),
+        "critical_classes": [sets.names[k] for k in sets.critical],
+        "composite_weights": sets.weights,
+        "n_images": {s: len(sets.gt[s]["images"]) for s in SPLITS},
+        "operating_point": {"score_threshold": sets.threshold, "iou": sets.iou},
+        "metrics": list(metrics),
+        "covers": covers,
+        "thesis": thesis,
+        "phase1": out_p1,
+        "phase2": out_p2,
+        "contrasts": contrasts,
+        "calibration": {
+            "thresholds": list(SWEEP),
+            "iou": sets.iou,
+            "phase1": cal1,
+            "phase2": cal2,
+        },
+        "outcome": outcome,
+    }
+    atomic_write_json(out, result)
+    print(
+        f"postmortem: {sets.n_sets} prediction sets x {n_boot} replicates in {seconds:.1f} s "
+        f"with {jobs} process(es), {cpu:.1f} s of CPU (reading and matching "
+        f"{sets.cpu_match:.1f} s, replicates {sets.cpu_replicates:.1f} s)"
+    )
+    for v in layout.variants:
+        vd = out_p2[v]["verdict"]
+        lo, hi = vd["ci"]
+        ci = "no interval" if lo is None else f"[{lo:+.4f}, {hi:+.4f}]"
+        diff = "n/a" if vd["diff"] is None else f"{vd['diff']:+.4f}"
+        print(f"  {v:16s} epoch-1 val mAP drift {diff} {ci}: {vd['outcome']}")
+    return result
+
+
+def _value(group: Sequence[SetMetrics], idx: np.ndarray, m: str) -> dict[str, Any]:
+    """A metric's value (mean over seeds), its interval, and each seed's value."""
+    h = hierarchical_diff(group, None, idx, m)
+    return {"value": h["diff"], "ci": h["ci"], "per_seed": [sm.full.get(m) for sm in group]}
+
+
+def _contrast_fields(x: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "diff": x["diff"],
+        "ci": x["ci"],
+        "n_seeds": x["n_seeds"],
+        "n_valid": x["n_valid"],
+        "frac_b_gt_a": x["frac_gt_0"],
+        "verdict": verdict(x["ci"]),
+    }
+
+
+def _verdict(
+    v: str,
+    adopted: str,
+    drifts: dict[str, Any],
+    contrasts: list[dict[str, Any]],
+    thesis: float,
+) -> dict[str, Any]:
+    """The hypothesis "this variant reproduces the epoch-1 drop": the val mAP drift at
+    epoch 1 (the thesis's measurement), with the test and last-epoch outcomes beside it."""
+    main = drifts["epoch1"]["val"]["map"]
+    outcome = verdict(main["ci"])
+    vs = next(
+        (
+            c for c in contrasts
+            if c["a"] == adopted and c["b"] == v and c["metric"] == "map"
+            and c["split"] == "val" and c["which"] == "epoch1"
+        ),
+        None,
+    )  # fmt: skip
+    return {
+        "outcome": outcome,
+        "drop": outcome == "drop",
+        "rise": outcome == "rise",
+        "no_change": outcome == "no_change",
+        "metric": "map",
+        "split": "val",
+        "which": "epoch1",
+        "diff": main["diff"],
+        "ci": main["ci"],
+        "thesis_drop": thesis,
+        "ratio_to_thesis": None if main["diff"] is None else main["diff"] / thesis,
+        "test": verdict(drifts["epoch1"]["test"]["map"]["ci"]),
+        "final": verdict(drifts["final"]["val"]["map"]["ci"]),
+        "vs_adopted": None if vs is None else vs["verdict"],
+    }
+
+
+def _outcome(p2: dict[str, Any], adopted: str) -> dict[str, Any]:
+    """Which hypotheses reproduce a drop, and what the book can conclude from them."""
+    drops = [v for v in p2 if v != adopted and p2[v]["verdict"]["drop"]]
+    rises = [v for v in p2 if v != adopted and p2[v]["verdict"]["rise"]]
+    adopted_drop = bool(p2[adopted]["verdict"]["drop"])
+    # With a drop in the adopted recipe: the controls whose epoch-1 val mAP is above the
+    # adopted one's and that do not drop themselves (switching their factor removes it).
+    removing = [
+        v for v in p2
+        if v != adopted and p2[v]["verdict"]["vs_adopted"] == "rise"
+        and not p2[v]["verdict"]["drop"]
+    ] if adopted_drop else []  # fmt: skip
+    explained = (bool(drops) and not adopted_drop) or (adopted_drop and bool(removing))
+    return {
+        "adopted_drop": adopted_drop,
+        "drop_variants": drops,
+        "n_drop": len(drops),
+        "rise_variants": rises,
+        "n_rise": len(rises),
+        "removing_variants": removing,
+        "n_removing": len(removing),
+        "explained": explained,
+        "no_drop": not drops and not adopted_drop,
+        "open": not explained,
+    }
+
+
+def _history_check(layout: Layout, v: str, vals: dict[str, Any]) -> dict[str, Any]:
+    """history.jsonl's epoch-1 val mAP (the trainer's evaluation) beside the recomputed one."""
+    epoch1, final = [], []
+    for s in layout.seeds:
+        rows = _history(layout.phase2(v, s, "history.jsonl"))
+        row1 = next((r for r in rows if r.get("epoch") == 1), {})
+        epoch1.append(row1.get("val_map"))
+        final.append(max((int(r["epoch"]) for r in rows if "epoch" in r), default=None))
+    recomputed = vals["epoch1"]["val"]["map"]["per_seed"]
+    diffs = [abs(a - b) for a, b in zip(epoch1, recomputed, strict=True) if None not in (a, b)]
+    return {
+        "epoch1_val_map": epoch1,
+        "final_epoch": final,
+        "max_abs_diff_epoch1": max(diffs) if diffs else None,
+    }

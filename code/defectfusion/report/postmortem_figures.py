@@ -1,0 +1,213 @@
+"""The post-mortem's figures (issue 13), drawn by `report.figures` like the others.
+
+=====================  =====================================================================
+``postmortem_forest``  forest plot of the hypotheses (results/postmortem.json): per variant,
+                       the mAP difference with its 95 % interval (hierarchical bootstrap over
+                       Phase 2 seeds and images) (a) at epoch 1 on val against Phase 1, beside
+                       the thesis's epoch-1 change as a reference line, (b) the val-selected
+                       checkpoint on test against Phase 1, (c) at epoch 1 on val against the
+                       adopted zero-start; a filled marker when the interval excludes 0
+``postmortem_drift``   val mAP by epoch as the change from epoch 0 (before any update), one
+                       panel per variant: mean over seeds with a min-max band, the adopted
+                       variant's mean in grey beside it, and the thesis's epoch-1 change (a
+                       cross; its value in the title when it would flatten the data)
+=====================  =====================================================================
+
+Labels are in Spanish, like the book; numbers in the text use the book's conventions
+(decimal point, U+2212 minus). Each function takes the figures' context (``values`` and
+``layout``) and returns a matplotlib Figure; `report.figures` applies the style and saves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from defectfusion.data.coco import load_json
+from defectfusion.errors import UserError
+from defectfusion.report import (
+    PHASE1_COLOR,
+    THESIS_FIGURES,
+    Layout,
+    model_color,
+    variant_name_es,
+)
+
+WIDTH = 6.3  # inches: the thesis's text width, as report.figures
+GREY = "#777777"
+
+
+def num(value: float, spec: str = ".3f") -> str:
+    """A number as the book prints it: decimal point, U+2212 minus, no signed zero."""
+    text = format(value, spec)
+    if float(text) == 0:
+        text = text.lstrip("+-")
+    return text.replace("-", "\u2212")
+
+
+def _postmortem(layout: Layout) -> dict[str, Any]:
+    pm = load_json(layout.postmortem)
+    missing = [v for v in layout.variants if v not in pm.get("phase2", {})]
+    if missing:
+        raise UserError(
+            f"{layout.postmortem}: no results for variant(s) {', '.join(missing)}; "
+            "rerun `defectfusion postmortem`"
+        )
+    return pm
+
+
+def _interval(ax: Any, y: float, d: dict[str, Any] | None, color: str) -> None:
+    """One row of a forest plot: the difference and its interval; hollow when it contains 0."""
+    if not d or d.get("diff") is None:
+        return
+    lo, hi = d["ci"]
+    if lo is not None:
+        ax.plot([lo, hi], [y, y], color=color, lw=1.6, solid_capstyle="butt")
+    excludes = lo is not None and (hi < 0 or lo > 0)
+    ax.plot(
+        [d["diff"]], [y], marker="o", ms=5, color=color,
+        markerfacecolor=color if excludes else "white", markeredgewidth=1.3, ls="none",
+    )  # fmt: skip
+
+
+def postmortem_forest(ctx: Any) -> Figure:
+    layout: Layout = ctx.layout
+    pm = _postmortem(layout)
+    variants = list(layout.variants)
+    adopted = pm["adopted"]
+    thesis = pm["thesis"]["drop"]
+    fig = Figure(figsize=(WIDTH, 0.9 + 0.28 * len(variants)), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True, squeeze=False)[0]
+    ys = np.arange(len(variants))[::-1]  # the first variant on top
+    panels = [
+        ("(a) época 1, validación,\nmenos la Fase 1", "epoch1", "val", "phase1"),
+        ("(b) mejor época, prueba,\nmenos la Fase 1", "best", "test", "phase1"),
+        (f"(c) época 1, validación, menos\n«{variant_name_es(adopted).lower()}»",
+         "epoch1", "val", "adopted"),
+    ]  # fmt: skip
+    for ax, (title, which, split, against) in zip(axes, panels, strict=True):
+        for y, v in zip(ys, variants, strict=True):
+            color = model_color(v, order=variants)
+            if against == "phase1":
+                d = pm["phase2"][v]["drift"][which][split]["map"]
+            else:
+                d = next(
+                    (
+                        c for c in pm["contrasts"]
+                        if (c["a"], c["b"], c["metric"], c["split"], c["which"])
+                        == (adopted, v, "map", split, which)
+                    ),
+                    None,
+                )  # fmt: skip
+            _interval(ax, y, d, color)
+        ax.axvline(0.0, color=PHASE1_COLOR, lw=0.8, zorder=0)
+        if which == "epoch1" and against == "phase1":
+            ax.axvline(thesis, color=GREY, ls=(0, (4, 2)), lw=1.0, zorder=0)
+            ax.annotate(
+                f" tesis: {num(thesis)}", xy=(thesis, 0.02), xycoords=("data", "axes fraction"),
+                ha="left", va="bottom", fontsize=6.5, color=GREY,
+            )  # fmt: skip
+        ax.set_title(title, fontsize=7.5)
+        ax.set_xlabel("Δ mAP@[.50:.95]")
+        ax.grid(axis="y", visible=False)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)  # U+2212 minus, decimal point
+    axes[0].set_yticks(ys, [variant_name_es(v) for v in variants])
+    axes[0].set_ylim(-0.7, len(variants) - 0.3)
+    n = len(pm["seeds"])
+    fig.suptitle(
+        f"Intervalos del 95 % sobre imágenes y {n} semilla{'s' if n != 1 else ''} de la Fase 2 "
+        "(marcador relleno: el intervalo excluye el 0)",
+        fontsize=7.5,
+    )
+    return fig
+
+
+def _deltas(layout: Layout, variant: str) -> tuple[list[int], np.ndarray]:
+    """Epochs and ``[seeds, epochs]`` val mAP minus epoch 0 (NaN where a seed stopped)."""
+    from defectfusion.report.summary import read_jsonl
+
+    rows = [read_jsonl(layout.phase2(variant, s, "history.jsonl")) for s in layout.seeds]
+    epochs = sorted({int(r["epoch"]) for h in rows for r in h if r.get("val_map") is not None})
+    out = np.full((len(rows), len(epochs)), np.nan)
+    for i, h in enumerate(rows):
+        by = {int(r["epoch"]): r["val_map"] for r in h if r.get("val_map") is not None}
+        if 0 not in by:
+            where = layout.phase2(variant, layout.seeds[i], "history.jsonl")
+            raise UserError(f"{where}: no epoch-0 val_map (the evaluation before any update)")
+        for j, e in enumerate(epochs):
+            if e in by:
+                out[i, j] = by[e] - by[0]
+    return epochs, out
+
+
+def postmortem_drift(ctx: Any) -> Figure:
+    layout: Layout = ctx.layout
+    variants = list(layout.variants)
+    adopted = layout.adopted[0]
+    thesis = _thesis_drop(layout)
+    data = {v: _deltas(layout, v) for v in variants}
+    cols = min(4, len(variants))
+    rows = -(-len(variants) // cols)
+    fig = Figure(figsize=(WIDTH, 0.4 + 1.55 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+    lows = [np.nanmin(d) for _, d in data.values() if np.isfinite(d).any()]
+    highs = [np.nanmax(d) for _, d in data.values() if np.isfinite(d).any()]
+    lo, hi = min([0.0, *lows]), max([0.0, *highs])
+    # The thesis's epoch-1 point on the same scale, unless it would flatten the data (then
+    # the title gives its value).
+    show_thesis = abs(thesis) <= 4 * max(hi - lo, 0.005)
+    if show_thesis:
+        lo, hi = min(lo, thesis), max(hi, thesis)
+    pad = max(0.01 - (hi - lo) / 2, 0.0) + 0.08 * (hi - lo)  # at least 0.02 high
+    lo, hi = lo - pad, hi + pad
+    for k, ax in enumerate(axes.flat):
+        if k >= len(variants):
+            ax.set_visible(False)
+            continue
+        v = variants[k]
+        epochs, d = data[v]
+        color = model_color(v, order=variants)
+        if v != adopted and adopted in data:
+            ea, da = data[adopted]
+            ax.plot(ea, np.nanmean(da, axis=0), color=GREY, ls="--", lw=1.0)
+        ax.plot(epochs, np.nanmean(d, axis=0), color=color, marker="o", ms=2.5)
+        if d.shape[0] > 1:
+            ax.fill_between(
+                epochs, np.nanmin(d, axis=0), np.nanmax(d, axis=0), color=color, alpha=0.2, lw=0
+            )
+        ax.axhline(0.0, color=PHASE1_COLOR, lw=0.7, zorder=0)
+        if show_thesis:
+            ax.plot([1], [thesis], marker="x", ms=6, color=PHASE1_COLOR, ls="none")
+        ax.set_title(variant_name_es(v), fontsize=7.5)
+        ax.set_ylim(lo, hi)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    for k, ax in enumerate(axes.flat[: len(variants)]):
+        if k + cols >= len(variants):  # the lowest panel of its column: its own epoch axis
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel("época")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("Δ mAP val. (época 0)")
+    n = len(layout.seeds)
+    band = f"; banda: mínimo y máximo de {n} semillas" if n > 1 else ""
+    where = "×" if show_thesis else f"fuera de escala, {num(thesis)}"
+    fig.suptitle(
+        f"Media de las semillas{band}; discontinua gris: «{variant_name_es(adopted).lower()}»; "
+        f"la tesis en la época 1: {where}",
+        fontsize=7.5,
+    )
+    return fig
+
+
+def _thesis_drop(layout: Layout) -> float:
+    from defectfusion.postmortem import thesis_drop
+
+    return float(thesis_drop(Path(THESIS_FIGURES))["drop"])
+
+
+DRAW = {"postmortem_forest": postmortem_forest, "postmortem_drift": postmortem_drift}

@@ -1,0 +1,223 @@
+"""Tests of defectfusion.bootstrap: exact COCO metrics of many replicates at once, the
+fixed-threshold recall, and the hierarchical bootstrap over seeds and images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectfusion.bootstrap import (
+    REC_THRS,
+    PerImageEval,
+    SetMetrics,
+    _needed_tp,
+    contrast,
+    drift,
+    hierarchical_diff,
+    image_replicates,
+    paired_bootstrap,
+    resample,
+    seed_replicates,
+    verdict,
+)
+from defectfusion.evaluate import coco_metrics
+from test_compare import CRITICAL, make_gt, noisy_predictions
+
+
+def materialise(counts: np.ndarray) -> np.ndarray:
+    """The sorted sample of image indices a row of counts stands for."""
+    return np.repeat(np.arange(len(counts)), counts.astype(np.int64))
+
+
+# ---- many replicates at once are the definition ------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_many_equals_coco_metrics_on_materialised_replicates(seed: int, ties: bool) -> None:
+    gt = make_gt(seed, n_images=20, crowd=True)
+    res = noisy_predictions(gt, seed, ties=ties)
+    ev = PerImageEval(gt, res)
+    counts = image_replicates(20, 4, np.random.default_rng(seed))
+    counts = np.vstack([np.ones(20), counts])  # row 0: the full set
+    many = ev.metrics_many(counts, CRITICAL)
+    for r, row in enumerate(counts):
+        g, p = (gt, res) if r == 0 else resample(gt, res, materialise(row))
+        ref = coco_metrics(g, p, CRITICAL)
+        for key, values in many.items():
+            if ref[key] is None:
+                assert np.isnan(values[r]), (key, r)
+            else:
+                assert values[r] == pytest.approx(ref[key], abs=1e-12), (key, r)
+
+
+def test_metrics_many_equals_the_one_replicate_path_bit_for_bit() -> None:
+    for seed, ties in ((4, False), (5, True)):
+        gt = make_gt(seed, n_images=25)
+        ev = PerImageEval(gt, noisy_predictions(gt, seed, ties=ties))
+        counts = image_replicates(25, 30, np.random.default_rng(seed))
+        many = ev.metrics_many(counts, CRITICAL, chunk=7)  # chunks do not change anything
+        for r, row in enumerate(counts):
+            one = ev.metrics(materialise(row), CRITICAL)
+            for key, value in one.items():
+                assert np.isnan(many[key][r]) if value is None else many[key][r] == value, key
+
+
+def test_needed_tp_is_the_smallest_count_reaching_each_recall_threshold() -> None:
+    npig = np.arange(1, 400, dtype=np.float64)
+    need = _needed_tp(npig)
+    for i, n in enumerate(npig):
+        m = np.arange(n + 2)
+        rc = m / n  # what pycocotools compares with each threshold
+        expected = [int(np.argmax(rc >= x)) for x in REC_THRS]
+        assert need[i].tolist() == expected, n
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.55])
+def test_recall_at_a_threshold_is_recall50_of_the_detections_above_it(threshold: float) -> None:
+    """Greedy matching by score: the matches above a threshold are the full ranking's, so
+    the fixed-threshold recall is COCO's recall at IoU .5 of the detections kept."""
+    gt = make_gt(7, n_images=20, crowd=True)
+    res = noisy_predictions(gt, 7)
+    ev = PerImageEval(gt, res)
+    counts = np.vstack([np.ones(20), image_replicates(20, 3, np.random.default_rng(0))])
+    got = ev.recall_at(counts, [threshold], 0.5)
+    kept = [r for r in res if r["score"] >= threshold]
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    for r, row in enumerate(counts):
+        g, p = (gt, kept) if r == 0 else resample(gt, kept, materialise(row))
+        ref = coco_metrics(g, p, CRITICAL)["per_class"]
+        for k, values in got.items():
+            expected = ref[names[k]]["recall50"]
+            if expected is None:
+                assert np.isnan(values[r, 0])
+            else:
+                assert values[r, 0] == pytest.approx(expected, abs=1e-12), (k, r)
+
+
+def test_a_bad_operating_iou_is_a_user_error() -> None:
+    from defectfusion.errors import UserError
+
+    gt = make_gt(1, n_images=4)
+    ev = PerImageEval(gt, noisy_predictions(gt, 1))
+    with pytest.raises(UserError, match="iou_match"):
+        ev.recall_at(None, [0.3], 0.42)
+
+
+# ---- the hierarchical bootstrap --------------------------------------------------------------
+
+
+def constructed(
+    seed_offsets: np.ndarray, image_values: np.ndarray, counts: np.ndarray
+) -> list[SetMetrics]:
+    """Per seed s, a metric that is its offset plus the mean of the images drawn."""
+    n = len(image_values)
+    image_mean = counts @ image_values / n
+    return [
+        SetMetrics({"m": float(d + image_values.mean())}, {"m": d + image_mean})
+        for d in seed_offsets
+    ]
+
+
+def test_hierarchical_bootstrap_recovers_a_known_seed_variance() -> None:
+    """The bootstrap variance of the mean over seeds and images is, in expectation,
+    var(seeds)/S + var(images)/n (plug-in variances, both resampled independently): the
+    replicates recover it, and an images-only bootstrap misses the seeds' share."""
+    rng = np.random.default_rng(0)
+    n_seeds, n_images, n_boot = 10, 400, 4000
+    offsets = rng.normal(0.0, 0.1, n_seeds)  # training variance: SD 0.1
+    images = rng.normal(0.0, 0.2, n_images)
+    counts = image_replicates(n_images, n_boot, rng)
+    sets = constructed(offsets, images, counts)
+    zero = SetMetrics({"m": 0.0}, {"m": np.zeros(n_boot)})
+    idx = seed_replicates(n_seeds, n_boot, rng)
+    # the replicates themselves, to measure their spread
+    d = np.stack([s.reps["m"] for s in sets])
+    reps = d[idx, np.arange(n_boot)[:, None]].mean(axis=1)
+    expected = offsets.var() / n_seeds + images.var() / n_images
+    assert reps.var() == pytest.approx(expected, rel=0.1)
+    assert offsets.var() / n_seeds > 5 * images.var() / n_images  # the seeds dominate
+    out = hierarchical_diff(sets, zero, idx, "m")
+    lo, hi = out["ci"]
+    assert out["diff"] == pytest.approx(offsets.mean() + images.mean())
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(expected), rel=0.15)
+    assert out["n_seeds"] == n_seeds and out["n_valid"] == n_boot
+    # Images only (every replicate keeps all seeds): the interval is far too narrow.
+    fixed = np.tile(np.arange(n_seeds), (n_boot, 1))
+    lo2, hi2 = hierarchical_diff(sets, zero, fixed, "m")["ci"]
+    assert hi2 - lo2 < 0.5 * (hi - lo)
+
+
+def test_hierarchical_interval_covers_the_truth_about_95_percent() -> None:
+    """Seeds and images drawn afresh from known distributions (true mean 0), many times."""
+    rng = np.random.default_rng(1)
+    n_seeds, n_images, n_boot, trials = 8, 100, 400, 300
+    hits = hits_images_only = 0
+    for _ in range(trials):
+        offsets, images = rng.normal(0, 0.05, n_seeds), rng.normal(0, 0.1, n_images)
+        counts = image_replicates(n_images, n_boot, rng)
+        sets = constructed(offsets, images, counts)
+        zero = SetMetrics({"m": 0.0}, {"m": np.zeros(n_boot)})
+        lo, hi = hierarchical_diff(sets, zero, seed_replicates(n_seeds, n_boot, rng), "m")["ci"]
+        hits += lo <= 0 <= hi
+        fixed = np.tile(np.arange(n_seeds), (n_boot, 1))
+        lo, hi = hierarchical_diff(sets, zero, fixed, "m")["ci"]
+        hits_images_only += lo <= 0 <= hi
+    assert 0.85 <= hits / trials <= 0.99  # percentile intervals with 8 seeds: a bit under 95 %
+    assert hits_images_only / trials < 0.7  # without the seeds, far from 95 %
+
+
+def test_one_seed_is_the_paired_bootstrap_over_images() -> None:
+    gt = make_gt(3, n_images=30)
+    a, b = noisy_predictions(gt, 3), noisy_predictions(gt, 4)
+    n_boot = 60
+    ref = paired_bootstrap(gt, a, b, CRITICAL, n_boot=n_boot, seed=5, progress=False)
+    counts = image_replicates(30, n_boot, np.random.default_rng(5))  # the same draws
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    sa, sb = (
+        SetMetrics.compute(PerImageEval(gt, r), counts, CRITICAL, None, names, 0.3, 0.5)
+        for r in (a, b)
+    )
+    got = drift([sb], sa, np.zeros((n_boot, 1), dtype=np.int64), ["map", "critical_recall"])
+    for m in ("map", "critical_recall"):
+        assert got[m]["diff"] == pytest.approx(ref["metrics"][m]["diff"], abs=1e-12)
+        assert got[m]["ci"] == pytest.approx(ref["metrics"][m]["ci95"], abs=1e-12)
+
+
+def test_identical_sets_differ_by_exactly_zero_and_contrasts_are_antisymmetric() -> None:
+    gt = make_gt(6, n_images=20)
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    rng = np.random.default_rng(0)
+    counts = image_replicates(20, 50, rng)
+    idx = seed_replicates(2, 50, rng)
+
+    def sets(seed: int) -> SetMetrics:
+        ev = PerImageEval(gt, noisy_predictions(gt, seed, ties=True))
+        return SetMetrics.compute(ev, counts, CRITICAL, None, names, 0.3, 0.5)
+
+    p1 = sets(0)
+    same = [sets(0), sets(0)]
+    other = [sets(1), sets(2)]
+    metrics = ["map", "composite", "op_recall_critical", "op_recall_fracture"]
+    for m, d in drift(same, p1, idx, metrics).items():
+        assert d["diff"] == 0.0 and d["ci"] == [0.0, 0.0], m
+        assert verdict(d["ci"]) == "no_change"
+    ab, ba = contrast(same, other, idx, metrics), contrast(other, same, idx, metrics)
+    for m in metrics:
+        assert ab[m]["diff"] == pytest.approx(-ba[m]["diff"], abs=1e-15)
+        lo, hi = ab[m]["ci"]
+        assert ba[m]["ci"] == pytest.approx([-hi, -lo], abs=1e-12)
+        flipped = {"drop": "rise", "rise": "drop", "no_change": "no_change"}
+        assert verdict(ba[m]["ci"]) == flipped[verdict(ab[m]["ci"])]
+
+
+def test_value_intervals_and_undefined_replicates() -> None:
+    """A = None gives B's own value and interval; NaN replicates are left out."""
+    reps = np.array([0.1, np.nan, 0.3, 0.2])
+    s = SetMetrics({"m": 0.2}, {"m": reps})
+    out = hierarchical_diff([s], None, np.zeros((4, 1), dtype=np.int64), "m")
+    assert out["diff"] == 0.2 and out["n_valid"] == 3 and "value_a" not in out
+    assert out["ci"][0] >= 0.1 and out["ci"][1] <= 0.3
+    empty = SetMetrics({"m": None}, {"m": np.full(4, np.nan)})
+    out = hierarchical_diff([empty], None, np.zeros((4, 1), dtype=np.int64), "m")
+    assert out["diff"] is None and out["ci"] == [None, None] and verdict(out["ci"]) == "no_data"

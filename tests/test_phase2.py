@@ -1,0 +1,207 @@
+"""Phase 2 training as the post-mortem needs it: epoch 0 logged but never selected, fixed-epoch
+weights and val predictions kept, the variants' switches (raw start, CLIP normalisation), and
+the DEIMv2 recipe pieces Phase 1 uses (EMA ramp, plateau)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from defectfusion.checkpoint import load_checkpoint
+from defectfusion.config import load_config
+from defectfusion.train.schedule import ema_decay_at, plateau_gain
+
+
+def phase2_cfg(tiny_data: Path, **extra: object):
+    values = {
+        "phase2.epochs": 2,
+        "phase2.batch_size": 4,
+        "phase2.patience": 0,
+        "phase2.lr": 0.01,  # large enough that two epochs move the heads
+        "text.encoder": "random",
+        **extra,
+    }
+    return load_config(
+        overrides=tiny_overrides(tiny_data, 2) + [f"{k}={v}" for k, v in values.items()]
+    )
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def phase2_run(tiny_data: Path, tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from defectfusion.train.phase2 import train_phase2
+
+    out = tmp_path_factory.mktemp("phase2")
+    train_phase2(phase2_cfg(tiny_data), tiny_run / "best.pt", out)
+    return out
+
+
+def test_epoch0_is_logged_but_never_selected(phase2_run: Path) -> None:
+    hist = rows(phase2_run / "history.jsonl")
+    assert [r["epoch"] for r in hist] == [0, 1, 2]
+    assert "best" not in hist[0]  # epoch 0 does not take part in the selection
+    assert hist[1]["best"] is True  # the first trained epoch is the first candidate
+    best = load_checkpoint(phase2_run / "best.pt")
+    assert best["meta"]["epoch"] >= 1
+    log = (phase2_run / "experiment_log.txt").read_text()
+    assert "not selectable" in log
+
+
+def test_epoch0_cannot_win_even_when_it_scores_best(
+    tiny_data: Path, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thesis's case: every trained epoch scores below epoch 0 (a falling run). Epoch 0
+    used to win the selection, so the run was reported as identical to Phase 1."""
+    import defectfusion.train.phase2 as phase2
+
+    scores = iter([0.9, 0.5, 0.6])  # epochs 0, 1, 2: a drop at epoch 1
+
+    def scripted(cfg, val_json, loader=None):
+        def evaluate(model):
+            v = next(scores)
+            return {"map": v, "map50": v, "critical_recall": v, "composite": v, "predictions": []}
+
+        return evaluate
+
+    monkeypatch.setattr(phase2, "make_evaluator", scripted)
+    cfg = phase2_cfg(tiny_data, **{"phase2.select_metric": "composite"})
+    phase2.train_phase2(cfg, tiny_run / "best.pt", tmp_path)
+    hist = rows(tmp_path / "history.jsonl")
+    assert [r["val_composite"] for r in hist] == [0.9, 0.5, 0.6]
+    assert load_checkpoint(tmp_path / "best.pt")["meta"]["epoch"] == 2
+
+
+def test_fixed_epoch_weights_and_val_predictions_are_kept(phase2_run: Path) -> None:
+    e1, final = load_checkpoint(phase2_run / "epoch1.pt"), load_checkpoint(phase2_run / "final.pt")
+    assert e1["meta"]["epoch"] == 1 and final["meta"]["epoch"] == 2
+    assert not torch.equal(e1["model"]["fusion.alpha"], final["model"]["fusion.alpha"])
+    for name in ("val_epoch0", "val_epoch1", "val_final"):
+        preds = json.loads((phase2_run / f"{name}.predictions.json").read_text())
+        assert preds and {"image_id", "category_id", "bbox", "score"} <= set(preds[0])
+    e0 = json.loads((phase2_run / "val_epoch0.predictions.json").read_text())
+    e1p = json.loads((phase2_run / "val_epoch1.predictions.json").read_text())
+    assert e0 != e1p  # one epoch of training moved the detections
+
+
+def test_phase1_writes_its_raw_weights_beside_best(tiny_run: Path) -> None:
+    raw = load_checkpoint(tiny_run / "best_raw.pt")
+    best = load_checkpoint(tiny_run / "best.pt")
+    assert raw["meta"]["weights"] == "raw" and raw["meta"]["epoch"] == best["meta"]["epoch"]
+    # No EMA in the tiny run: the raw weights are the reported ones.
+    assert all(torch.equal(raw["model"][k], best["model"][k]) for k in best["model"])
+
+
+def test_raw_start_and_clip_normalisation_reach_the_run(
+    tiny_data: Path, tiny_run: Path, phase2_run: Path, tmp_path: Path
+) -> None:
+    from defectfusion.train.phase2 import train_phase2
+
+    cfg = phase2_cfg(
+        tiny_data, **{"fusion.start": "raw", "data.normalize": "clip", "phase2.epochs": 1}
+    )
+    train_phase2(cfg, tiny_run / "best.pt", tmp_path)
+    meta = load_checkpoint(tmp_path / "best.pt")["meta"]
+    assert meta["phase1_checkpoint"].endswith("best_raw.pt")
+    assert meta["normalize"] == "clip" and meta["variant"]["start"] == "raw"
+    # Another normalisation moves epoch 0's detections (same start, ImageNet constants there).
+    clip0 = json.loads((tmp_path / "val_epoch0.predictions.json").read_text())
+    imagenet0 = json.loads((phase2_run / "val_epoch0.predictions.json").read_text())
+    assert [r["score"] for r in clip0] != [r["score"] for r in imagenet0]
+
+
+def test_raw_start_without_raw_weights_is_one_line(
+    tiny_data: Path, tiny_run: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from defectfusion.errors import UserError
+    from defectfusion.train.phase2 import train_phase2
+
+    shutil.copy(tiny_run / "best.pt", tmp_path / "best.pt")
+    with pytest.raises(UserError, match="best_raw.pt"):
+        train_phase2(
+            phase2_cfg(tiny_data, **{"fusion.start": "raw"}), tmp_path / "best.pt", tmp_path / "out"
+        )
+
+
+# ---- the DEIMv2 recipe: EMA ramp, plateau ---------------------------------------------
+
+
+def test_ema_follows_the_ramp_formula() -> None:
+    from defectfusion.train.engine import make_ema
+
+    decay, warm = 0.9999, 3
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = make_ema(model, decay, warm)
+    expected = 0.0
+    for t in range(1, 8):
+        with torch.no_grad():
+            model.weight.fill_(float(t))
+        ema.update_parameters(model)
+        # torch's AveragedModel copies on its first update (DEIMv2's d_1 = d(1-e^-1/w) ~ 0 there
+        # too when w is large); from then on, update t blends with d_t = d(1 - exp(-t/w)).
+        d = 0.0 if t == 1 else decay * (1 - math.exp(-t / warm))
+        expected = d * expected + (1 - d) * t
+        assert ema.module.weight[0, 0].item() == pytest.approx(expected, rel=1e-6), t
+    assert ema_decay_at(2000, 0.9999, 2000) == pytest.approx(0.9999 * (1 - math.exp(-1)))
+    assert ema_decay_at(10, 0.9, 0) == 0.9
+
+
+def test_plateau_gain_over_the_last_fraction() -> None:
+    h = [{"epoch": e, "val_map": e / 10} for e in range(0, 11)]
+    p = plateau_gain(h, 0.2)
+    assert (p["from_epoch"], p["to_epoch"]) == (8, 10) and p["gain"] == pytest.approx(0.2)
+    flat = [{"epoch": e, "val_map": 0.5 + (0.001 if e > 8 else 0)} for e in range(1, 11)]
+    assert plateau_gain(flat, 0.2)["gain"] == pytest.approx(0.001)
+    assert plateau_gain(h[:2], 0.2)["gain"] is None
+
+
+def test_phase2_reads_the_text_stage_embeddings_and_refuses_others(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from defectfusion.data.coco import category_names, load_json, split_path
+    from defectfusion.errors import UserError
+    from defectfusion.text import embed_prompts, save_embeddings
+    from defectfusion.train.phase2 import text_embeddings
+
+    cfg = phase2_cfg(tiny_data)
+    names = category_names(load_json(split_path(tiny_data, "train")))
+    path = save_embeddings(
+        tmp_path / "t.pt", embed_prompts(cfg.text.prompts, "random", None, names)
+    )
+    got = text_embeddings(cfg, names, path)
+    assert torch.equal(got["embeddings"], text_embeddings(cfg, names)["embeddings"])
+    other = phase2_cfg(tiny_data, **{"text.encoder": "minilm"})
+    with pytest.raises(UserError, match="encoder"):
+        text_embeddings(other, names, path)
+    with pytest.raises(UserError, match="classes"):
+        text_embeddings(cfg, [*names[:-1], "other"], path)
+
+
+def test_cached_test_evaluation_equals_the_live_one(
+    tiny_data: Path, phase2_run: Path, tmp_path: Path
+) -> None:
+    """`evaluate` reads a Phase 2 checkpoint's frozen part from the cache: same detections."""
+    from defectfusion.data.coco import split_path
+    from defectfusion.evaluate import evaluate_checkpoint, predictions_path
+
+    test = split_path(tiny_data, "test")
+    out = {}
+    for cache in (True, False):
+        cfg = phase2_cfg(
+            tiny_data, **{"phase2.cache": cache, "phase2.cache_dir": str(tmp_path / "cache")}
+        )
+        m = evaluate_checkpoint(phase2_run / "final.pt", test, tmp_path / f"{cache}.json", cfg)
+        out[cache] = (m["map"], predictions_path(tmp_path / f"{cache}.json").read_text())
+    assert list((tmp_path / "cache").rglob("*.safetensors"))  # the cached path did run
+    assert out[True] == out[False]
