@@ -25,7 +25,10 @@ from defectfusion.report import FIGURES, TABLES, Layout
 from defectfusion.report import provenance as prov
 
 SHA = re.compile(r"^[0-9a-f]{64}$")
-VARIANTS = ("zero_start", "naive", "frozen0", "deimv2_loss", "bn_train")
+VARIANTS = (
+    "zero_start", "naive", "frozen0", "deimv2_loss", "bn_train", "raw_start", "clip_norm",
+    "decoder_only", "thesis_replica",
+)  # fmt: skip
 
 
 def _outputs() -> list[tuple[str, str]]:
@@ -68,7 +71,7 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     s = json.loads((micro_run / "results/summary.json").read_text())
     assert set(s) == {
         "run", "dataset", "main_preset", "phase1", "phase2", "phase1_val_map_best",
-        "epoch0_equals_phase1", "confusion",
+        "epoch0_equals_phase1", "confusion", "contrasts", "postmortem",
     }  # fmt: skip
     k = len(s["dataset"]["classes"]) + 1  # the classes and the background
     for model in ("phase1", "phase2"):
@@ -95,11 +98,12 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
         "seeds", "map", "map50", "critical_recall", "critical_recall50", "composite",
         "epoch0_val_map", "epoch1_val_map", "best_epoch", "val_map_by_epoch", "alpha_final",
         "tau_final", "diff_map", "ci_map", "diff_critical_recall", "ci_critical_recall",
-        "frac_b_gt_a_map",
+        "frac_b_gt_a_map", "drift", "verdict", "operating_point",
     }  # fmt: skip
     assert set(s["phase2"]) == set(VARIANTS)
-    for entry in s["phase2"].values():
-        assert set(entry) == p2_keys
+    for name, entry in s["phase2"].items():
+        # every control is also compared with the adopted variant
+        assert set(entry) == p2_keys | ({"vs_adopted"} if name != "zero_start" else set())
         assert entry["seeds"] == [0]
         assert len(entry["ci_map"]) == 2 and len(entry["ci_critical_recall"]) == 2
         assert entry["val_map_by_epoch"][0] == entry["epoch0_val_map"]
