@@ -240,3 +240,27 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def staged_dir(out: Path):
+    """A staging folder beside `out` for a writer that builds a whole folder then swaps it in
+    (`swap_dir`): errors name `out`, not the staging path, an OSError becomes one line, and
+    the staging folder is removed whatever happens."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        from defectfusion.errors import UserError
+
+        staging = make_staging_dir(out)
+        try:
+            yield staging
+        except UserError as e:  # a full disk while staging: name the folder the user asked for
+            raise UserError(str(e).replace(str(staging), str(out))) from None
+        except OSError as e:
+            raise user_os_error(e, out) from None
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    return cm()

@@ -31,7 +31,7 @@ from defectfusion.data.validate import (
     validate_path,
 )
 from defectfusion.errors import UserError
-from defectfusion.fsutil import make_staging_dir, swap_dir, user_os_error
+from defectfusion.fsutil import staged_dir, swap_dir
 
 NEU_CLASSES: tuple[str, ...] = (
     "crazing",
@@ -360,8 +360,7 @@ def _write_dataset(
 
     Image ids follow the order of `images` (1..N), annotation ids follow the images.
     """
-    staging = make_staging_dir(out)
-    try:
+    with staged_dir(out) as staging:
         per_split: dict[int, tuple[list, list]] = {k: ([], []) for k in range(len(coco.SPLITS))}
         ann_id = 0
         for image_id, (im, k) in enumerate(
@@ -403,13 +402,6 @@ def _write_dataset(
         raise_if_invalid(report)
         coco.write_manifest(staging, str(info.get("importer", "import")))
         _publish(staging, out)
-    except UserError as e:  # a full disk while staging: name the folder the user asked for
-        raise UserError(str(e).replace(str(staging), str(out))) from None
-    except OSError as e:
-        raise user_os_error(e, out) from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return {
         "out": str(out),
         "categories": list(names),

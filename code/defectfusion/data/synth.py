@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from defectfusion.data import coco
 from defectfusion.errors import UserError
-from defectfusion.fsutil import make_staging_dir, swap_dir, user_os_error
+from defectfusion.fsutil import staged_dir, swap_dir
 
 CLASS_NAMES: tuple[str, ...] = (
     "normal",
@@ -539,8 +538,7 @@ def generate(out: str | Path, spec: SynthSpec, workers: int | None = None) -> di
     workers = workers or _default_workers(len(jobs))
     # Built in a staging folder beside `out` and swapped in when complete: a run killed
     # half-way leaves the earlier dataset whole, never new images under old JSONs.
-    staging = make_staging_dir(out)
-    try:
+    with staged_dir(out) as staging:
         summary = _generate_into(staging, spec, sizes, jobs, workers)
         # The generator is checked by the same validator users run on their own data.
         from defectfusion.data.validate import raise_if_invalid, validate_path
@@ -551,13 +549,6 @@ def generate(out: str | Path, spec: SynthSpec, workers: int | None = None) -> di
         coco.write_manifest(staging, "synth")
         _check(out, spec)  # again: someone may have put files there meanwhile
         swap_dir(staging, out)
-    except UserError as e:  # a full disk while staging: name the folder the user asked for
-        raise UserError(str(e).replace(str(staging), str(out))) from None
-    except OSError as e:
-        raise user_os_error(e, out) from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
