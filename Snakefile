@@ -93,9 +93,20 @@ if (problem := preflight_problem()):
     sys.exit(f"defectfusion: {problem}")
 
 
+def canonical(value):
+    """A param as Snakemake should compare it: dict keys sorted, recursively. Snakemake records
+    a param's repr, so the same values in another key order (params.yaml after `pipeline
+    use-profile` merged an overlay into it) would count as a change and rerun everything."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
 def section(*keys):
     """The params a rule depends on: Snakemake reruns it when they change, and only then."""
-    return {k: config[k] for k in keys}
+    return canonical({k: config[k] for k in keys})
 
 
 # Targets only: on a cluster they run where Snakemake runs, not as jobs.
@@ -150,7 +161,7 @@ rule data:
         # an imported dataset's source: a newer folder or annotations file remakes the data
         [P["dataset"][k] for k in ("src", "annotations") if P["dataset"].get(k)],
     params:
-        dataset=P["dataset"],
+        dataset=canonical(P["dataset"]),
         size=config["data"]["image_size"],
         out=DATA,
     log:
@@ -190,7 +201,7 @@ rule phase1:
         code_deps("defectfusion.train.phase1"),
     params:
         cfg=section("seed", "data", "model", "phase1", "eval"),
-        overrides=lambda w: P["preset_overrides"].get(w.preset, {}),
+        overrides=lambda w: canonical(P["preset_overrides"].get(w.preset, {})),
     resources:
         gpu=GPUS,
     threads: workflow.cores
@@ -250,12 +261,17 @@ rule phase2:
         code=code_deps("defectfusion.train.phase2"),
     params:
         cfg=section("seed", "data", "model", "phase1", "phase2", "eval", "text", "fusion"),
-        variant=lambda w: {**P["variants"][w.variant], **P["variant_overrides"].get(w.variant, {})},
+        variant=lambda w: canonical(
+            {**P["variants"][w.variant], **P["variant_overrides"].get(w.variant, {})}
+        ),
         run="runs/phase2/{variant}/seed{seed}",
         results="results/phase2/{variant}/seed{seed}",
     resources:
         gpu=GPUS,
-    threads: workflow.cores
+    # One thread each: Phase 2's steps are small (a decoder over cached features), so two
+    # single-threaded jobs side by side do more per second than one job on two threads; they
+    # share the cache (cache.build_lock: the first builds it, the others wait and reuse it).
+    threads: 1
     log:
         "logs/phase2/{variant}_seed{seed}.log",
     benchmark:
@@ -329,7 +345,7 @@ rule postmortem:
         code=code_deps("defectfusion.postmortem"),
     params:
         cfg=section("seed", "data", "eval"),
-        pipe={k: P[k] for k in ("variants", "seeds", "bootstrap")},
+        pipe=canonical({k: P[k] for k in ("variants", "seeds", "bootstrap")}),
     threads: workflow.cores
     log:
         "logs/postmortem.log",
@@ -409,7 +425,7 @@ rule figure:
     params:
         section(*PARAM_SECTIONS),
         # this figure's style only: restyling one figure redraws that figure alone
-        style=lambda w: config.get("figure_style", {}).get(w.figure, {}),
+        style=lambda w: canonical(config.get("figure_style", {}).get(w.figure, {})),
     wildcard_constraints:
         figure="|".join(FIGURES),
     log:

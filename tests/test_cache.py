@@ -324,3 +324,25 @@ def test_grey_images_skip_saturation_and_hue_but_not_the_random_stream() -> None
             elif fn == 1:
                 ref = v2.functional.adjust_contrast(ref, params["contrast_factor"])
         assert torch.equal(out, ref)
+
+
+def test_a_second_build_waits_for_the_first(tmp_path: Path) -> None:
+    """Two jobs building one cache folder: the second waits (and says so), then proceeds."""
+    import threading
+
+    from defectfusion.cache import build_lock
+
+    said: list[str] = []
+    entered = threading.Event()
+
+    def second() -> None:
+        with build_lock(tmp_path, said.append):
+            entered.set()
+
+    with build_lock(tmp_path):
+        t = threading.Thread(target=second)
+        t.start()
+        assert not entered.wait(0.5)  # blocked while the first build holds the lock
+        assert said and "being built by another job" in said[0]
+    t.join(10)
+    assert entered.is_set()

@@ -24,14 +24,17 @@ bytes and annotations, the view (none, or pool seed + view index + augmentation 
 the input size and normalisation, the storage dtype, autocast, the device type and the code
 version (this module's and the loader's source, torch/torchvision/transformers versions).
 Change any of them and the key changes: the old entry is never read. Writes are atomic
-(stage, then rename), so two jobs building the same entry both write a whole file and the
-last rename wins; the header holds the key and a sha256 of the data, so a truncated or
+(stage, then rename), and a build holds an exclusive lock on its cache folder
+(`build_lock`): a second job that starts building the same entries (two variants run side by
+side from one Phase 1 checkpoint) waits, then finds them built and reuses them instead of
+computing them again. The header holds the key and a sha256 of the data, so a truncated or
 corrupted entry is detected on read and rebuilt.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import struct
@@ -202,6 +205,29 @@ def read_entry(path: Path, key: str) -> tuple[dict[str, torch.Tensor], list] | N
 
 
 @contextlib.contextmanager
+def build_lock(root: Path, progress: Callable[[str], None] | None = None) -> Iterator[None]:
+    """An exclusive lock on a cache folder while its entries are checked and built.
+
+    Not for correctness (entries are written atomically and verified on read) but for the
+    CPU: jobs that start together from one Phase 1 checkpoint would otherwise each compute
+    every entry. The lock is the kernel's (flock): it goes with the process, so a killed
+    build never leaves a stale lock behind.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress(f"Phase 2 cache: {root} is being built by another job; waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def engine_numerics(device: torch.device) -> Iterator[None]:
     """The CPU settings the training engine runs under (denormals flushed, deterministic
     kernels): the cached features must be the bits the live forward computes there."""
@@ -294,6 +320,17 @@ class CachedSplit(Dataset):
         progress: Callable[[str], None] | None = None,
     ) -> dict[str, int]:
         """Check every entry; compute the missing and corrupt ones. Returns the counts."""
+        with build_lock(self.spec.root, progress):
+            return self._build(model, device, batch_size, autocast, progress)
+
+    def _build(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        batch_size: int,
+        autocast: bool,
+        progress: Callable[[str], None] | None,
+    ) -> dict[str, int]:
         todo: list[Item] = []
         counts = {"entries": len(self.items), "reused": 0, "built": 0, "corrupt": 0}
         for item in self.items.values():
