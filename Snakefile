@@ -204,7 +204,11 @@ rule phase1:
         overrides=lambda w: canonical(P["preset_overrides"].get(w.preset, {})),
     resources:
         gpu=GPUS,
-    threads: workflow.cores
+    # The main model is the critical path (every Phase 2 run waits for it): it starts first,
+    # on every core; the CNN baselines, whose results only the report reads, then share the
+    # cores with the Phase 2 jobs, one thread each.
+    priority: lambda w: 10 if w.preset == MAIN else 0
+    threads: lambda w: workflow.cores if w.preset == MAIN else 1
     log:
         "logs/phase1/{preset}.log",
     benchmark:
@@ -262,7 +266,7 @@ rule phase2:
     params:
         cfg=section("seed", "data", "model", "phase1", "phase2", "eval", "text", "fusion"),
         variant=lambda w: canonical(
-            {**P["variants"][w.variant], **P["variant_overrides"].get(w.variant, {})}
+            {**P["variant_switches"][w.variant], **P["variant_overrides"].get(w.variant, {})}
         ),
         run="runs/phase2/{variant}/seed{seed}",
         results="results/phase2/{variant}/seed{seed}",
@@ -346,6 +350,7 @@ rule postmortem:
     params:
         cfg=section("seed", "data", "eval"),
         pipe=canonical({k: P[k] for k in ("variants", "seeds", "bootstrap")}),
+        switches=canonical({v: P["variant_switches"][v] for v in VARIANTS}),
     threads: workflow.cores
     log:
         "logs/postmortem.log",

@@ -20,7 +20,7 @@ from defectfusion.bootstrap import (
     seed_replicates,
     verdict,
 )
-from defectfusion.evaluate import coco_metrics
+from defectfusion.metrics import coco_metrics
 from test_compare import CRITICAL, make_gt, noisy_predictions
 
 

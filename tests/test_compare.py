@@ -12,8 +12,8 @@ from defectfusion import cli
 from defectfusion.compare import PerImageEval, compare_files, paired_bootstrap, resample
 from defectfusion.data.coco import make_coco
 from defectfusion.errors import UserError
-from defectfusion.evaluate import coco_metrics
 from defectfusion.fsutil import atomic_write_json
+from defectfusion.metrics import coco_metrics
 
 NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 CRITICAL = [2, 3, 5]

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from defectfusion import evaluate as ev
+from defectfusion import metrics
 from defectfusion.data.coco import make_coco, write_split
 from defectfusion.errors import UserError
 
@@ -186,21 +187,21 @@ def test_predict_records_and_restores_modes():
 def test_faster_coco_eval_agrees_with_pycocotools(seed):
     gt = synthetic_gt(seed)
     res = synthetic_predictions(gt, seed)
-    m = ev.coco_metrics(gt, res, critical_classes=[2])
-    ref = ev.pycocotools_metrics(gt, res)
+    m = metrics.coco_metrics(gt, res, critical_classes=[2])
+    ref = metrics.pycocotools_metrics(gt, res)
     assert 0.05 < ref[0] < 0.95  # a non-trivial case
     np.testing.assert_allclose(m["stats_100"], ref, rtol=0, atol=1e-9)
     assert m["map"] == m["stats_100"][0] and m["ar_100"] == m["stats_100"][8]
 
     # The size-relative area ranges.
-    rel = ev.pycocotools_metrics(gt, res, area_thresholds_px2=m["area"]["thresholds_px2"])
+    rel = metrics.pycocotools_metrics(gt, res, area_thresholds_px2=m["area"]["thresholds_px2"])
     for i, a in enumerate(("small", "medium", "large")):
         assert same(m["area"][f"ap_{a}"], rel[3 + i])
         assert same(m["area"][f"ar_{a}"], rel[9 + i])
 
     # Per class: pycocotools restricted to that class.
     for name, pc in m["per_class"].items():
-        one = ev.pycocotools_metrics(gt, res, cat_ids=[pc["id"]])
+        one = metrics.pycocotools_metrics(gt, res, cat_ids=[pc["id"]])
         assert same(pc["ap"], one[0]), name
         assert same(pc["ap50"], one[1]), name
         assert same(pc["recall"], one[8]), name
@@ -215,12 +216,12 @@ def test_max_dets_300_agrees_with_pycocotools():
             {"image_id": im["id"], "category_id": 0, "bbox": [0.0, 0.0, 1.0, 1.0], "score": 1.0}
             for _ in range(150)
         ]
-    m = ev.coco_metrics(gt, res, critical_classes=[2])
-    ref = ev.pycocotools_metrics(gt, res, max_dets=(1, 10, 300))
+    m = metrics.coco_metrics(gt, res, critical_classes=[2])
+    ref = metrics.pycocotools_metrics(gt, res, max_dets=(1, 10, 300))
     assert m["ar_300"] > m["ar_100"]  # maxDets matters here
     assert same(m["map50_300"], ref[1])
     assert same(m["ar_300"], ref[8])
-    np.testing.assert_allclose(m["stats_100"], ev.pycocotools_metrics(gt, res), atol=1e-9, rtol=0)
+    np.testing.assert_allclose(m["stats_100"], metrics.pycocotools_metrics(gt, res), atol=1e-9, rtol=0)
 
 
 # ---- COCO metrics: values --------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_max_dets_300_agrees_with_pycocotools():
 
 def test_perfect_predictions_score_one():
     gt = synthetic_gt(0)
-    m = ev.coco_metrics(gt, perfect_predictions(gt), critical_classes=[1, 2])
+    m = metrics.coco_metrics(gt, perfect_predictions(gt), critical_classes=[1, 2])
     assert m["map"] == m["map50"] == m["map_300"] == m["ar_100"] == 1.0
     assert m["critical_recall"] == m["critical_recall50"] == m["composite"] == 1.0
     assert m["per_class"]["scratch"] == {
@@ -240,30 +241,30 @@ def test_perfect_predictions_score_one():
 
 def test_empty_results_are_zero_not_a_crash():
     gt = synthetic_gt(0)
-    m = ev.coco_metrics(gt, [], critical_classes=[2, 3])
+    m = metrics.coco_metrics(gt, [], critical_classes=[2, 3])
     assert m["map"] == m["map50"] == m["ar_300"] == m["composite"] == 0.0
     assert m["critical_recall"] == 0.0
     assert m["per_class"]["fracture"]["recall"] == 0.0
     assert m["per_class"]["scratch"]["recall"] is None
     assert m["n_predictions"] == 0
-    assert ev.pycocotools_metrics(gt, [])[0] == 0.0
+    assert metrics.pycocotools_metrics(gt, [])[0] == 0.0
     json.dumps(m, allow_nan=False)
 
 
 def test_class_without_gt_is_left_out_of_critical_means():
     gt = synthetic_gt(1)
     res = synthetic_predictions(gt, 1)
-    m = ev.coco_metrics(gt, res, critical_classes=[2, 3])  # scratch (3) has no GT
+    m = metrics.coco_metrics(gt, res, critical_classes=[2, 3])  # scratch (3) has no GT
     pc = m["per_class"]
     assert pc["scratch"]["recall"] is None
     assert m["critical_recall"] == pc["fracture"]["recall"]
     assert m["critical_recall50"] == pc["fracture"]["recall50"]
-    both = ev.coco_metrics(gt, res, critical_classes=[1, 2])
+    both = metrics.coco_metrics(gt, res, critical_classes=[1, 2])
     assert both["critical_recall"] == pytest.approx(
         (pc["perforation"]["recall"] + pc["fracture"]["recall"]) / 2
     )
-    assert ev.coco_metrics(gt, res, critical_classes=[3])["critical_recall"] is None
-    assert ev.coco_metrics(gt, res, critical_classes=[3])["composite"] is None
+    assert metrics.coco_metrics(gt, res, critical_classes=[3])["critical_recall"] is None
+    assert metrics.coco_metrics(gt, res, critical_classes=[3])["composite"] is None
 
 
 def test_recall50_counts_loose_boxes():
@@ -284,7 +285,7 @@ def test_recall50_counts_loose_boxes():
         {},
     )
     res = [{"image_id": 1, "category_id": 0, "bbox": [0, 0, 10, 5.8], "score": 0.9}]
-    m = ev.coco_metrics(gt, res, critical_classes=[0])
+    m = metrics.coco_metrics(gt, res, critical_classes=[0])
     pc = m["per_class"]["a"]
     assert pc["recall50"] == 1.0 and m["critical_recall50"] == 1.0
     assert pc["recall"] == pytest.approx(0.2)  # IoU .50 and .55 of the 10 thresholds
@@ -293,14 +294,14 @@ def test_recall50_counts_loose_boxes():
 
 def test_composite_and_weights():
     gt = synthetic_gt(2)
-    m = ev.coco_metrics(gt, synthetic_predictions(gt, 2), critical_classes=[0, 2])
+    m = metrics.coco_metrics(gt, synthetic_predictions(gt, 2), critical_classes=[0, 2])
     assert m["composite"] == pytest.approx(0.7 * m["map"] + 0.3 * m["critical_recall"])
     assert m["composite_weights"] == {"map": 0.7, "critical_recall": 0.3}
     w = {"map50": 0.5, "critical_recall50": 0.5}
-    m2 = ev.coco_metrics(gt, synthetic_predictions(gt, 2), [0, 2], composite_weights=w)
+    m2 = metrics.coco_metrics(gt, synthetic_predictions(gt, 2), [0, 2], composite_weights=w)
     assert m2["composite"] == pytest.approx(0.5 * m2["map50"] + 0.5 * m2["critical_recall50"])
     with pytest.raises(UserError, match="unknown metric 'mAP'"):
-        ev.coco_metrics(gt, [], [0], composite_weights={"mAP": 1.0})
+        metrics.coco_metrics(gt, [], [0], composite_weights={"mAP": 1.0})
 
 
 def test_area_thresholds_scale_with_image_side():
@@ -309,31 +310,31 @@ def test_area_thresholds_scale_with_image_side():
             [{"id": 1, "file_name": "a", "width": side, "height": side}], [], ["a"], {}
         )
 
-    assert ev.area_thresholds(gt_of(640)) == (640.0, 1024.0, 9216.0)
-    assert ev.area_thresholds(gt_of(192)) == (192.0, 92.16, 829.44)
-    assert ev.area_thresholds(gt_of(200))[1:] == (100.0, 900.0)
-    m = ev.coco_metrics(gt_of(200), [], [0])
+    assert metrics.area_thresholds(gt_of(640)) == (640.0, 1024.0, 9216.0)
+    assert metrics.area_thresholds(gt_of(192)) == (192.0, 92.16, 829.44)
+    assert metrics.area_thresholds(gt_of(200))[1:] == (100.0, 900.0)
+    m = metrics.coco_metrics(gt_of(200), [], [0])
     assert m["area"]["thresholds_px2"] == [100.0, 900.0] and m["map"] is None
 
 
 def test_bad_inputs_are_user_errors():
     gt = synthetic_gt(0)
     with pytest.raises(UserError, match="class id 7"):
-        ev.coco_metrics(gt, [], critical_classes=[7])
+        metrics.coco_metrics(gt, [], critical_classes=[7])
     bad = [{"image_id": 99, "category_id": 0, "bbox": [0, 0, 1, 1], "score": 0.5}]
     with pytest.raises(UserError, match="record 0: image_id 99"):
-        ev.coco_metrics(gt, bad, critical_classes=[0])
+        metrics.coco_metrics(gt, bad, critical_classes=[0])
     bad = [{"image_id": 1, "category_id": 9, "bbox": [0, 0, 1, 1], "score": 0.5}]
     with pytest.raises(UserError, match="category_id 9"):
-        ev.confusion_matrix(gt, bad)
+        metrics.confusion_matrix(gt, bad)
 
 
 def test_metrics_do_not_mutate_results():
     gt = synthetic_gt(0)
     res = synthetic_predictions(gt, 0)
     before = json.dumps(res)
-    ev.coco_metrics(gt, res, [0])
-    ev.pycocotools_metrics(gt, res)
+    metrics.coco_metrics(gt, res, [0])
+    metrics.pycocotools_metrics(gt, res)
     assert json.dumps(res) == before
 
 
@@ -371,7 +372,7 @@ def test_confusion_matrix_hand_built_cases():
         det(1, [160, 0, 20, 20], 0.5),  # IoU 1/3 with GT 4: false positive
         det(1, [150, 0, 20, 20], 0.1),  # under the score threshold: ignored
     ]
-    cm = ev.confusion_matrix(gt, res, iou_threshold=0.5, score_threshold=0.3)
+    cm = metrics.confusion_matrix(gt, res, iou_threshold=0.5, score_threshold=0.3)
     assert cm["classes"] == ["a", "b", "c", "background"]
     assert cm["matrix"] == [
         [1, 0, 0, 0],
@@ -381,7 +382,7 @@ def test_confusion_matrix_hand_built_cases():
     ]
     assert (cm["iou_threshold"], cm["score_threshold"]) == (0.5, 0.3)
     # A looser IoU turns the near-miss into a match, a lower score threshold adds nothing new.
-    loose = ev.confusion_matrix(gt, res, iou_threshold=0.3, score_threshold=0.05)
+    loose = metrics.confusion_matrix(gt, res, iou_threshold=0.3, score_threshold=0.05)
     assert loose["matrix"][1] == [0, 1, 0, 1]
     assert loose["matrix"][3] == [1, 1, 1, 0]  # the 0.1 box finds GT 4 already taken
 
@@ -390,14 +391,14 @@ def test_confusion_matrix_matches_best_score_first():
     gt = box_gt([(0, [0, 0, 20, 20])])
     # The wrong class scores higher, so it takes the GT; the right class becomes a FP.
     res = [det(0, [0, 0, 20, 20], 0.6), det(2, [0, 0, 20, 20], 0.9)]
-    m = ev.confusion_matrix(gt, res)["matrix"]
+    m = metrics.confusion_matrix(gt, res)["matrix"]
     assert m[0] == [0, 0, 1, 0] and m[3] == [1, 0, 0, 0]
 
 
 def test_confusion_matrix_totals():
     gt = synthetic_gt(4)
     res = synthetic_predictions(gt, 4)
-    m = np.array(ev.confusion_matrix(gt, res)["matrix"])
+    m = np.array(metrics.confusion_matrix(gt, res)["matrix"])
     assert m[:-1].sum() == len(gt["annotations"])  # every GT box once: matched or missed
     assert m[:, :-1].sum() == sum(r["score"] >= 0.3 for r in res)  # every kept detection once
     assert m[-1, -1] == 0
@@ -405,7 +406,7 @@ def test_confusion_matrix_totals():
 
 def test_row_normalized():
     cm = {"matrix": [[1, 3, 0], [0, 0, 0], [2, 0, 0]]}
-    r = ev.row_normalized(cm)
+    r = metrics.row_normalized(cm)
     np.testing.assert_allclose(r[0], [0.25, 0.75, 0.0])
     assert np.isnan(r[1]).all()
     np.testing.assert_allclose(r[2], [1.0, 0.0, 0.0])

@@ -36,8 +36,12 @@ def test_micro_profile_produces_every_result(micro_run: Path) -> None:
         assert 0.0 <= metrics["map"] <= 1.0
     from defectfusion.config import read_yaml
 
-    variants = list(read_yaml(micro_run / "params.yaml")["pipeline"]["variants"])
-    assert len(variants) >= 9  # the five controls and the post-mortem's candidate causes
+    default = read_yaml(micro_run / "params.yaml")["pipeline"]
+    # The default profile runs the five controls and the post-mortem's candidate causes; the
+    # micro profile a subset of them (a list replaces the default's, never merges with it).
+    assert len(default["variants"]) >= 9 and set(default["variants"]) <= set(default["variant_switches"])
+    variants = read_yaml(micro_run / "configs/micro.yaml")["pipeline"]["variants"]
+    assert 2 <= len(variants) < len(default["variants"])
     for variant in variants:
         run = micro_run / f"results/phase2/{variant}/seed0"
         history = [json.loads(r) for r in (run / "history.jsonl").read_text().splitlines()]

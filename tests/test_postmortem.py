@@ -265,8 +265,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         sets = [
             f"data.dir={cfg['data']['dir']}",
             f"model.preset={MAIN}",
-            "pipeline.variants=null",  # replace params.yaml's variants, do not merge
-            "pipeline.variants={zero_start: {}, naive: {fusion.init: naive}}",
+            "pipeline.variants=[zero_start, naive]",  # a list: replaces params.yaml's
             f"pipeline.seeds={seeds}",
         ]
         return [

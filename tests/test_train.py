@@ -12,6 +12,7 @@ import torch
 
 import defectfusion.train.engine as engine
 from defectfusion import evaluate as ev
+from defectfusion import metrics
 from defectfusion.checkpoint import load_checkpoint, load_detector
 from defectfusion.data import coco
 from defectfusion.data.loader import make_loader
@@ -207,10 +208,10 @@ def test_faster_coco_eval_equals_pycocotools_on_real_predictions(
         model, make_loader(test_json, meta["image_size"], 4, train=False), progress=False
     )
     assert len(results) == model.config.num_queries * len(gt["images"])  # top-Q pairs per image
-    metrics = ev.coco_metrics(gt, results, meta["critical_classes"], meta["composite_weights"])
-    reference = ev.pycocotools_metrics(gt, results)
-    assert max(metrics["stats_100"]) > 0  # not the trivial all-zero case
-    np.testing.assert_allclose(metrics["stats_100"], reference, rtol=0, atol=1e-12)
+    m = metrics.coco_metrics(gt, results, meta["critical_classes"], meta["composite_weights"])
+    reference = metrics.pycocotools_metrics(gt, results)
+    assert max(m["stats_100"]) > 0  # not the trivial all-zero case
+    np.testing.assert_allclose(m["stats_100"], reference, rtol=0, atol=1e-12)
 
 
 def test_interrupted_run_whose_outputs_were_removed_gets_its_best_back(

@@ -19,7 +19,7 @@ per-image matches are those of the full set: `PerImageEval` matches once and
 `PerImageEval.metrics` re-accumulates a replicate following pycocotools'
 ``evaluateImg``/``accumulate`` step by step; `PerImageEval.metrics_many` does the same for
 many replicates at once (see `_ClassData.accumulate_many`). The tests check both against
-`evaluate.coco_metrics` on replicates materialised by `resample` (duplicated images get
+`metrics.coco_metrics` on replicates materialised by `resample` (duplicated images get
 fresh image and annotation ids), which is the definition.
 
 Fixed-threshold recall (the operating point): a ground-truth box of class c counts as found
@@ -37,11 +37,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from defectfusion.errors import UserError
-from defectfusion.evaluate import AREA_MAX, DEFAULT_WEIGHTS, _check_results, composite
+from defectfusion.metrics import (
+    AREA_MAX,
+    DEFAULT_WEIGHTS,
+    box_iou,
+    check_critical,
+    check_results,
+    composite,
+)
 
 # pycocotools' default bbox parameters (what coco_metrics' headline numbers use).
 IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -239,12 +245,6 @@ class PerImageEval:
         return out
 
 
-def _iou(dt: Results, gt: list[dict]) -> np.ndarray:
-    # pycocotools' own box IoU (a crowd GT is divided by the detection's area only).
-    crowd = [int(g.get("iscrowd", 0)) for g in gt]
-    return np.asarray(mask_utils.iou([d["bbox"] for d in dt], [g["bbox"] for g in gt], crowd))
-
-
 def _match(gt: list[dict], dt: Results) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """pycocotools' ``evaluateImg`` for one image and class, area "all", maxDets 100.
 
@@ -263,7 +263,7 @@ def _match(gt: list[dict], dt: Results) -> tuple[np.ndarray, np.ndarray, np.ndar
     matched = np.zeros((t_n, d_n), dtype=bool)
     dt_ig = np.zeros((t_n, d_n), dtype=bool)
     if gt and dt:
-        ious = _iou(dt, gt)
+        ious = box_iou(dt, gt)
         crowd = [bool(g.get("iscrowd", 0)) for g in gt]
         best = ious.max(axis=1)
         for ti, t in enumerate(IOU_THRS):
@@ -494,16 +494,6 @@ def seed_replicates(n_seeds: int, n_boot: int, rng: np.random.Generator) -> np.n
     return rng.integers(0, n_seeds, size=(n_boot, n_seeds))
 
 
-def check_critical(gt: dict[str, Any], critical_classes: Sequence[int]) -> None:
-    cat_ids = {c["id"] for c in gt["categories"]}
-    for c in critical_classes:
-        if c not in cat_ids:
-            raise UserError(
-                f"critical_classes: class id {c} is not in the dataset (ids {sorted(cat_ids)}); "
-                "set data.critical_classes with --config"
-            )
-
-
 def percentile_ci(values: np.ndarray) -> list[float | None]:
     """The 95 % percentile interval of the replicates that have a value (NaN: none)."""
     valid = values[~np.isnan(values)]
@@ -555,8 +545,8 @@ def paired_bootstrap(
     if n_boot < 1:
         raise UserError(f"n_boot={n_boot}: need at least 1 bootstrap replicate")
     check_critical(gt, critical_classes)
-    _check_results(gt, results_a)
-    _check_results(gt, results_b)
+    check_results(gt, results_a)
+    check_results(gt, results_b)
     ev_a, ev_b = PerImageEval(gt, results_a), PerImageEval(gt, results_b)
     keys = (*METRICS, *EXTRA)
     full_a = ev_a.metrics(None, critical_classes, weights)

@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("phase2", help="train the residual vision-language fusion")
     _add_config_args(p)
     p.add_argument(
-        "--variant", help="a name in pipeline.variants (zero_start, naive, frozen0, ...)"
+        "--variant", help="a name in pipeline.variant_switches (zero_start, naive, frozen0, ...)"
     )
     p.add_argument("--phase1", type=Path, required=True, help="Phase 1 checkpoint to start from")
     p.add_argument(

@@ -26,8 +26,8 @@ from defectfusion.bootstrap import (  # noqa: F401  (re-exported: the historical
 )
 from defectfusion.data.coco import load_json
 from defectfusion.errors import UserError
-from defectfusion.evaluate import DEFAULT_WEIGHTS
 from defectfusion.fsutil import atomic_write_json
+from defectfusion.metrics import DEFAULT_WEIGHTS
 
 # ---- the command ---------------------------------------------------------------------------
 

@@ -303,9 +303,10 @@ def select(
 ) -> list[str]:
     """The overrides that pick one pipeline run: a Phase 1 preset or a Phase 2 variant.
 
-    ``pipeline.preset_overrides[preset]`` and ``pipeline.variants[variant]`` (plus
+    ``pipeline.preset_overrides[preset]`` and ``pipeline.variant_switches[variant]`` (plus
     ``pipeline.variant_overrides[variant]``) are dicts of dotted keys, so Snakemake and DVC
-    name a run by its name and the settings stay in params.yaml.
+    name a run by its name and the settings stay in params.yaml. Any variant with switches
+    can be trained by name; ``pipeline.variants`` lists the ones the pipeline runs.
     """
     pipe = values.get("pipeline", {}) or {}
     out: list[str] = []
@@ -316,13 +317,14 @@ def select(
             for k, v in (pipe.get("preset_overrides") or {}).get(preset, {}).items()
         ]
     if variant is not None:
-        variants = pipe.get("variants") or {}
-        if variant not in variants:
+        switches = pipe.get("variant_switches") or {}
+        if variant not in switches:
             raise UserError(
-                f"unknown Phase 2 variant {variant!r}; pipeline.variants has {sorted(variants)}"
+                f"unknown Phase 2 variant {variant!r}; pipeline.variant_switches has "
+                f"{sorted(switches)}"
             )
         extra = (pipe.get("variant_overrides") or {}).get(variant, {})
-        out += [f"{k}={json.dumps(v)}" for k, v in {**variants[variant], **extra}.items()]
+        out += [f"{k}={json.dumps(v)}" for k, v in {**switches[variant], **extra}.items()]
     return out
 
 

@@ -73,7 +73,6 @@ from defectfusion.bootstrap import (
     PerImageEval,
     SetMetrics,
     _iou_index,
-    check_critical,
     contrast,
     drift,
     hierarchical_diff,
@@ -84,8 +83,8 @@ from defectfusion.bootstrap import (
 )
 from defectfusion.data.coco import load_json
 from defectfusion.errors import UserError
-from defectfusion.evaluate import _check_results
 from defectfusion.fsutil import atomic_write_json
+from defectfusion.metrics import check_critical, check_results
 from defectfusion.report import (
     ADOPTED_VARIANT,
     PHASE1_PREDICTIONS,
@@ -138,7 +137,7 @@ def _load(path: str, gt: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(results, list):
         raise UserError(f"{path}: expected a COCO results list")
     try:
-        _check_results(gt, results)
+        check_results(gt, results)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return results

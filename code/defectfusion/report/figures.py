@@ -66,6 +66,7 @@ from PIL import Image
 from defectfusion.data.coco import category_names, images_dir, load_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write
+from defectfusion.metrics import box_iou, row_normalized
 from defectfusion.report import (
     BACKBONE_NAMES_ES,
     FIGURES,
@@ -459,16 +460,6 @@ def _models(ctx: Ctx) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def row_normalized(confusion: dict[str, Any]) -> np.ndarray:
-    """`defectfusion.evaluate.row_normalized` (each row over its sum, NaN for an empty row),
-    restated because importing evaluate costs seconds of torch import per figure job; the
-    tests check that both agree."""
-    m = np.asarray(confusion["matrix"], dtype=np.float64)
-    sums = m.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(sums > 0, m / sums, np.nan)
-
-
 def confusion(ctx: Ctx) -> Figure:
     models = _models(ctx)
     k = len(models[0][1]["confusion"]["classes"])
@@ -646,16 +637,6 @@ def pr_curves(ctx: Ctx) -> Figure:
 # ---- qualitative -----------------------------------------------------------------------------
 
 
-def _iou(dets: list[dict[str, Any]], gts: list[dict[str, Any]]) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    if not dets or not gts:
-        return np.zeros((len(dets), len(gts)))
-    return np.asarray(
-        mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], [0] * len(gts))
-    )
-
-
 def _best_match(
     dets: list[dict[str, Any]], box: dict[str, Any], iou_min: float = 0.5
 ) -> float | None:
@@ -663,7 +644,7 @@ def _best_match(
     same = [d for d in dets if d["category_id"] == box["category_id"]]
     if not same:
         return None
-    ious = _iou(same, [box])[:, 0]
+    ious = box_iou(same, [box])[:, 0]
     scores = [d["score"] for d, i in zip(same, ious, strict=True) if i >= iou_min]
     return max(scores) if scores else None
 
@@ -752,7 +733,7 @@ def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
                 ax.imshow(pixels, interpolation="nearest")
                 _box(ax, box["bbox"], "white", lw=1.3, ls=(0, (3, 2)))
                 shown = [d for d in preds[key] if d["image_id"] == im["id"] and d["score"] >= thr]
-                near = _iou(shown, [box])[:, 0] if shown else np.zeros(0)
+                near = box_iou(shown, [box])[:, 0] if shown else np.zeros(0)
                 for d, overlap in sorted(
                     zip(shown, near, strict=True), key=lambda t: t[0]["score"]
                 ):

@@ -50,7 +50,8 @@ def make_evaluator(cfg: Config, val_json: Path, loader: Any = None):
     """A function model -> val metrics, reused by both phases (``loader``: the val batches,
     e.g. Phase 2's cached features; default: the val images)."""
     from defectfusion.data.loader import make_loader
-    from defectfusion.evaluate import coco_metrics, predict
+    from defectfusion.evaluate import predict
+    from defectfusion.metrics import coco_metrics
 
     gt = coco.load_json(val_json)
     loader = (

@@ -1,0 +1,426 @@
+"""The metrics the thesis names, from COCO results records: torch-free.
+
+What `evaluate`, the bootstrap, the post-mortem and the figures compute on detections:
+COCO mAP and per-class AP/AR (`coco_metrics`), the critical recall (`critical_recall`), the
+composite score (`composite`), the detection confusion matrix (`confusion_matrix`) and box
+IoU (`box_iou`, COCO's own). No torch here, so the jobs that only read predictions (the
+bootstrap, the post-mortem, the figures) start in a second instead of importing torch.
+
+`defectfusion.evaluate.evaluate_checkpoint` runs a checkpoint on a split and writes two files:
+
+- ``OUT`` (e.g. ``metrics.json``): the metrics below, plus ``"confusion"`` (see
+  `confusion_matrix`, with its thresholds), ``"checkpoint"``, ``"data"``, ``"predictions"``
+  (paths as given), ``"preset"`` (the checkpoint's model preset) and ``"parameters"`` (its
+  parameter count, for the tables);
+- ``OUT`` with its suffix replaced by ``.predictions.json`` (``metrics.json`` ->
+  ``metrics.predictions.json``): the predictions as a COCO results list, one record per
+  detection ``{"image_id", "category_id", "bbox": [x, y, w, h] pixels of the original image,
+  "score"}``, what ``defectfusion compare`` and the figures read. Boxes are rounded to 5
+  decimals and scores to 6, so the files are stable across runs.
+
+The metrics-file schema (what `coco_metrics` returns; tables, figures and the book read it):
+
+==========================  ===============================================================
+``map``                     AP@[.50:.95], maxDets 100 (COCO's headline mAP)
+``map50``, ``map75``        AP at IoU .50 / .75, maxDets 100
+``map_300``, ``map50_300``  AP@[.50:.95] / AP50 with maxDets 300 (DEIMv2 emits 300 queries)
+``ar_100``, ``ar_300``      AR@[.50:.95] with maxDets 100 / 300
+``per_class``               ``{class name: {"id", "ap", "ap50", "recall", "recall50",
+                            "n_gt"}}``: ``ap``/``ap50`` as above for one class; ``recall`` is
+                            its AR@[.50:.95] at maxDets 100, ``recall50`` its recall at IoU .50
+                            (maxDets 100: what an inspector calls "found the defect");
+                            ``n_gt`` its number of ground-truth boxes
+``critical_classes``        the critical class ids used
+``critical_recall``         mean ``recall`` over the critical classes (the thesis's AR_critical)
+``critical_recall50``       mean ``recall50`` over the critical classes
+``composite``               ``sum(w * metrics[key] for key, w in composite_weights)``, by
+                            default ``0.7 * map + 0.3 * critical_recall`` (checkpoint selection)
+``composite_weights``       the weights used
+``area``                    ``{"reference_side": 640, "median_side", "thresholds_px2": [a, b],
+                            "ap_small", "ap_medium", "ap_large", "ar_small", "ar_medium",
+                            "ar_large"}``: AP / AR (maxDets 100) by GT box area, with the
+                            size-relative thresholds explained below
+``max_dets``                ``[100, 300]``: the two maxDets of the keys above
+``n_images``                images in the ground truth
+``n_predictions``           detections evaluated
+``stats_100``               the 12 standard COCO numbers (AP, AP50, AP75, AP S/M/L, AR1, AR10,
+                            AR100, AR S/M/L), unchanged: COCO's absolute areas, -1 where COCO
+                            has nothing to measure; for comparison with other work
+==========================  ===============================================================
+
+Null (``None``) means "nothing to measure" (COCO's -1): a class with no ground-truth box
+has ``ap``/``recall`` null and is left out of the critical means; an area range with no box
+has null AP/AR. A mean over no class is null, and so is a composite that needs it. Empty
+results are not an error: every measurable number is 0.
+
+Why the area ranges are rescaled: COCO's small/medium/large cut at 32² and 96² pixels,
+absolute areas tuned for ~640 px images. On this project's 192-200 px images nearly every
+box would be "small" or "medium" and "large" would be empty, which says nothing about the
+defects' relative size. The cuts are scaled by ``(median image side / 640)²`` (image side
+``sqrt(w * h)``), i.e. the same fraction of the image as COCO's: at 192 px they become
+9.6² and 28.8² pixels. ``stats_100`` keeps COCO's absolute cuts.
+
+The numbers come from faster-coco-eval (C++ COCOeval); `pycocotools_metrics` recomputes
+the standard numbers with pycocotools, and the tests check that both agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectfusion.data.coco import load_json
+from defectfusion.errors import UserError
+
+COCO_AREA_PX2: tuple[float, float] = (32.0**2, 96.0**2)
+REFERENCE_SIDE = 640  # the image side COCO's area cuts were made for
+AREA_MAX = 1e5**2  # COCO's upper bound of "all" and "large"
+DEFAULT_WEIGHTS: dict[str, float] = {"map": 0.7, "critical_recall": 0.3}
+
+Results = list[dict[str, Any]]
+
+
+# ---- COCO metrics ----------------------------------------------------------------------
+
+
+def load_gt(gt: dict[str, Any] | str | Path) -> dict[str, Any]:
+    return gt if isinstance(gt, dict) else load_json(gt)
+
+
+def check_results(gt: dict[str, Any], results: Results) -> None:
+    """Refuse records the COCO tools would assert on, naming the record."""
+    image_ids = {im["id"] for im in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    for i, r in enumerate(results):
+        where = f"predictions: record {i}"
+        if r.get("image_id") not in image_ids:
+            raise UserError(f"{where}: image_id {r.get('image_id')} is not in the ground truth")
+        if r.get("category_id") not in cat_ids:
+            raise UserError(f"{where}: category_id {r.get('category_id')} is not a category")
+        bbox = r.get("bbox")
+        if not isinstance(bbox, list | tuple) or len(bbox) != 4:
+            raise UserError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
+        if not isinstance(r.get("score"), int | float):
+            raise UserError(f"{where}: score must be a number, got {r.get('score')!r}")
+
+
+def area_thresholds(gt: dict[str, Any]) -> tuple[float, float, float]:
+    """``(median image side, small/medium cut, medium/large cut)``, the cuts in px².
+
+    COCO's 32² and 96² scaled by ``(median side / 640)²``, the side of an image being
+    ``sqrt(w * h)`` (rounded to 0.01 px² so the file shows round numbers).
+    """
+    sides = [math.sqrt(im["width"] * im["height"]) for im in gt["images"]]
+    median = float(np.median(sides)) if sides else float(REFERENCE_SIDE)
+    scale = (median / REFERENCE_SIDE) ** 2
+    return median, round(COCO_AREA_PX2[0] * scale, 2), round(COCO_AREA_PX2[1] * scale, 2)
+
+
+def _ranges(cuts: Sequence[float]) -> dict[str, list[float]]:
+    a, b = cuts
+    return {"small": [0.0, a], "medium": [a, b], "large": [b, AREA_MAX]}
+
+
+def _empty_results(coco_gt: Any, coco_cls: type) -> Any:
+    # pycocotools' loadRes indexes results[0]: build the empty result set by hand.
+    res = coco_cls()
+    res.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
+    res.createIndex()
+    return res
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _faster_eval(
+    gt: dict[str, Any], results: Results, ranges: dict[str, list[float]], max_dets: list[int]
+) -> Any:
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    coco_gt = COCO(copy.deepcopy(gt), print_function=_quiet)
+    # loadRes adds keys to the records: give it copies.
+    coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else _empty_results(coco_gt, COCO)
+    ev = COCOeval_faster(coco_gt, coco_dt, "bbox", ranges=ranges, print_function=_quiet)
+    ev.params.maxDets = max_dets
+    ev.evaluate()
+    ev.accumulate()
+    return ev
+
+
+def _summarize(
+    ev: Any,
+    ap: bool,
+    iou: float | None = None,
+    area: str = "all",
+    max_det: int = 100,
+    cat: int | None = None,
+) -> float:
+    """Mean precision (``ap``) or recall over the valid cells, pycocotools' ``_summarize``.
+
+    -1 when there is nothing to measure (no ground truth in that slice).
+    """
+    p = ev.params
+    a = p.areaRngLbl.index(area)
+    m = p.maxDets.index(max_det)
+    ks = slice(None) if cat is None else [list(p.catIds).index(cat)]
+    s = ev.eval["precision"] if ap else ev.eval["recall"]  # [T,R,K,A,M] / [T,K,A,M]
+    if iou is not None:
+        s = s[np.isclose(p.iouThrs, iou)]
+    s = s[:, :, ks, a, m] if ap else s[:, ks, a, m]
+    valid = s[s > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
+
+
+def _null(x: float) -> float | None:
+    return None if x < 0 else x
+
+
+def _mean(xs: Iterable[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def coco_metrics(
+    gt: dict[str, Any] | str | Path,
+    results: Results,
+    critical_classes: Sequence[int],
+    composite_weights: dict[str, float] | None = None,
+    max_dets: tuple[int, int] = (100, 300),
+) -> dict[str, Any]:
+    """The metrics of the module docstring, computed with faster-coco-eval."""
+    gt = load_gt(gt)
+    weights = dict(DEFAULT_WEIGHTS if composite_weights is None else composite_weights)
+    m_lo, m_hi = max_dets
+    if not 10 < m_lo <= m_hi:
+        raise ValueError(f"max_dets={max_dets}: need 10 < first <= second")
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    cat_ids = [c["id"] for c in cats]
+    check_critical(gt, critical_classes)
+    check_results(gt, results)
+
+    median_side, *cuts = area_thresholds(gt)
+    ranges = {**_ranges(COCO_AREA_PX2), **{f"{k}_rel": v for k, v in _ranges(cuts).items()}}
+    ev = _faster_eval(gt, results, ranges, sorted({1, 10, m_lo, m_hi}))
+
+    def summ(ap: bool, **kw: Any) -> float:
+        return _summarize(ev, ap, **{"max_det": m_lo, **kw})
+
+    n_gt = dict.fromkeys(cat_ids, 0)
+    for ann in gt["annotations"]:
+        if not ann.get("iscrowd", 0):
+            n_gt[ann["category_id"]] += 1
+    per_class = {
+        c["name"]: {
+            "id": c["id"],
+            "ap": _null(summ(True, cat=c["id"])),
+            "ap50": _null(summ(True, cat=c["id"], iou=0.5)),
+            "recall": _null(summ(False, cat=c["id"])),
+            "recall50": _null(summ(False, cat=c["id"], iou=0.5)),
+            "n_gt": n_gt[c["id"]],
+        }
+        for c in cats
+    }
+    stats = [
+        summ(True),
+        summ(True, iou=0.5),
+        summ(True, iou=0.75),
+        *(summ(True, area=a) for a in ("small", "medium", "large")),
+        summ(False, max_det=1),
+        summ(False, max_det=10),
+        summ(False),
+        *(summ(False, area=a) for a in ("small", "medium", "large")),
+    ]
+    metrics: dict[str, Any] = {
+        "map": _null(stats[0]),
+        "map50": _null(stats[1]),
+        "map75": _null(stats[2]),
+        "map_300": _null(summ(True, max_det=m_hi)),
+        "map50_300": _null(summ(True, iou=0.5, max_det=m_hi)),
+        "ar_100": _null(stats[8]),
+        "ar_300": _null(summ(False, max_det=m_hi)),
+        "per_class": per_class,
+        "critical_classes": list(critical_classes),
+        "critical_recall": critical_recall(per_class, critical_classes),
+        "critical_recall50": critical_recall(per_class, critical_classes, "recall50"),
+        "area": {
+            "reference_side": REFERENCE_SIDE,
+            "median_side": median_side,
+            "thresholds_px2": list(cuts),
+            **{f"ap_{a}": _null(summ(True, area=f"{a}_rel")) for a in ("small", "medium", "large")},
+            **{
+                f"ar_{a}": _null(summ(False, area=f"{a}_rel")) for a in ("small", "medium", "large")
+            },
+        },
+        "max_dets": [m_lo, m_hi],
+        "n_images": len(gt["images"]),
+        "n_predictions": len(results),
+        "stats_100": stats,
+        "composite_weights": weights,
+    }
+    metrics["composite"] = composite(metrics, weights)
+    return metrics
+
+
+def check_critical(gt: dict[str, Any], critical_classes: Sequence[int]) -> None:
+    """Refuse a critical class id the dataset does not have, naming the ids it has."""
+    cat_ids = sorted(c["id"] for c in gt["categories"])
+    for c in critical_classes:
+        if c not in cat_ids:
+            raise UserError(
+                f"critical_classes: class id {c} is not in the dataset (ids {cat_ids}); "
+                "set data.critical_classes with --config"
+            )
+
+
+def critical_recall(
+    per_class: dict[str, dict[str, Any]], critical_classes: Sequence[int], key: str = "recall"
+) -> float | None:
+    """The thesis's AR_critical: the mean of ``key`` (``recall``: AR@[.50:.95] at maxDets 100;
+    ``recall50``: recall at IoU .50) over the critical classes; classes with no ground truth
+    (null) are left out, and the mean over none is null."""
+    by_id = {v["id"]: v for v in per_class.values()}
+    return _mean(by_id[c][key] for c in critical_classes)
+
+
+def composite(metrics: dict[str, Any], weights: dict[str, float]) -> float | None:
+    """``sum(w * metrics[key])``; null when a weighted metric is null."""
+    total = 0.0
+    for key, w in weights.items():
+        value = metrics.get(key)
+        if key not in metrics or isinstance(value, dict | list):
+            scalars = sorted(k for k, v in metrics.items() if not isinstance(v, dict | list))
+            raise UserError(f"composite_weights: unknown metric {key!r}; use one of {scalars}")
+        if value is None:
+            return None
+        total += float(w) * value
+    return total
+
+
+def pycocotools_metrics(
+    gt: dict[str, Any] | str | Path,
+    results: Results,
+    area_thresholds_px2: Sequence[float] = COCO_AREA_PX2,
+    max_dets: Sequence[int] = (1, 10, 100),
+    cat_ids: Sequence[int] | None = None,
+) -> list[float]:
+    """The 12 numbers of pycocotools' own ``summarize()`` (the reference implementation).
+
+    Only the tests use it, to check faster-coco-eval. ``cat_ids`` restricts the evaluation to
+    some classes (one class: its AP and AR). As in pycocotools, ``stats[0]`` is always at
+    maxDets 100; the other AP numbers and AR[8] use ``max_dets[2]``.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = load_gt(gt)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        coco_dt = (
+            coco_gt.loadRes(copy.deepcopy(results)) if results else _empty_results(coco_gt, COCO)
+        )
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.params.areaRng = [[0.0, AREA_MAX], *_ranges(area_thresholds_px2).values()]
+        ev.params.maxDets = list(max_dets)
+        if cat_ids is not None:
+            ev.params.catIds = list(cat_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(x) for x in ev.stats]
+
+
+# ---- boxes and the confusion matrix -------------------------------------------------------
+
+
+def box_iou(dets: Sequence[dict[str, Any]], gts: Sequence[dict[str, Any]]) -> np.ndarray:
+    """``[len(dets), len(gts)]`` IoU of COCO ``[x, y, w, h]`` boxes, computed by pycocotools
+    (``maskUtils.iou``), the function COCOeval matches with, so every IoU in this project is
+    the evaluator's own. A crowd ground truth (``iscrowd``) divides by the detection's area
+    only, as in COCOeval."""
+    if not len(dets) or not len(gts):
+        return np.zeros((len(dets), len(gts)))
+    from pycocotools import mask as mask_utils
+
+    crowd = [int(g.get("iscrowd", 0)) for g in gts]
+    iou = mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], crowd)
+    return np.asarray(iou, dtype=np.float64).reshape(len(dets), len(gts))
+
+
+def confusion_matrix(
+    gt: dict[str, Any] | str | Path,
+    results: Results,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.3,
+) -> dict[str, Any]:
+    """Detection confusion matrix with a background class.
+
+    Rows are the ground-truth class, plus a last "background" row for false positives;
+    columns the predicted class, plus a last "background" column for missed ground truth.
+    Per image, detections with ``score >= score_threshold`` are taken best first, and each
+    is matched to the unmatched ground-truth box it overlaps most, whatever the classes, if
+    that IoU is ``>= iou_threshold``: a fracture predicted as a scratch counts in
+    [fracture, scratch], not as a miss plus a false positive. Ties keep the records' order.
+    """
+    gt = load_gt(gt)
+    check_results(gt, results)
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    bg = len(cats)
+    matrix = np.zeros((bg + 1, bg + 1), dtype=np.int64)
+
+    gts: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in gt["images"]}
+    for ann in gt["annotations"]:
+        if not ann.get("iscrowd", 0):
+            gts[ann["image_id"]].append(ann)
+    dets: dict[int, Results] = {i: [] for i in gts}
+    for r in results:
+        if r["score"] >= score_threshold:
+            dets[r["image_id"]].append(r)
+
+    for image_id, g in gts.items():
+        d = sorted(dets[image_id], key=lambda r: -r["score"])  # stable: ties keep order
+        iou = box_iou(d, g)  # [n_det, n_gt]
+        matched = np.zeros(len(g), dtype=bool)
+        for i, r in enumerate(d):
+            cand = np.where(matched, -1.0, iou[i])
+            j = int(cand.argmax()) if len(g) else -1  # argmax: the first of equal overlaps
+            if j >= 0 and cand[j] >= iou_threshold:
+                matched[j] = True
+                matrix[index[g[j]["category_id"]], index[r["category_id"]]] += 1
+            else:
+                matrix[bg, index[r["category_id"]]] += 1
+        for j in np.flatnonzero(~matched).tolist():
+            matrix[index[g[j]["category_id"]], bg] += 1
+
+    return {
+        "classes": [c["name"] for c in cats] + ["background"],
+        "matrix": matrix.tolist(),
+        "iou_threshold": iou_threshold,
+        "score_threshold": score_threshold,
+    }
+
+
+def row_normalized(confusion: dict[str, Any]) -> np.ndarray:
+    """The matrix with each row divided by its sum (NaN for an empty row).
+
+    Row "fracture" then reads: of the fracture boxes, the fraction found as each class
+    (and, in the last column, missed).
+    """
+    m = np.asarray(confusion["matrix"], dtype=np.float64)
+    sums = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sums > 0, m / sums, np.nan)
