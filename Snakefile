@@ -38,6 +38,7 @@ def resolved_config_file(values):
 CONFIGS = shlex.quote(resolved_config_file(config))
 CODE = "code/defectfusion"
 from defectfusion.pipeline import code_deps  # each rule's code: what its stage imports
+from defectfusion.config import variant_settings
 DATA = config["data"]["dir"]
 PRESETS = P["presets"]
 MAIN = config["model"]["preset"]
@@ -265,9 +266,7 @@ rule phase2:
         code=code_deps("defectfusion.train.phase2"),
     params:
         cfg=section("seed", "data", "model", "phase1", "phase2", "eval", "text", "fusion"),
-        variant=lambda w: canonical(
-            {**P["variant_switches"][w.variant], **P["variant_overrides"].get(w.variant, {})}
-        ),
+        variant=lambda w: canonical(variant_settings(P, w.variant)),
         run="runs/phase2/{variant}/seed{seed}",
         results="results/phase2/{variant}/seed{seed}",
     resources:

@@ -82,7 +82,7 @@ def measure(
     import torch
 
     from defectfusion.models import set_train_mode
-    from defectfusion.train.phase1 import param_groups
+    from defectfusion.train.common import param_groups
 
     batch = {"batch8": 8, "batch16": 16}.get(option, 4)
     ld = loader_for(option, split, size, batch, seed)

@@ -65,7 +65,7 @@ def build(mode: str, preset: str, size: int, batch: int, n: int):
     from defectfusion.fusion import attach_fusion, set_trainable
     from defectfusion.losses import install_loss
     from defectfusion.models import build_model
-    from defectfusion.train.phase1 import param_groups
+    from defectfusion.train.common import param_groups
 
     torch.manual_seed(0)
     model = build_model(preset, CLASS_NAMES)

@@ -67,7 +67,7 @@ def measure(
     from defectfusion.evaluate import postprocess
     from defectfusion.losses import install_loss
     from defectfusion.models import build_model, count_parameters, set_train_mode
-    from defectfusion.train.phase1 import param_groups
+    from defectfusion.train.common import param_groups
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

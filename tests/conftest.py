@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,29 @@ settings.register_profile("defectfusion", deadline=None)
 settings.load_profile("defectfusion")
 
 
+# Idle OpenMP threads sleep instead of spinning: the README's test command runs the unit tests
+# beside the micro pipeline's jobs, and spinning threads of one process starve the other's
+# (GNU OpenMP's default spin-wait made an oversubscribed 2-core run 7x slower). Set before torch
+# is imported; the pipeline's jobs inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+PIPELINE_GROUP = "micro_pipeline"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Unit tests first, then the tests that run the micro pipeline end to end (and DVC on it):
-    a broken unit fails fast, and CI runs the micro profile after the unit tests."""
-    items.sort(key=lambda item: "micro_run" in getattr(item, "fixturenames", ()))
+    """The tests that run the micro pipeline end to end (and DVC on it) share its session run:
+    under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) they form one group, sent
+    first to one worker, while the other worker takes the unit tests. Run serially, the unit
+    tests come first, so a broken unit fails fast."""
+    xdist = any(getattr(item.config, "workerinput", None) is not None for item in items[:1])
+
+    def uses_pipeline(item: pytest.Item) -> bool:
+        return "micro_run" in getattr(item, "fixturenames", ())
+
+    for item in items:
+        if uses_pipeline(item):
+            item.add_marker(pytest.mark.xdist_group(PIPELINE_GROUP))
+    items.sort(key=lambda item: uses_pipeline(item) != xdist)
 
 
 @pytest.fixture(autouse=True, scope="session")

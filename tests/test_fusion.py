@@ -16,7 +16,7 @@ from defectfusion.errors import UserError
 from defectfusion.fusion import attach_fusion, class_heads, set_trainable
 from defectfusion.losses import install_loss
 from defectfusion.models import build_model, count_parameters, set_train_mode
-from defectfusion.train.phase1 import param_groups
+from defectfusion.train.common import param_groups
 
 NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 TINY = "deimv2-dinov3-tiny"

@@ -317,15 +317,21 @@ def select(
             for k, v in (pipe.get("preset_overrides") or {}).get(preset, {}).items()
         ]
     if variant is not None:
-        switches = pipe.get("variant_switches") or {}
-        if variant not in switches:
-            raise UserError(
-                f"unknown Phase 2 variant {variant!r}; pipeline.variant_switches has "
-                f"{sorted(switches)}"
-            )
-        extra = (pipe.get("variant_overrides") or {}).get(variant, {})
-        out += [f"{k}={json.dumps(v)}" for k, v in {**switches[variant], **extra}.items()]
+        out += [f"{k}={json.dumps(v)}" for k, v in variant_settings(pipe, variant).items()]
     return out
+
+
+def variant_settings(pipeline: dict[str, Any], variant: str) -> dict[str, Any]:
+    """A Phase 2 variant's dotted-key settings: its switches, then its schedule overrides
+    (``pipeline.variant_overrides``). The Snakefile records the same dict as the job's params."""
+    switches = pipeline.get("variant_switches") or {}
+    if variant not in switches:
+        raise UserError(
+            f"unknown Phase 2 variant {variant!r}; pipeline.variant_switches has "
+            f"{sorted(switches)}"
+        )
+    extra = (pipeline.get("variant_overrides") or {}).get(variant, {})
+    return {**switches[variant], **extra}
 
 
 def check_override_key(assignment: str) -> None:

@@ -188,10 +188,6 @@ def run_hash(job: Job) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state()}
-
-
 def fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any]:
     """Train `job` (see the module docstring); returns the best score and epochs run.
 
@@ -328,7 +324,6 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
             "best": best,
             "bad_epochs": bad_epochs,
             "finished": finished,
-            "rng": _rng_state(),
         }
         if ema is not None:
             state["ema"] = ema.state_dict()

@@ -29,8 +29,8 @@ from defectfusion.fusion import attach_fusion, set_trainable
 from defectfusion.losses import install_loss
 from defectfusion.models import build_model, count_parameters, set_train_mode
 from defectfusion.text import embed_prompts
+from defectfusion.train.common import dataset_splits, make_evaluator, model_meta, param_groups
 from defectfusion.train.engine import Job, fit
-from defectfusion.train.phase1 import dataset_splits, make_evaluator, model_meta, param_groups
 
 
 def text_embeddings(
