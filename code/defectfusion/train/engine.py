@@ -188,6 +188,67 @@ def run_hash(job: Job) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def train_one_epoch(
+    job: Job,
+    accelerator: Accelerator,
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: AveragedModel | None,
+    log: Logger,
+    epoch: int,
+    step: int,
+) -> tuple[int, dict[str, float], float]:
+    """One pass over `loader`: forward, backward, clip, step, EMA, one log row per step.
+
+    Returns the global step after the epoch, the epoch's mean loss terms and its seconds.
+    """
+    tc = job.train
+    raw = accelerator.unwrap_model(model)
+    t0 = time.time()
+    sums: dict[str, float] = defaultdict(float)
+    bar = tqdm(
+        loader,
+        desc=f"{job.phase} epoch {epoch}/{tc.epochs}",
+        leave=False,
+        # None: off when stderr is not a terminal (a Snakemake log gets the epoch lines,
+        # not carriage-return bar frames)
+        disable=None if accelerator.is_main_process else True,
+    )
+    for pixel_values, targets in bar:
+        labels = [{"class_labels": t["class_labels"], "boxes": t["boxes"]} for t in targets]
+        with accelerator.autocast():
+            output = model(pixel_values=pixel_values, labels=labels)
+        accelerator.backward(output.loss)
+        if tc.clip_grad > 0:
+            accelerator.clip_grad_norm_(model.parameters(), tc.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(raw)
+        step += 1
+        terms = loss_terms(output.loss_dict)
+        loss = float(output.loss.detach())
+        if accelerator.num_processes > 1:  # log the mean over processes, not rank 0's share
+            names = sorted(terms)
+            vals = accelerator.reduce(torch.tensor([loss, *(terms[k] for k in names)]), "mean")
+            loss, terms = float(vals[0]), dict(zip(names, vals[1:].tolist(), strict=True))
+        for k, v in terms.items():
+            sums[k] += v
+        sums["loss"] += loss
+        row = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]}
+        if job.step_extras:
+            row.update(job.step_extras(raw))
+        log.step(row)
+        bar.set_postfix(loss=f"{loss:.2f}")
+    seconds = time.time() - t0
+    n = max(1, len(loader))
+    mean = {("train_" + k if not k.startswith("loss") else k): v / n for k, v in sums.items()}
+    return step, mean, seconds
+
+
 def fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any]:
     """Train `job` (see the module docstring); returns the best score and epochs run.
 
@@ -382,48 +443,9 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
         # The sampler's generator, not the (prepared) loader's: that one only seeds workers.
         sampler.generator.manual_seed(es)
         job.set_mode(raw, True)
-        t0 = time.time()
-        sums: dict[str, float] = defaultdict(float)
-        bar = tqdm(
-            loader,
-            desc=f"{job.phase} epoch {epoch}/{tc.epochs}",
-            leave=False,
-            # None: off when stderr is not a terminal (a Snakemake log gets the epoch lines,
-            # not carriage-return bar frames)
-            disable=None if accelerator.is_main_process else True,
+        step, train_row, seconds = train_one_epoch(
+            job, accelerator, model, loader, optimizer, scheduler, ema, log, epoch, step
         )
-        for pixel_values, targets in bar:
-            labels = [{"class_labels": t["class_labels"], "boxes": t["boxes"]} for t in targets]
-            with accelerator.autocast():
-                output = model(pixel_values=pixel_values, labels=labels)
-            accelerator.backward(output.loss)
-            if tc.clip_grad > 0:
-                accelerator.clip_grad_norm_(model.parameters(), tc.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(raw)
-            step += 1
-            terms = loss_terms(output.loss_dict)
-            loss = float(output.loss.detach())
-            if accelerator.num_processes > 1:  # log the mean over processes, not rank 0's share
-                names = sorted(terms)
-                vals = accelerator.reduce(torch.tensor([loss, *(terms[k] for k in names)]), "mean")
-                loss, terms = float(vals[0]), dict(zip(names, vals[1:].tolist(), strict=True))
-            for k, v in terms.items():
-                sums[k] += v
-            sums["loss"] += loss
-            row = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]}
-            if job.step_extras:
-                row.update(job.step_extras(raw))
-            log.step(row)
-            bar.set_postfix(loss=f"{loss:.2f}")
-        seconds = time.time() - t0
-        n = max(1, steps_per_epoch)
-        train_row = {
-            ("train_" + k if not k.startswith("loss") else k): v / n for k, v in sums.items()
-        }
 
         if epoch % tc.eval_every and epoch != tc.epochs:
             checkpoint(epoch)
