@@ -489,8 +489,7 @@ def phase2_inputs(
 
     tc = cfg.phase2
     views = tc.cache_views
-    aug = cfg.data.augment
-    augment = AugmentConfig(aug.hflip, aug.vflip, tuple(aug.scale_jitter), aug.photometric)
+    augment = AugmentConfig.from_config(cfg.data.augment)
     reason = uncached_reason(cfg)
     if reason is not None:
         pool = None if views < 0 else views

@@ -24,7 +24,7 @@ from defectfusion.bootstrap import (  # noqa: F401  (re-exported: the historical
     paired_bootstrap,
     resample,
 )
-from defectfusion.data.coco import load_json
+from defectfusion.data.coco import load_json, load_split
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json
 from defectfusion.metrics import DEFAULT_WEIGHTS
@@ -78,11 +78,7 @@ def compare_files(
     the defaults ([2, 3, 5]; 0.7 mAP + 0.3 critical recall).
     """
     a, b, data, out = Path(a), Path(b), Path(data), Path(out)
-    if data.is_dir():
-        raise UserError(
-            f"{data}: is a folder; pass a split JSON, e.g. {data}/annotations/test.json"
-        )
-    gt = load_json(data)
+    gt = load_split(data)
     (res_a, meta_a), (res_b, meta_b) = _read_predictions(a), _read_predictions(b)
     critical, weights = _settings(config, [meta_a, meta_b], [a, b])
     result = paired_bootstrap(gt, res_a, res_b, critical, weights, n_boot, seed)

@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
-from defectfusion.data.coco import category_names, load_json
+from defectfusion.data.coco import category_names, load_split
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json
 from defectfusion.metrics import Results, coco_metrics, confusion_matrix
@@ -193,11 +193,7 @@ def evaluate_checkpoint(
     from defectfusion.data.loader import make_loader
 
     checkpoint, data, out = Path(checkpoint), Path(data), Path(out)
-    if data.is_dir():
-        raise UserError(
-            f"{data}: is a folder; pass a split JSON, e.g. {data}/annotations/test.json"
-        )
-    gt = load_json(data)
+    gt = load_split(data)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, meta = load_detector(checkpoint, device=device)
     names = category_names(gt, data)

@@ -183,6 +183,22 @@ def _summarize(
     return float(np.mean(valid)) if valid.size else -1.0
 
 
+def precision_recall(
+    gt: dict[str, Any] | str | Path, results: Results, max_det: int = 100
+) -> tuple[np.ndarray, Any]:
+    """COCO's interpolated precision ``[T, R, K]`` (IoU thresholds x 101 recall points x
+    classes; area "all", ``max_det`` detections per image; NaN where there is nothing to
+    measure) and the evaluator's params (``iouThrs``, ``recThrs``, ``catIds``)."""
+    gt = load_gt(gt)
+    check_results(gt, results)
+    ev = _faster_eval(gt, results, _ranges(COCO_AREA_PX2), sorted({1, 10, max_det}))
+    p = ev.params
+    prec = ev.eval["precision"][:, :, :, p.areaRngLbl.index("all"), p.maxDets.index(max_det)]
+    prec = prec.astype(float)
+    prec[prec < 0] = np.nan
+    return prec, p
+
+
 def _null(x: float) -> float | None:
     return None if x < 0 else x
 

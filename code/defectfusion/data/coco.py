@@ -95,6 +95,17 @@ def json_depth(obj: Any, limit: int) -> int:
     return deepest
 
 
+def load_split(path: str | Path) -> dict[str, Any]:
+    """A split's COCO JSON (what `evaluate` and `compare` are given); a folder, the usual slip
+    (the dataset root), is refused with the file to pass instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(
+            f"{path}: is a folder; pass a split JSON, e.g. {path}/annotations/test.json"
+        )
+    return load_json(path)
+
+
 def load_json(path: str | Path) -> Any:
     """Read a JSON file, turning every way it can be unreadable into one `UserError` line."""
     path = Path(path)

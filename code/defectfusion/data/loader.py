@@ -86,6 +86,16 @@ class AugmentConfig:
     noise: float = 0.0
     min_visible: float = 0.5
 
+    @classmethod
+    def from_config(cls, section: Any) -> AugmentConfig:
+        """From a Config's ``data.augment`` section, field by field by name."""
+        return cls(
+            hflip=section.hflip,
+            vflip=section.vflip,
+            scale_jitter=tuple(section.scale_jitter),
+            photometric=section.photometric,
+        )
+
     def __post_init__(self) -> None:
         if not self.scale_jitter:  # 0 or None from a config file also means "off"
             self.scale_jitter = (1.0, 1.0)

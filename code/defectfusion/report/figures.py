@@ -66,7 +66,7 @@ from PIL import Image
 from defectfusion.data.coco import category_names, images_dir, load_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write
-from defectfusion.metrics import box_iou, row_normalized
+from defectfusion.metrics import box_iou, precision_recall, row_normalized
 from defectfusion.report import (
     BACKBONE_NAMES_ES,
     FIGURES,
@@ -566,23 +566,6 @@ def per_class(ctx: Ctx) -> Figure:
     return fig
 
 
-def _precision(gt: dict[str, Any], results: list[dict[str, Any]]) -> tuple[np.ndarray, Any]:
-    """COCO's interpolated precision [T, R, K] (area all, maxDets 100; -1 -> NaN)."""
-    import copy
-
-    from faster_coco_eval import COCO, COCOeval_faster
-
-    coco_gt = COCO(copy.deepcopy(gt), print_function=lambda *a, **k: None)
-    coco_dt = coco_gt.loadRes(copy.deepcopy(results))
-    ev = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *a, **k: None)
-    ev.params.maxDets = [1, 10, 100]
-    ev.evaluate()
-    ev.accumulate()
-    p = ev.eval["precision"][:, :, :, 0, -1].astype(float)  # area "all", maxDets 100
-    p[p < 0] = np.nan
-    return p, ev.params
-
-
 def pr_curves(ctx: Ctx) -> Figure:
     gt = load_json(ctx.layout.split("test"))
     v, s = ctx.layout.adopted
@@ -606,7 +589,7 @@ def pr_curves(ctx: Ctx) -> Figure:
     ap_text: dict[int, list[str]] = {c: [] for c in crit}
     for short, _, color, path in models:
         results = load_json(path)
-        precision, params = _precision(gt, results) if results else (None, None)
+        precision, params = precision_recall(gt, results) if results else (None, None)
         for ax, c in zip(axes[0], crit, strict=False):
             if precision is None:
                 ap_text[c].append(f"{short}: sin detecciones")

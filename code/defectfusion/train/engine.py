@@ -290,7 +290,6 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
             f"{accelerator.num_processes} training processes"
         )
     per_process_batch = tc.batch_size // accelerator.num_processes
-    aug = job.cfg.data.augment
     loader = (
         job.train_loader(per_process_batch)
         if job.train_loader
@@ -299,7 +298,7 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
             job.cfg.data.image_size,
             per_process_batch,
             train=True,
-            augment=AugmentConfig(aug.hflip, aug.vflip, tuple(aug.scale_jitter), aug.photometric),
+            augment=AugmentConfig.from_config(job.cfg.data.augment),
             num_workers=job.cfg.data.num_workers,
             seed=job.cfg.seed,
             normalize=job.cfg.data.normalize,
