@@ -111,7 +111,7 @@ class TextSection:
 class FusionSection:
     init: str = "zero_start"  # zero_start | naive
     alpha: str = "learned"  # learned | frozen0 (text branch off: the control)
-    loss: str = "focal"  # focal | deimv2
+    loss: str = "focal"  # focal | mal (Phase 1's loss, DEIMv2's matching-aware loss)
     bn: str = "eval"  # eval | train (frozen modules' BatchNorm statistics)
     start: str = "ema"  # ema | raw: which Phase 1 weights Phase 2 starts from
     tau_init: float = 0.07
@@ -392,7 +392,7 @@ def validate(cfg: Config, where: str) -> None:
         "model.init": (cfg.model.init, ("scratch", "backbone", "detector")),
         "fusion.init": (cfg.fusion.init, ("zero_start", "naive")),
         "fusion.alpha": (cfg.fusion.alpha, ("learned", "frozen0")),
-        "fusion.loss": (cfg.fusion.loss, ("focal", "deimv2")),
+        "fusion.loss": (cfg.fusion.loss, ("focal", "mal")),
         "fusion.bn": (cfg.fusion.bn, ("eval", "train")),
         "fusion.start": (cfg.fusion.start, ("ema", "raw")),
         "data.normalize": (cfg.data.normalize, ("imagenet", "clip")),

@@ -5,7 +5,7 @@ before any update (epoch 0), then train only the fusion and the class heads with
 focal loss at a low learning rate, selecting and early-stopping on the composite score.
 The config picks the variant (each a one-switch control of the adopted zero_start):
 ``fusion.init`` (zero_start | naive), ``fusion.alpha`` (learned | frozen0), ``fusion.loss``
-(focal | deimv2), ``fusion.bn`` (eval | train), ``fusion.start`` (ema | raw: Phase 1's EMA
+(focal | mal: Phase 1's loss), ``fusion.bn`` (eval | train), ``fusion.start`` (ema | raw: Phase 1's EMA
 weights, which Phase 1 reports, or its raw weights of the same epoch, ``best_raw.pt``),
 ``fusion.fuse_encoder_head`` and ``data.normalize`` (imagenet | clip).
 
@@ -91,7 +91,7 @@ def build_phase2_model(
     set_trainable(model, cfg.fusion.alpha)
     install_loss(
         model,
-        "focal" if cfg.fusion.loss == "focal" else "mal",
+        cfg.fusion.loss,
         cfg.fusion.focal_alpha,
         cfg.fusion.focal_gamma,
         mal_gamma=cfg.phase1.mal_gamma,  # "the Phase 1 loss" is Phase 1's MAL, its gamma too
