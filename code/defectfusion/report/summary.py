@@ -85,7 +85,13 @@ from typing import Any
 from defectfusion.data.coco import category_names, load_json, parse_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json
-from defectfusion.report import PARAM_SECTIONS, SPLIT_NAMES, Layout, variant_name_es
+from defectfusion.report import (
+    ADOPTED_VARIANT,
+    PARAM_SECTIONS,
+    SPLIT_NAMES,
+    Layout,
+    variant_name_es,
+)
 from defectfusion.report import provenance as prov
 
 TEST_KEYS = ("map", "map50", "map75", "critical_recall", "critical_recall50", "composite")
@@ -316,11 +322,11 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
     main_history = read_jsonl(layout.phase1(layout.main, "history.jsonl"))
     main_best = best_row(main_history, layout.phase1(layout.main, "history.jsonl"))
     equal: bool | None = None
-    if "zero_start" in layout.variants:
+    if ADOPTED_VARIANT in layout.variants:  # the zero-start: epoch 0 is Phase 1 itself
         target = val_metrics(main_best)
         equal = all(
             val_metrics(epoch_row(run["history"], 0)) == target
-            for run in phase2_runs(layout, "zero_start")
+            for run in phase2_runs(layout, ADOPTED_VARIANT)
         )
     return {
         "run": {
