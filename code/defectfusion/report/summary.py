@@ -348,6 +348,14 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "phase2": phase2,
         "phase1_val_map_best": main_best.get("val_map"),
         "epoch0_equals_phase1": equal,
+        # every variant params.yaml defines -> whether this run trained it (a profile may run a
+        # subset): the book's paragraph on a hypothesis appears only when it was measured
+        "variants_run": {
+            v: v in layout.variants
+            for v in sorted(
+                {*(values.get("pipeline") or {}).get("variant_switches", {}), *layout.variants}
+            )
+        },
         **confusion_summary(layout),  # issue 14: the book's reading of the confusion figure
         **postmortem_summary(pm),  # issue 13: drifts, contrasts and verdicts
     }
