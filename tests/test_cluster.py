@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, copy_workflow
+from defectfusion.config import read_yaml
 
 
 @pytest.mark.skipif(
@@ -37,7 +38,9 @@ def test_slurm_profile_dry_run_plans_one_gpu_job_per_model(tmp_path: Path) -> No
         m = re.search(r"^(?:local)?rule (\w+):", job, re.M)
         if m:
             by_rule.setdefault(m.group(1), []).append(job)
-    assert len(by_rule["phase1"]) == 3 and len(by_rule["phase2"]) == 9  # one job per model
+    micro = read_yaml(tmp_path / "configs/micro.yaml")["pipeline"]
+    n_phase2 = len(micro["variants"]) * len(micro["seeds"])
+    assert len(by_rule["phase1"]) == 3 and len(by_rule["phase2"]) == n_phase2  # one job a model
     for job in by_rule["phase1"] + by_rule["phase2"]:
         assert "slurm_partition=gpu" in job and "gpu=2" in job
         assert "torchrun --standalone --nproc-per-node 2 -m defectfusion.cli train" in job
