@@ -138,6 +138,9 @@ def micro_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole workflow on the micro profile, in a copy of the workflow's files (Snakefile,
     params, profiles, prompts, code, the book's sources), so the checkout is not touched."""
 
+    reuse = os.environ.get("DEFECTFUSION_TEST_MICRO_RUN")
+    if reuse:  # a finished run of an earlier session, to iterate on the pipeline's tests
+        return Path(reuse)
     work = copy_workflow(tmp_path_factory.mktemp("pipeline"))
     out = run_snakemake(work)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])

@@ -208,6 +208,17 @@ def _pipeline_use_profile(a: argparse.Namespace) -> None:
 
     changed = use_profile(a.profile, a.params)
     print(f"{a.params}: {len(changed)} values from {a.profile}: {', '.join(changed) or 'none'}")
+    print(
+        "outputs already made with this profile? `defectfusion pipeline record` writes them "
+        "into dvc.lock (Snakemake has nothing to do, so it records nothing itself)"
+    )
+
+
+def _pipeline_record(a: argparse.Namespace) -> None:
+    from defectfusion.config import read_yaml
+    from defectfusion.pipeline import record_in_dvc_lock
+
+    print(record_in_dvc_lock(read_yaml(a.params)))
 
 
 def _pipeline_rebuild(a: argparse.Namespace) -> None:
@@ -565,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("profile", type=Path, help="overlay, e.g. configs/thesis.yaml")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="file to update")
     p.set_defaults(func=_pipeline_use_profile)
+    p = psub.add_parser(
+        "record",
+        help="record the outputs of params.yaml's finished run in dvc.lock (dvc commit)",
+    )
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="the run's params")
+    p.set_defaults(func=_pipeline_record)
     p = psub.add_parser(
         "rebuild",
         help="the committee's path: dvc pull the checkpoints, rebuild results, figures, book",
