@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 PIPELINE_GROUP = "micro_pipeline"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that run the micro pipeline end to end (and DVC on it) share its session run:
     under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) they form one group, sent
