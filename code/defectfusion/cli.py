@@ -295,6 +295,7 @@ EXAMPLES: dict[str, str] = {
     "report summary": "defectfusion report summary --config params.yaml --out results/summary.json",
     "report provenance": "defectfusion report provenance results/provenance/*/*.json --out results/provenance.json",
     "pipeline use-profile": "defectfusion pipeline use-profile configs/thesis.yaml",
+    "pipeline record": "defectfusion pipeline record",
     "pipeline rebuild": "defectfusion pipeline rebuild --cores 4",
     "pipeline touch": "defectfusion pipeline touch trained",
     "pipeline rulegraph": "defectfusion pipeline rulegraph --out docs/rulegraph.png",
