@@ -23,12 +23,12 @@ PIPELINE_GROUP = "micro_pipeline"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests that run the micro pipeline end to end (and DVC on it) share its session run:
     under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) they form one group, sent
     first to one worker, while the other worker takes the unit tests. Run serially, the unit
     tests come first, so a broken unit fails fast."""
-    xdist = any(getattr(item.config, "workerinput", None) is not None for item in items[:1])
+    xdist = hasattr(config, "workerinput")  # set on an xdist worker only
 
     def uses_pipeline(item: pytest.Item) -> bool:
         return "micro_run" in getattr(item, "fixturenames", ())
