@@ -85,11 +85,12 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     assert s["main_preset"] == "deimv2-dinov3-tiny"
     p1_keys = {
         "map", "map50", "map75", "critical_recall", "critical_recall50", "composite",
-        "parameters", "best_epoch", "train_seconds", "per_class",
+        "parameters", "best_epoch", "train_seconds", "per_class", "plateau",
     }  # fmt: skip
     assert len(s["phase1"]) == 3
     for entry in s["phase1"].values():
         assert set(entry) == p1_keys
+        assert set(entry["plateau"]) == {"gain", "from_epoch", "to_epoch", "min_gain", "reached"}
         assert set(entry["per_class"]) == set(s["dataset"]["classes"])
         assert isinstance(entry["parameters"], int) and entry["parameters"] > 0
     p2_keys = {
@@ -232,7 +233,7 @@ def test_tables_render_null_blank_and_latex_symbols() -> None:
     md = out["md"].splitlines()
     assert md[-2].split("|")[2].strip() == ""  # not applicable: blank
     # The book's Markdown: Spanish conventions, a true minus sign, a narrow space before "%".
-    assert "n/d" in md[-1] and "[\u22120.010, 0.020]" in md[-1] and "50\u202f%" in md[-1]
+    assert "n/d" in md[-1] and "[\u22120.0100, +0.0200]" in md[-1] and "50\u202f%" in md[-1]
     assert "-0" not in out["md"]
     assert r"$\Delta$mAP" in out["tex"] and r"x\_y\dag{}" in out["tex"] and "50\\%" in out["tex"]
     assert "Δ" not in out["tex"].split("\n", 2)[2]  # only the comment lines keep UTF-8
@@ -363,9 +364,12 @@ def test_book_tables_print_spanish_numbers() -> None:
     from defectfusion.report.tables import fmt_es
 
     assert fmt_es(812841, "d") == "812\u202f841" and fmt_es(2291, "d") == "2291"
-    assert fmt_es(-0.0123, "+3") == "\u22120.012" and fmt_es(-0.0001, "+3") == "0.000"
+    # differences and their intervals: 4 signed decimals, so a small one keeps its sign
+    assert fmt_es(-0.0123, "+3") == "\u22120.0123" and fmt_es(-0.00004, "+3") == "0.0000"
+    assert fmt_es(-0.0007, "+3") == "\u22120.0007"
     assert fmt_es(-0.0001, "3") == "0.000"
-    assert fmt_es(-0.012, "+ci", [-0.03, 0.004]) == "\u22120.012 [\u22120.030, 0.004]"
+    assert fmt_es(-0.012, "+ci", [-0.03, 0.004]) == "\u22120.0120 [\u22120.0300, +0.0040]"
+    assert fmt_es(11981.0, "0") == "11\u202f981" and fmt_es(1633.0, "0") == "1633"
     assert fmt_es(None, "3") == "n/d"
 
 
@@ -390,3 +394,18 @@ def test_class_and_model_names_are_spanish_and_colours_are_one_per_model() -> No
     # No two models share a colour (a baseline never looks like a Phase 2 control).
     assert len(set(MODEL_COLORS.values())) == len(MODEL_COLORS)
     assert PHASE1_COLOR not in MODEL_COLORS.values()
+
+
+def test_summary_says_whether_phase1_reached_its_plateau() -> None:
+    """The book's limitation reads this: the log's "plateau reached/NOT reached", recomputed
+    from the history with the config's settings."""
+    from defectfusion.report.summary import plateau
+
+    climbing = [{"epoch": e, "val_map": 0.1 * e} for e in range(0, 11)]
+    flat = [{"epoch": e, "val_map": min(0.5, 0.1 * e)} for e in range(0, 11)]
+    cfg = {"plateau_fraction": 0.2, "plateau_min_gain": 0.005}
+    up = plateau(climbing, cfg)
+    assert up["reached"] is False and (up["from_epoch"], up["to_epoch"]) == (8, 10)
+    assert abs(up["gain"] - 0.2) < 1e-9
+    assert plateau(flat, cfg)["reached"] is True
+    assert plateau(climbing[:2], cfg)["reached"] is None  # one epoch: nothing to say

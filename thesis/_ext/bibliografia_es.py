@@ -33,14 +33,17 @@ sphinxcontrib.bibtex.plugin.register_plugin(
     "sphinxcontrib.bibtex.style.referencing", "author_year_es", AutorAnioReferenceStyle, force=True
 )
 
-# pybtex's template words, as they appear in an entry's text nodes: the authors' "and" and
-# "others" (only in the author list, which ends at the entry's first ". "), and the words of
-# the templates anywhere after it.
+# pybtex's template words, as they appear in an entry's text: the authors' "and" and "others"
+# (only in the author list, which ends at the entry's first ". " that does not close an
+# initial like "Michael B."), and the words of the templates after it, outside the titles and
+# venues pybtex sets in italics (so "Vision and Pattern Recognition" keeps its "and").
+AUTHORS_END = re.compile(r"(?<![\s.][A-Z])\.\s")  # \s: pybtex joins initials with U+00A0
+VOLUME_END = re.compile(r"\bvol\.\s*$")
 AUTHORS = [(re.compile(r",? and "), " y "), (re.compile(r"\bothers\b"), "otros")]
 WORDS = [
-    (re.compile(r"^In "), "En "),
+    (re.compile(r"(?:(?<=\. )|^)In\b"), "En"),
     (re.compile(r"\bpages\b"), "págs."),
-    (re.compile(r"\bvolume (\S+) of\b"), r"vol. \1 de"),
+    (re.compile(r"\bvolume(\s)(\S+) of\b"), r"vol.\1\2 de"),
     (re.compile(r"\b[Vv]olume\b"), "vol."),
     (re.compile(r"\beditors\b"), "eds."),
     (re.compile(r"\beditor\b"), "ed."),
@@ -49,21 +52,27 @@ WORDS = [
 
 def _translate(app: Sphinx, doctree: nodes.document, docname: str) -> None:
     for citation in doctree.findall(nodes.citation):
-        in_authors = True
-        for text in list(citation.findall(nodes.Text)):
-            if isinstance(text.parent, nodes.label):
-                continue
+        # pybtex splits an entry into many text nodes: find the author list in their
+        # concatenation, then edit each node by its offset in it.
+        texts = [t for t in citation.findall(nodes.Text) if not isinstance(t.parent, nodes.label)]
+        full = "".join(str(t) for t in texts)
+        found = AUTHORS_END.search(full)
+        authors_end = found.start() if found else 0
+        pos, previous = 0, ""
+        for text in texts:
             old = str(text)
-            if in_authors:
-                head, dot, tail = old.partition(". ")
-                for pattern, repl in AUTHORS:
-                    head = pattern.sub(repl, head)
-                new = head + dot + tail
-                in_authors = not dot
-            else:
-                new = old
+            cut = max(0, min(len(old), authors_end - pos))
+            pos += len(old)
+            head, tail = old[:cut], old[cut:]
+            for pattern, repl in AUTHORS:
+                head = pattern.sub(repl, head)
+            if not isinstance(text.parent, nodes.emphasis):
                 for pattern, repl in WORDS:
-                    new = pattern.sub(repl, new)
+                    tail = pattern.sub(repl, tail)
+                if VOLUME_END.search(previous):  # "volume", nbsp, "9 of …": split nodes
+                    tail = re.sub(r"^(\S*) of\b", r"\1 de", tail)
+            new = head + tail
+            previous = (previous + new)[-40:]
             if new != old:
                 text.parent.replace(text, nodes.Text(new))
 

@@ -174,7 +174,9 @@ def fmt(value: Any, spec: str = "") -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list | tuple):
-        if value and all(isinstance(v, str) for v in value):
+        if not value:  # an empty list of names in the prose
+            return "ninguna"
+        if all(isinstance(v, str) for v in value):
             return value[0] if len(value) == 1 else ", ".join(value[:-1]) + " y " + value[-1]
         return "[" + ", ".join(fmt(v, spec) for v in value) + "]"
     if isinstance(value, dict):

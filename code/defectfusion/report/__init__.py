@@ -354,6 +354,20 @@ def variant_name_es(variant: str) -> str:
     return VARIANT_NAMES_ES.get(variant, variant)
 
 
+# `text.encoder` keys as the book names them (the SigLIP keys all start with "siglip").
+TEXT_ENCODER_NAMES_ES = {
+    "minilm": "MiniLM (Sentence-BERT)",
+    "clip-vit-b-32": "CLIP ViT-B/32",
+    "random": "aleatorio (control)",
+}
+
+
+def text_encoder_es(key: Any) -> str:
+    """The text encoder a run recorded, by its family rather than its config key."""
+    key = str(key)
+    return TEXT_ENCODER_NAMES_ES.get(key, "SigLIP" if key.startswith("siglip") else key)
+
+
 def backbone_of(preset: str) -> str | None:
     return next((k for k in BACKBONE_NAMES_ES if k in preset), None)
 

@@ -128,7 +128,9 @@ _MATH_FIXES = (
     (r"\\ge(?![a-zA-Z])", r"\\geq"),
     (r"\\;", r"\\ "),
     (r"\\!", ""),
-    (r"\\begin\{[a-z]+\*?\}|\\end\{[a-z]+\*?\}|&", ""),
+    # environments (the book has `cases` only) become lines; a column break, a space
+    (r"\\begin\{[a-z]+\*?\}|\\end\{[a-z]+\*?\}", ""),
+    (r"&", r"\\quad "),
 )
 
 

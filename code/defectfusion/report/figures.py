@@ -80,6 +80,7 @@ from defectfusion.report import (
     class_name_es,
     model_color,
     postmortem_figures,
+    text_encoder_es,
     variant_name_es,
 )
 from defectfusion.report import provenance as prov
@@ -349,7 +350,7 @@ def postmortem(ctx: Ctx) -> Figure:
     fig, axes = _figure(1, 3, 2.6)
     best = _phase1_best(ctx)
     panels = [
-        ("loss_rel", "pérdida / pérdida de la época 1", "(a) Pérdida de entrenamiento, relativa"),
+        ("loss_rel", "pérdida / pérdida de la época 1", "(a) Pérdida relativa"),
         ("val_map", "mAP@[.50:.95] de validación", "(b) mAP de validación"),
         ("val_critical_recall", "recall crítico de validación", "(c) Recall crítico de validación"),
     ]
@@ -538,7 +539,7 @@ def per_class(ctx: Ctx) -> Figure:
             for p, v in zip(pos, vals, strict=True):
                 text = "n/d" if v is None else num(v)
                 ax.text(
-                    p, (v or 0) + 0.01, text, ha="center", va="bottom", fontsize=4.5, rotation=90
+                    p, (v or 0) + 0.01, text, ha="center", va="bottom", fontsize=5.5, rotation=90
                 )
         ax.set_xticks(
             x,
@@ -550,7 +551,8 @@ def per_class(ctx: Ctx) -> Figure:
         for t in ax.get_xticklabels():
             if t.get_text().endswith("†"):
                 t.set_fontweight("bold")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.15)  # room for the values above a bar of height 1, under the title
+        ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_title(title)
         ax.grid(axis="x", visible=False)
     axes[0, 0].set_ylabel("valor en prueba")
@@ -604,7 +606,7 @@ def pr_curves(ctx: Ctx) -> Figure:
     for ax, c in zip(axes[0], crit, strict=False):
         n = sum(1 for a in gt["annotations"] if a["category_id"] == c)
         # The APs go above the panel, never over the curves.
-        ax.set_title(f"{cls(ctx.classes[c])} ({n} cajas de prueba)\n" + "\n".join(ap_text[c]))
+        ax.set_title(f"{cls(ctx.classes[c])} ({n} cajas)\n" + "\n".join(ap_text[c]))
         ax.set_xlabel("recall")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
@@ -699,7 +701,7 @@ def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
     for sub, (direction, heading) in zip(subfigs, sections, strict=True):
         if not cases[direction]:
             sub.suptitle(
-                f"{heading}: ninguna imagen de prueba cumple el criterio",
+                f"{heading}:\nninguna imagen de prueba cumple el criterio",
                 fontsize=7.5,
                 fontweight="bold",
             )
@@ -717,12 +719,20 @@ def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
                 _box(ax, box["bbox"], "white", lw=1.3, ls=(0, (3, 2)))
                 shown = [d for d in preds[key] if d["image_id"] == im["id"] and d["score"] >= thr]
                 near = box_iou(shown, [box])[:, 0] if shown else np.zeros(0)
-                for d, overlap in sorted(
-                    zip(shown, near, strict=True), key=lambda t: t[0]["score"]
-                ):
+                # The detection that finds the defect is drawn first and thicker, so a box of
+                # another class on the same spot (drawn over it) leaves it visible as a rim.
+                finds = [
+                    i for i, (d, o) in enumerate(zip(shown, near, strict=True))
+                    if d["category_id"] == box["category_id"] and o >= 0.5
+                ]  # fmt: skip
+                best = max(finds, key=lambda i: shown[i]["score"]) if finds else None
+                order = sorted(range(len(shown)), key=lambda i: (i != best, shown[i]["score"]))
+                for i in order:
+                    d, overlap = shown[i], near[i]
                     used.add(d["category_id"])
                     color = CLASS_COLORS[d["category_id"] % len(CLASS_COLORS)]
-                    _box(ax, d["bbox"], color, lw=1.3 if overlap >= 0.1 else 0.6)
+                    lw = 3.2 if i == best else 1.3 if overlap >= 0.1 else 0.6
+                    _box(ax, d["bbox"], color, lw=lw)
                 score = case[f"score_{key}"]
                 if score is not None and score >= thr:
                     verdict = f"lo encuentra ({num(score)})"
@@ -783,7 +793,8 @@ def prompt_similarity(ctx: Ctx) -> Figure:
         if t.get_text() in crit:
             t.set_fontweight("bold")
     ax.set_title(
-        f"Descripciones de las clases, {data.get('encoder', '?')} (D_t = {data.get('dim', '?')})"
+        f"Descripciones de las clases, {text_encoder_es(data.get('encoder', '?'))} "
+        f"(D_t = {data.get('dim', '?')})"
         "\nclases críticas en negrita",
         fontsize=7.5,
     )

@@ -20,6 +20,9 @@ The book reads only this file, the tables and the figures, so this schema is a c
                          "best_epoch":       epoch of best.pt (selected on val),
                          "train_seconds":    training time, the sum of history's per-epoch
                                              "seconds" (validation excluded),
+                         "plateau": {"gain", "from_epoch", "to_epoch", "min_gain", "reached"}:
+                                             val mAP gain over the last epochs, as the log's
+                                             "plateau reached/NOT reached" line,
                          "per_class": {name: {"ap", "recall"}} (test)}},
      "phase2": {variant: {"seeds": [...],
                           "map", "map50", "critical_recall", "critical_recall50",
@@ -93,6 +96,7 @@ from defectfusion.report import (
     variant_name_es,
 )
 from defectfusion.report import provenance as prov
+from defectfusion.train.schedule import plateau_gain
 
 TEST_KEYS = ("map", "map50", "map75", "critical_recall", "critical_recall50", "composite")
 
@@ -180,11 +184,23 @@ def critical_names(classes: Sequence[str], critical_ids: Sequence[int], where: s
 # ---- Phase 1 ---------------------------------------------------------------------------------
 
 
-def phase1_entry(layout: Layout, preset: str) -> dict[str, Any]:
+def plateau(history: list[dict[str, Any]], phase1: dict[str, Any]) -> dict[str, Any]:
+    """Whether Phase 1 reached its plateau, as its training log said (``phase1.plateau_*``)."""
+    fraction = float(phase1.get("plateau_fraction", 0.2))
+    min_gain = float(phase1.get("plateau_min_gain", 0.005))
+    p = plateau_gain(history, fraction) if fraction > 0 else {"gain": None}
+    reached = None if p["gain"] is None else bool(p["gain"] < min_gain)
+    return {**p, "min_gain": min_gain, "reached": reached}
+
+
+def phase1_entry(
+    layout: Layout, preset: str, phase1: dict[str, Any] | None = None
+) -> dict[str, Any]:
     path = layout.phase1(preset, "history.jsonl")
     history = read_jsonl(path)
     m = load_json(layout.phase1(preset, "test_metrics.json"))
     return {
+        "plateau": plateau(history, phase1 or {}),
         **{k: m.get(k) for k in TEST_KEYS},
         "parameters": m.get("parameters"),
         "best_epoch": int(best_row(history, path)["epoch"]),
@@ -315,7 +331,7 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
     critical = critical_names(
         ds["classes"], values["data"]["critical_classes"], "config data.critical_classes"
     )
-    phase1 = {p: phase1_entry(layout, p) for p in layout.presets}
+    phase1 = {p: phase1_entry(layout, p, values["phase1"]) for p in layout.presets}
     pm = load_json(layout.postmortem)
     phase2 = {v: phase2_entry(layout, v, pm) for v in layout.variants}
 

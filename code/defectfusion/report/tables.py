@@ -43,6 +43,7 @@ from defectfusion.report import (
     backbone_of,
     chosen,
     class_name_es,
+    text_encoder_es,
     variant_name_es,
 )
 from defectfusion.report import provenance as prov
@@ -61,7 +62,9 @@ TEX_SYMBOLS = {"Δ": r"$\Delta$", "†": r"\dag{}", ">": r"$>$", "α": r"$\alpha
 class Col:
     key: str
     header: str
-    fmt: str = "3"  # s: text, d: integer, 3: 3 decimals, +3: signed, 1/0: decimals, ci, %
+    # s: text, d: integer, 3: 3 decimals, 1/0: decimals, %; differences (+3: signed, ci: an
+    # interval) print with 4 signed decimals, so a small one is not shown as a sign-less 0.000
+    fmt: str = "3"
     es: str | None = None  # the header in the book's Markdown (Spanish); None: `header`
     # +ci: the signed difference at `key` with the interval at `ci_key` in one cell
     ci_key: str | None = None
@@ -93,13 +96,13 @@ def _fmt(value: Any, fmt: str, ci: Any = None) -> str:
         return f"{int(value):,}"
     if fmt == "ci":
         lo, hi = value
-        return NA if lo is None or hi is None else f"[{lo:+.3f}, {hi:+.3f}]"
+        return NA if lo is None or hi is None else f"[{lo:+.4f}, {hi:+.4f}]"
     if fmt == "+ci":
-        return f"{value:+.3f} {_fmt(ci, 'ci')}"
+        return f"{value:+.4f} {_fmt(ci, 'ci')}"
     if fmt == "%":
         return f"{100 * value:.0f}%"
     if fmt == "+3":
-        return f"{value:+.3f}"
+        return f"{value:+.4f}"
     return f"{value:.{int(fmt)}f}"
 
 
@@ -126,14 +129,15 @@ def fmt_es(value: Any, fmt: str, ci: Any = None) -> str:
         lo, hi = value
         if lo is None or hi is None:
             return NA_ES
-        return f"[{_num_es(lo, '.3f')}, {_num_es(hi, '.3f')}]"
+        return f"[{_num_es(lo, '+.4f')}, {_num_es(hi, '+.4f')}]"
     if fmt == "+ci":
-        return f"{_num_es(value, '+.3f')} {fmt_es(ci, 'ci')}"
+        return f"{_num_es(value, '+.4f')} {fmt_es(ci, 'ci')}"
     if fmt == "%":
         return f"{_num_es(100 * value, '.0f')}{NNBSP}%"
     if fmt == "+3":
-        return _num_es(value, "+.3f")
-    return _num_es(float(value), f".{int(fmt)}f")
+        return _num_es(value, "+.4f")
+    grouping = "," if abs(float(value)) >= 10000 else ""  # a narrow space from five digits on
+    return _num_es(float(value), f"{grouping}.{int(fmt)}f")
 
 
 def _raw(value: Any) -> str:
@@ -659,7 +663,8 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
             f"{layout.main}, " + ("preentrenado" if pretrained else "pesos aleatorios")),
         row("$D_v$ (consultas del decodificador)", "D_v", *t("d_v"), d_v),
         row("Codificador de texto (congelado)", "text encoder", "familia CLIP (SigLIP como "
-            "alternativa)", "CLIP family", text.get("encoder")),
+            "alternativa)", "CLIP family",
+            text_encoder_es(text.get("encoder"))),
         row("$D_t$ (incrustación de texto)", "D_t", *t("d_t"), text.get("dim")),
         row("Resolución de entrada (px)", "image size", "no indicada", "",
             values["data"]["image_size"]),
@@ -668,7 +673,7 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
         row("Épocas máximas de la Fase 2", "Phase 2 max epochs", *t("max_epochs"),
             p2["epochs"]),
         row("Paciencia de la Fase 2 (épocas)", "Phase 2 patience", *t("patience"),
-            p2["patience"]),
+            p2["patience"] or "sin parada temprana"),
         row("Tasa de aprendizaje de la Fase 2 (AdamW)", "Phase 2 lr", *t("lr_phase2", ".0e"),
             p2["lr"]),
         row("Fracción de la tasa de la Fase 1", "Phase 2 lr / Phase 1 lr",

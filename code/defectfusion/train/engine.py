@@ -37,6 +37,7 @@ from defectfusion.checkpoint import load_checkpoint, save_checkpoint
 from defectfusion.config import Config, TrainSection
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_text
+from defectfusion.report.provenance import git_commit
 from defectfusion.train.schedule import ema_decay_at, lr_lambda, plateau_gain
 
 
@@ -359,6 +360,7 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
     else:
         log = Logger(out, None, None, accelerator.is_main_process)
         log.line(f"{job.phase}: {job.meta.get('preset')} on {job.train_json} (val {job.val_json})")
+        log.line(f"code commit: {git_commit() or 'unknown (not a git checkout)'}")
         if stale:
             log.line(f"not resuming {last_path}: {stale} (a new run starts)")
         for note in job.notes:
