@@ -33,9 +33,15 @@ def resolved_config_file(values):
     return str(path)
 
 
-# Quoted here: config values are untrusted text (a profile from a shared remote) and reach
-# shell commands only quoted.
-CONFIGS = shlex.quote(resolved_config_file(config))
+CONFIG = resolved_config_file(config)
+
+
+def resolved(wildcards, output):
+    """Every job's `--config`: the resolved config's path. A param derived from the outputs,
+    so Snakemake leaves it out of its rerun check (the file's name changes with any value):
+    a rule reruns when its `section(...)` params, the values it reads, change. Config values
+    are untrusted text (a profile from a shared remote): shell commands quote them (`:q`)."""
+    return CONFIG
 CODE = "code/defectfusion"
 from defectfusion.pipeline import code_deps  # each rule's code: what its stage imports
 from defectfusion.config import variant_settings
@@ -164,31 +170,33 @@ rule data:
     params:
         dataset=canonical(P["dataset"]),
         size=config["data"]["image_size"],
-        out=DATA,
+        out=lambda w, output: str(Path(output[0]).parents[1]),  # DATA, from its outputs
+        config=resolved,
     log:
         "logs/data.log",
     benchmark:
         "benchmarks/results/data.tsv"
     shell:
-        "defectfusion data prepare --config {CONFIGS} --out {params.out:q} > {log:q} 2>&1"
+        "defectfusion data prepare --config {params.config:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule text_embed:
     output:
-        "results/text/embeddings.pt",
-        "results/text/embeddings.json",
+        embeddings="results/text/embeddings.pt",
+        meta="results/text/embeddings.json",
     input:
         SPLITS[0],
         config["text"]["prompts"],
         code_deps("defectfusion.text"),
     params:
         section("text"),
+        config=resolved,
     log:
         "logs/text_embed.log",
     benchmark:
         "benchmarks/results/text_embed.tsv"
     shell:
-        "defectfusion text embed --config {CONFIGS} --out {output[0]:q} > {log:q} 2>&1"
+        "defectfusion text embed --config {params.config:q} --out {output.embeddings:q} > {log:q} 2>&1"
 
 
 rule phase1:
@@ -203,6 +211,7 @@ rule phase1:
     params:
         cfg=section("seed", "data", "model", "phase1", "eval"),
         overrides=lambda w: canonical(P["preset_overrides"].get(w.preset, {})),
+        config=resolved,
     resources:
         gpu=GPUS,
     # The main model is the critical path (every Phase 2 run waits for it): it starts first,
@@ -216,7 +225,7 @@ rule phase1:
         "benchmarks/results/phase1_{preset}.tsv"
     shell:
         f"{TRAIN} phase1 "
-        "--config {CONFIGS} --preset {wildcards.preset:q} "
+        "--config {params.config:q} --preset {wildcards.preset:q} "
         "--out runs/phase1/{wildcards.preset:q} --resume > {log:q} 2>&1 && "
         "cp runs/phase1/{wildcards.preset:q}/history.jsonl {output.history:q} && "
         "cp runs/phase1/{wildcards.preset:q}/history.csv {output.history_csv:q}"
@@ -224,15 +233,16 @@ rule phase1:
 
 rule evaluate_phase1:
     output:
-        "results/phase1/{preset}/{split}_metrics.json",
-        "results/phase1/{preset}/{split}_metrics.predictions.json",
-        "results/phase1/{preset}/{split}_metrics.headline.json",
+        metrics="results/phase1/{preset}/{split}_metrics.json",
+        predictions="results/phase1/{preset}/{split}_metrics.predictions.json",
+        headline="results/phase1/{preset}/{split}_metrics.headline.json",
     input:
         ckpt="runs/phase1/{preset}/best.pt",
         split=f"{DATA}/annotations/{{split}}.json",
         code=code_deps("defectfusion.evaluate"),
     params:
         section("data", "eval"),
+        config=resolved,
     wildcard_constraints:
         split="test|val",
     log:
@@ -240,8 +250,8 @@ rule evaluate_phase1:
     benchmark:
         "benchmarks/results/evaluate_phase1_{preset}_{split}.tsv"
     shell:
-        "defectfusion evaluate --checkpoint {input.ckpt:q} --data {input.split:q} --out {output[0]:q} "
-        "--config {CONFIGS} > {log:q} 2>&1"
+        "defectfusion evaluate --checkpoint {input.ckpt:q} --data {input.split:q} --out {output.metrics:q} "
+        "--config {params.config:q} > {log:q} 2>&1"
 
 
 # Phase 2 keeps, besides the val-selected best.pt, the eval weights of epoch 1 and of the last
@@ -267,8 +277,10 @@ rule phase2:
     params:
         cfg=section("seed", "data", "model", "phase1", "phase2", "eval", "text", "fusion"),
         variant=lambda w: canonical(variant_settings(P, w.variant)),
-        run="runs/phase2/{variant}/seed{seed}",
-        results="results/phase2/{variant}/seed{seed}",
+        # the job's folders, from its outputs
+        run=lambda w, output: str(Path(output.ckpt).parent),
+        results=lambda w, output: str(Path(output.history).parent),
+        config=resolved,
     resources:
         gpu=GPUS,
     # One thread each: Phase 2's steps are small (a decoder over cached features), so two
@@ -281,7 +293,7 @@ rule phase2:
         "benchmarks/results/phase2_{variant}_seed{seed}.tsv"
     shell:
         f"{TRAIN} phase2 "
-        "--config {CONFIGS} --variant {wildcards.variant:q} --set seed={wildcards.seed:q} "
+        "--config {params.config:q} --variant {wildcards.variant:q} --set seed={wildcards.seed:q} "
         "--phase1 {input.phase1:q} --text {input.text:q} --out {params.run:q} --resume > {log:q} 2>&1 && "
         "for f in history.jsonl history.csv steps.jsonl val_epoch0.predictions.json "
         "val_epoch1.predictions.json val_final.predictions.json; do "
@@ -306,13 +318,14 @@ rule evaluate_phase2:
     params:
         section("data", "eval"),
         out=expand("results/phase2/{{variant}}/seed{{seed}}/test_{which}.json", which=PHASE2_TEST),
+        config=resolved,
     log:
         "logs/evaluate/phase2_{variant}_seed{seed}.log",
     benchmark:
         "benchmarks/results/evaluate_phase2_{variant}_seed{seed}.tsv"
     shell:
         "defectfusion evaluate --checkpoint {input.ckpt:q} --data {input.split:q} "
-        "--out {params.out:q} --config {CONFIGS} > {log:q} 2>&1"
+        "--out {params.out:q} --config {params.config:q} > {log:q} 2>&1"
 
 
 rule compare:
@@ -326,13 +339,14 @@ rule compare:
     params:
         n=P["bootstrap"],
         cfg=section("data", "eval"),
+        config=resolved,
     log:
         "logs/compare/{variant}_seed{seed}.log",
     benchmark:
         "benchmarks/results/compare_{variant}_seed{seed}.tsv"
     shell:
         "defectfusion compare --a {input.a:q} --b {input.b:q} --data {input.split:q} --out {output:q} "
-        "--n-boot {params.n:q} --seed {wildcards.seed:q} --config {CONFIGS} > {log:q} 2>&1"
+        "--n-boot {params.n:q} --seed {wildcards.seed:q} --config {params.config:q} > {log:q} 2>&1"
 
 
 # The post-mortem (issue 13): per variant, the epoch-1 and last-epoch drift from Phase 1 (val
@@ -350,13 +364,14 @@ rule postmortem:
         cfg=section("seed", "data", "eval"),
         pipe=canonical({k: P[k] for k in ("variants", "seeds", "bootstrap")}),
         switches=canonical({v: P["variant_switches"][v] for v in VARIANTS}),
+        config=resolved,
     threads: workflow.cores
     log:
         "logs/postmortem.log",
     benchmark:
         "benchmarks/results/postmortem.tsv"
     shell:
-        "defectfusion postmortem --config {CONFIGS} --out {output:q} --jobs {threads} > {log:q} 2>&1"
+        "defectfusion postmortem --config {params.config:q} --out {output:q} --jobs {threads} > {log:q} 2>&1"
 
 
 # The thesis book reads only what the report stage wrote; its own sources are inputs too,
@@ -407,6 +422,7 @@ rule table:
         code_deps("defectfusion.report.tables"),
     params:
         section(*PARAM_SECTIONS),
+        config=resolved,
     wildcard_constraints:
         table="|".join(TABLES),
     log:
@@ -414,8 +430,8 @@ rule table:
     benchmark:
         "benchmarks/results/report_table_{table}.tsv"
     shell:
-        "defectfusion report tables --config {CONFIGS} --only {wildcards.table:q} --out results/tables "
-        "--rule {rule} > {log:q} 2>&1"
+        "defectfusion report tables --config {params.config:q} --only {wildcards.table:q} --out results/tables "
+        "--rule table > {log:q} 2>&1"
 
 
 rule figure:
@@ -430,6 +446,7 @@ rule figure:
         section(*PARAM_SECTIONS),
         # this figure's style only: restyling one figure redraws that figure alone
         style=lambda w: canonical(config.get("figure_style", {}).get(w.figure, {})),
+        config=resolved,
     wildcard_constraints:
         figure="|".join(FIGURES),
     log:
@@ -437,25 +454,26 @@ rule figure:
     benchmark:
         "benchmarks/results/report_figure_{figure}.tsv"
     shell:
-        "defectfusion report figures --config {CONFIGS} --only {wildcards.figure:q} "
-        "--out figures --rule {rule} > {log:q} 2>&1"
+        "defectfusion report figures --config {params.config:q} --only {wildcards.figure:q} "
+        "--out figures --rule figure > {log:q} 2>&1"
 
 
 rule summary:
     output:
-        "results/summary.json",
+        summary="results/summary.json",
         sidecar="results/provenance/summary/summary.json",
     input:
         REPORT.inputs("summary", "summary"),
         code_deps("defectfusion.report.summary"),
     params:
         section(*PARAM_SECTIONS),
+        config=resolved,
     log:
         "logs/report/summary.log",
     benchmark:
         "benchmarks/results/report_summary.tsv"
     shell:
-        "defectfusion report summary --config {CONFIGS} --out {output[0]:q} --rule {rule} > {log:q} 2>&1"
+        "defectfusion report summary --config {params.config:q} --out {output.summary:q} --rule summary > {log:q} 2>&1"
 
 
 rule provenance:

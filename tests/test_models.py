@@ -270,7 +270,7 @@ def test_config_errors_are_one_line_naming_the_file(
 def test_config_overlays_and_overrides_merge() -> None:
     cfg = load_config(overrides=["phase1.epochs=3", "model.preset=deimv2-resnet-tiny"])
     assert cfg.phase1.epochs == 3 and cfg.model.preset == "deimv2-resnet-tiny"
-    assert cfg.phase1.batch_size == 8  # untouched default
+    assert cfg.phase1.batch_size == 4  # untouched default (params.yaml's)
 
 
 # ---- upstream defects and their workarounds --------------------------------------------

@@ -87,6 +87,29 @@ def test_restyling_one_figure_redraws_only_that_figure(micro_run: Path) -> None:
     assert set(planned) <= {"figure", "provenance", "book", "all"}
 
 
+def test_a_code_change_reruns_the_steps_that_import_it(micro_run: Path) -> None:
+    """Each rule's code inputs are the modules its step imports (pipeline.code_deps): a newer
+    augmentation module replans training, the bootstrap's CLI the comparisons, the figure
+    module the figures; never the steps that do not import them."""
+    import os
+
+    cases = [
+        ("data/loader.py", {"phase1", "phase2", "evaluate_phase1"}, {"data", "text_embed"}),
+        ("compare.py", {"compare"}, {"phase1", "phase2", "evaluate_phase1", "evaluate_phase2"}),
+        ("report/figures.py", {"figure"}, {"phase1", "phase2", "table", "summary", "compare"}),
+    ]
+    for path, want, never in cases:
+        f = micro_run / "code/defectfusion" / path
+        st = f.stat()
+        try:
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**12))  # newer than every output
+            planned = set(_planned(micro_run))
+        finally:
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert want <= planned and not never & planned, (path, planned)
+    assert _planned(micro_run) == {}  # back as it was
+
+
 def test_the_readme_rule_graph_is_the_snakefile_s(tmp_path: Path) -> None:
     """docs/rulegraph.{dot,png} (the README's figure) must match the current Snakefile:
     regenerate with `defectfusion pipeline rulegraph` when a rule's inputs change."""
@@ -194,3 +217,18 @@ def test_config_values_reach_the_shell_quoted(tmp_path: Path) -> None:
     line = next(ln for ln in out.stdout.splitlines() if "data prepare" in ln)
     assert shlex.quote(evil) in line  # one shell word
     assert evil in shlex.split(line.split(">")[0])
+
+
+def test_snakemake_lint_finds_no_value_from_outside_a_rule(tmp_path: Path) -> None:
+    """Every value a shell command uses comes through the rule (input, output, params): what
+    `snakemake --lint` checks. The one lint left, conda/container per rule, does not apply
+    (the README's pip install is the environment)."""
+    from conftest import copy_workflow
+
+    work = copy_workflow(tmp_path)
+    out = subprocess.run(
+        ["snakemake", "--lint"], cwd=work, capture_output=True, text=True, timeout=600
+    )
+    lints = {ln.strip() for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("    * ")}
+    assert lints, "no lint output at all: did `snakemake --lint` run?"
+    assert lints == {"* Specify a conda environment or container for each rule.:"}, lints

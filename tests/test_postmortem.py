@@ -113,8 +113,12 @@ def test_verdict_flips_with_the_interval() -> None:
 def test_thesis_drop_is_read_from_the_thesis_figures(tmp_path: Path) -> None:
     got = thesis_drop(ROOT / "thesis/thesis_figures.yaml")
     assert got["drop"] == pytest.approx(-0.114) and "thesis_figures" in got["source"]
-    fallback = thesis_drop(tmp_path / "none.yaml")
-    assert fallback["drop"] == pytest.approx(-0.114) and "THESIS.md" in fallback["source"]
+    # no typed copy of the thesis's numbers: a missing or incomplete file is one line
+    with pytest.raises(UserError, match="none.yaml"):
+        thesis_drop(tmp_path / "none.yaml")
+    (tmp_path / "part.yaml").write_text("map_phase1: {value: 0.785}\n")
+    with pytest.raises(UserError, match="map_epoch1_zero_start"):
+        thesis_drop(tmp_path / "part.yaml")
 
 
 # ---- on constructed results ---------------------------------------------------------------------

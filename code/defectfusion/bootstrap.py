@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from defectfusion.config import DataSection
 from defectfusion.errors import UserError
 from defectfusion.metrics import (
     AREA_MAX,
@@ -55,7 +56,7 @@ REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoi
 MAX_DET = 100
 METRICS = ("map", "critical_recall", "composite")  # reported with a CI
 EXTRA = ("map50", "critical_recall50")  # also computed (the composite may weight them)
-DEFAULT_CRITICAL = [2, 3, 5]
+DEFAULT_CRITICAL = DataSection().critical_classes  # params.yaml's data.critical_classes
 CI_LEVEL = 95.0
 
 Results = list[dict[str, Any]]

@@ -54,16 +54,18 @@ class ModelSection:
 
 @dataclass
 class TrainSection:
-    epochs: int = 12
-    batch_size: int = 8
+    # The defaults of every section are params.yaml's (the default profile), value for value:
+    # tests/test_config.py holds the two together, so no second set of defaults can drift.
+    epochs: int = 15
+    batch_size: int = 4
     lr: float = 1e-3
-    backbone_lr_mult: float = 0.1  # backbone lr = lr * this
+    backbone_lr_mult: float = 1.0  # backbone lr = lr * this (0.1 for a pretrained backbone)
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     flat_fraction: float = 0.5  # flat-cosine: constant lr for this fraction, then cosine
     min_lr_fraction: float = 0.05
     clip_grad: float = 0.1
-    ema_decay: float = 0.0  # 0 disables EMA
+    ema_decay: float = 0.9999  # 0 disables EMA
     ema_warmup_steps: int = 2000  # DEIMv2's ramp: decay_t = ema_decay * (1 - exp(-t / this))
     mal_gamma: float = 1.5  # MAL's gamma in DEIMv2's configs (transformers' default is 2.0)
     # Plateau: the val mAP gain over the last `plateau_fraction` of the epochs is below
@@ -78,6 +80,16 @@ class TrainSection:
 
 @dataclass
 class Phase2Section(TrainSection):
+    # Phase 2's own defaults (params.yaml's phase2), here so that a phase2 section given in
+    # part gets them too, not Phase 1's.
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    flat_fraction: float = 1.0
+    min_lr_fraction: float = 1.0
+    ema_decay: float = 0.0
+    select_metric: str = "composite"
     # Phase 2 trains on a frozen backbone + encoder: their output is cached per image and
     # view (defectfusion.cache) and reused by every run from the same Phase 1 checkpoint.
     cache: bool = True  # off, or fusion.bn=train (the frozen part then changes): run it live
@@ -126,11 +138,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     phase1: TrainSection = field(default_factory=TrainSection)
-    phase2: Phase2Section = field(
-        default_factory=lambda: Phase2Section(
-            epochs=100, lr=5e-5, patience=20, select_metric="composite", warmup_steps=0
-        )
-    )
+    phase2: Phase2Section = field(default_factory=Phase2Section)
     eval: EvalSection = field(default_factory=EvalSection)
     text: TextSection = field(default_factory=TextSection)
     fusion: FusionSection = field(default_factory=FusionSection)

@@ -76,13 +76,15 @@ from typing import Any
 
 import numpy as np
 
+from defectfusion.config import EvalSection
 from defectfusion.data.coco import load_json
 from defectfusion.errors import UserError
 
 COCO_AREA_PX2: tuple[float, float] = (32.0**2, 96.0**2)
 REFERENCE_SIDE = 640  # the image side COCO's area cuts were made for
 AREA_MAX = 1e5**2  # COCO's upper bound of "all" and "large"
-DEFAULT_WEIGHTS: dict[str, float] = {"map": 0.7, "critical_recall": 0.3}
+# params.yaml's eval.composite_weights (the config dataclass mirrors it, tests/test_config.py)
+DEFAULT_WEIGHTS: dict[str, float] = EvalSection().composite_weights
 
 Results = list[dict[str, Any]]
 
