@@ -61,7 +61,7 @@ TRAIN = (
 TRAIN_SPLITS = SPLITS[:2]  # training never reads the test split
 
 # The report stage's outputs and the results files each one reads (defectfusion/report).
-from defectfusion.report import FIGURES, PARAM_SECTIONS, TABLES, Layout
+from defectfusion.report import FIGURES, PARAM_SECTIONS, TABLES, Layout, output
 
 REPORT = Layout.from_config(config)
 
@@ -441,7 +441,8 @@ rule figure:
         sidecar="results/provenance/figures/{figure}.json",
     input:
         lambda w: REPORT.inputs("figures", w.figure),
-        code_deps("defectfusion.report.figures"),
+        # this figure's module (and what it imports): editing one figure redraws that one
+        lambda w: code_deps(output("figures", w.figure).module),
     params:
         section(*PARAM_SECTIONS),
         # this figure's style only: restyling one figure redraws that figure alone

@@ -151,9 +151,10 @@ def test_a_changed_result_rebuilds_only_what_reads_it(micro_run: Path) -> None:
 def test_figures_share_the_metrics_module_s_functions() -> None:
     """One row normalisation and one IoU: the figures import them (no copy to drift)."""
     from defectfusion import metrics
-    from defectfusion.report import figures
+    from defectfusion.report.figures import confusion, qualitative
 
-    assert figures.row_normalized is metrics.row_normalized
+    assert confusion.row_normalized is metrics.row_normalized
+    assert qualitative.box_iou is metrics.box_iou
 
 
 def _ann(i: int, image: int, cat: int, bbox: list[float]) -> dict:
@@ -165,7 +166,7 @@ def _det(image: int, cat: int, bbox: list[float], score: float) -> dict:
 
 
 def test_qualitative_cases_pick_what_one_model_found_and_the_other_missed() -> None:
-    from defectfusion.report.figures import qualitative_cases
+    from defectfusion.report.figures.qualitative import qualitative_cases
 
     box = [10.0, 10.0, 20.0, 20.0]
     gt = {

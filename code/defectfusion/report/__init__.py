@@ -6,10 +6,13 @@ Snakefile declares exactly these inputs (``Layout.inputs``), so an output is reb
 and only when, a file it reads changes. This module stays light (no numpy, no matplotlib):
 the Snakefile imports it while parsing.
 
-Outputs, by name (``Layout.inputs(kind, name)``)::
+Every output is declared once, in ``OUTPUTS``: its kind and name, the module that makes it
+and the results files it reads. The Snakefile (each job's inputs, its code), the provenance
+records, `write_figures` and the book's checks all read that one list::
 
     results/tables/NAME.{csv,md,tex}   TABLES      (defectfusion.report.tables)
-    figures/NAME.{png,pdf}             FIGURES     (defectfusion.report.figures)
+    figures/NAME.{png,pdf}             FIGURES     (defectfusion.report.figures.*, one module
+                                                    per figure or small family)
     results/summary.json               the book's numbers (defectfusion.report.summary)
     results/provenance/KIND/NAME.json  one provenance record per output (report.provenance)
     results/provenance.json            the index of all records
@@ -17,37 +20,10 @@ Outputs, by name (``Layout.inputs(kind, name)``)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-TABLES: tuple[str, ...] = (
-    "dataset",
-    "phase1",
-    "phase2",
-    "per_class_recall",
-    # the book's appendix and methodology (issue 14)
-    "settings",
-    "phase1_detail",
-    "phase2_detail",
-    "runtime",
-    "environment",
-)
-FIGURES: tuple[str, ...] = (
-    "dataset_examples",
-    "phase1_curves",
-    "postmortem",
-    "initialisation",
-    "gate_dynamics",
-    "confusion",
-    "per_class",
-    "pr_curves",
-    "qualitative",
-    "prompt_similarity",
-    # the post-mortem (issue 13): report/postmortem_figures.py
-    "postmortem_forest",
-    "postmortem_drift",
-)
 KINDS: tuple[str, ...] = ("tables", "figures", "summary")
 # The config sections every report output depends on: the Snakefile's rule params, and the
 # params hash in each provenance record.
@@ -157,105 +133,43 @@ class Layout:
         """The variants the initialisation figure sets side by side (zero-start vs naive)."""
         return tuple(v for v in ("zero_start", "naive") if v in self.variants) or self.variants
 
-    def inputs(self, kind: str, name: str) -> list[str]:
-        """The files output `name` of `kind` (tables, figures, summary) reads, sorted."""
-        main1 = [
+    # ---- what the outputs read (OUTPUTS below names them per output) ----------------------
+    def main_history_and_test(self) -> list[str]:
+        return [
             self.phase1(self.main, "history.jsonl"),
             self.phase1(self.main, "test_metrics.json"),
         ]
-        v, s = self.adopted if self.variants else (None, None)
-        adopted = [self.phase2(v, s, "test_metrics.json")] if v else []
-        preds = [
-            self.phase1(self.main, "test_metrics.predictions.json"),
-            *([self.phase2(v, s, "test_metrics.predictions.json")] if v else []),
+
+    def presets_history_and_test(self) -> list[str]:
+        return [
+            self.phase1(p, f) for p in self.presets for f in ("history.jsonl", "test_metrics.json")
         ]
-        every = {
-            ("tables", "dataset"): self.splits(),
-            ("tables", "phase1"): [
-                *(
-                    self.phase1(p, f)
-                    for p in self.presets
-                    for f in ("history.jsonl", "test_metrics.json")
-                ),
-            ],
-            ("tables", "phase2"): [
-                *main1,
-                *self.all_phase2("test_metrics.json"),
-                *([self.postmortem] if v else []),  # the intervals the book's text quotes
-            ],
-            ("tables", "per_class_recall"): [self.phase1(self.main, "test_metrics.json"), *adopted],
-            ("tables", "settings"): [
-                self.text,
-                *([self.postmortem] if v else []),
-                THESIS_FIGURES,
-                *self.splits(),
-            ],
-            ("tables", "phase1_detail"): [
-                *(
-                    self.phase1(p, f)
-                    for p in self.presets
-                    for f in ("history.jsonl", "test_metrics.json")
-                ),
-            ],
-            ("tables", "phase2_detail"): [
-                *main1,
-                *self.all_phase2("history.jsonl"),
-                *self.all_phase2("test_metrics.json"),
-                *(self.compare(v, s) for v in self.variants for s in self.seeds),
-            ],
-            ("tables", "runtime"): [
-                *(self.phase1(p, "history.jsonl") for p in self.presets),
-                *self.all_phase2("history.jsonl"),
-            ],
-            ("tables", "environment"): [],  # the library versions: no results file
-            ("figures", "dataset_examples"): [self.split("train")],
-            ("figures", "phase1_curves"): [self.phase1(p, "history.jsonl") for p in self.presets],
-            ("figures", "postmortem"): [
-                self.phase1(self.main, "history.jsonl"),
-                *self.all_phase2("history.jsonl"),
-            ],
-            ("figures", "postmortem_forest"): [self.postmortem],
-            ("figures", "postmortem_drift"): [*self.all_phase2("history.jsonl"), THESIS_FIGURES],
-            ("figures", "initialisation"): [
-                self.phase1(self.main, "history.jsonl"),
-                *self.all_phase2("history.jsonl", self.init_variants),
-            ],
-            ("figures", "gate_dynamics"): [
-                *self.all_phase2("history.jsonl"),
-                *self.all_phase2("steps.jsonl"),
-            ],
-            ("figures", "confusion"): [self.phase1(self.main, "test_metrics.json"), *adopted],
-            ("figures", "per_class"): [self.phase1(self.main, "test_metrics.json"), *adopted],
-            ("figures", "pr_curves"): [self.split("test"), *preds],
-            ("figures", "qualitative"): [self.split("test"), *preds],
-            ("figures", "prompt_similarity"): [self.text],
-            ("summary", "summary"): [
-                *self.splits(),
-                *(
-                    self.phase1(p, f)
-                    for p in self.presets
-                    for f in ("history.jsonl", "test_metrics.json")
-                ),
-                *self.all_phase2("history.jsonl"),
-                *self.all_phase2("steps.jsonl"),
-                *self.all_phase2("test_metrics.json"),
-                self.postmortem,  # every interval (the compare files are per seed)
-            ],
-        }
-        key = (kind, name)
-        if key not in every:
-            known = sorted(f"{k}/{n}" for k, n in every)
-            raise KeyError(f"no report output {kind}/{name}; known: {', '.join(known)}")
-        return sorted(set(every[key]))
+
+    def adopted_test(self, name: str = "test_metrics.json") -> list[str]:
+        """The adopted Phase 2 model's file `name`; none when no variant ran."""
+        if not self.variants:
+            return []
+        v, s = self.adopted
+        return [self.phase2(v, s, name)]
+
+    def test_predictions(self) -> list[str]:
+        """Phase 1's and the adopted Phase 2 model's test predictions."""
+        return [
+            self.phase1(self.main, "test_metrics.predictions.json"),
+            *self.adopted_test("test_metrics.predictions.json"),
+        ]
+
+    def postmortem_if_run(self) -> list[str]:
+        return [self.postmortem] if self.variants else []
+
+    def inputs(self, kind: str, name: str) -> list[str]:
+        """The files output `name` of `kind` (tables, figures, summary) reads, sorted."""
+        return sorted(set(output(kind, name).reads(self)))
 
     def optional_inputs(self, kind: str, name: str) -> list[str]:
         """Files read when present: Snakemake's benchmark files (the pipeline makes them; a
         stage run by hand does not)."""
-        if (kind, name) in (("tables", "phase1"), ("tables", "phase1_detail")):
-            return [self.eval_benchmark(p) for p in self.presets]
-        if (kind, name) == ("tables", "runtime"):
-            return self.stage_benchmarks()
-        return []
+        return sorted(set(output(kind, name).optional(self)))
 
     def stage_benchmarks(self) -> list[str]:
         """Snakemake's benchmark file of every data, training, evaluation and comparison job."""
@@ -271,6 +185,90 @@ class Layout:
             *(f"{b}/compare_{v}_seed{s}.tsv" for v, s in pairs),
             *([f"{b}/postmortem.tsv"] if self.variants else []),
         ]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One report output, declared once: what it is, what makes it and what it reads."""
+
+    kind: str  # tables | figures | summary
+    name: str
+    module: str  # a figure: its module holds a function of the same name; a table: tables.py
+    reads: Callable[[Layout], list[str]]  # the results files it reads (Snakemake's inputs)
+    optional: Callable[[Layout], list[str]] = lambda layout: []  # read when present
+
+
+_TABLES = "defectfusion.report.tables"
+_FIG = "defectfusion.report.figures"
+OUTPUTS: tuple[Output, ...] = (
+    # tables (report/tables.py)
+    Output("tables", "dataset", _TABLES, lambda L: L.splits()),
+    Output("tables", "phase1", _TABLES, lambda L: L.presets_history_and_test(),
+           lambda L: [L.eval_benchmark(p) for p in L.presets]),
+    Output("tables", "phase2", _TABLES, lambda L: [
+        *L.main_history_and_test(), *L.all_phase2("test_metrics.json"),
+        *L.postmortem_if_run(),  # the intervals the book's text quotes
+    ]),
+    Output("tables", "per_class_recall", _TABLES,
+           lambda L: [L.phase1(L.main, "test_metrics.json"), *L.adopted_test()]),
+    # the book's appendix and methodology (issue 14)
+    Output("tables", "settings", _TABLES,
+           lambda L: [L.text, *L.postmortem_if_run(), THESIS_FIGURES, *L.splits()]),
+    Output("tables", "phase1_detail", _TABLES, lambda L: L.presets_history_and_test(),
+           lambda L: [L.eval_benchmark(p) for p in L.presets]),
+    Output("tables", "phase2_detail", _TABLES, lambda L: [
+        *L.main_history_and_test(), *L.all_phase2("history.jsonl"),
+        *L.all_phase2("test_metrics.json"),
+        *(L.compare(v, s) for v in L.variants for s in L.seeds),
+    ]),
+    Output("tables", "runtime", _TABLES, lambda L: [
+        *(L.phase1(p, "history.jsonl") for p in L.presets), *L.all_phase2("history.jsonl"),
+    ], lambda L: L.stage_benchmarks()),
+    Output("tables", "environment", _TABLES, lambda L: []),  # library versions: no results
+    # figures (report/figures/NAME.py)
+    Output("figures", "dataset_examples", f"{_FIG}.dataset_examples",
+           lambda L: [L.split("train")]),
+    Output("figures", "phase1_curves", f"{_FIG}.phase1_curves",
+           lambda L: [L.phase1(p, "history.jsonl") for p in L.presets]),
+    Output("figures", "postmortem", f"{_FIG}.postmortem",
+           lambda L: [L.phase1(L.main, "history.jsonl"), *L.all_phase2("history.jsonl")]),
+    Output("figures", "initialisation", f"{_FIG}.initialisation", lambda L: [
+        L.phase1(L.main, "history.jsonl"), *L.all_phase2("history.jsonl", L.init_variants),
+    ]),
+    Output("figures", "gate_dynamics", f"{_FIG}.gate_dynamics",
+           lambda L: [*L.all_phase2("history.jsonl"), *L.all_phase2("steps.jsonl")]),
+    Output("figures", "confusion", f"{_FIG}.confusion",
+           lambda L: [L.phase1(L.main, "test_metrics.json"), *L.adopted_test()]),
+    Output("figures", "per_class", f"{_FIG}.per_class",
+           lambda L: [L.phase1(L.main, "test_metrics.json"), *L.adopted_test()]),
+    Output("figures", "pr_curves", f"{_FIG}.pr_curves",
+           lambda L: [L.split("test"), *L.test_predictions()]),
+    Output("figures", "qualitative", f"{_FIG}.qualitative",
+           lambda L: [L.split("test"), *L.test_predictions()]),
+    Output("figures", "prompt_similarity", f"{_FIG}.prompt_similarity", lambda L: [L.text]),
+    # the post-mortem (issue 13): one module for its two figures
+    Output("figures", "postmortem_forest", f"{_FIG}.postmortem_intervals",
+           lambda L: [L.postmortem]),
+    Output("figures", "postmortem_drift", f"{_FIG}.postmortem_intervals",
+           lambda L: [*L.all_phase2("history.jsonl"), THESIS_FIGURES]),
+    # the book's numbers (report/summary.py)
+    Output("summary", "summary", "defectfusion.report.summary", lambda L: [
+        *L.splits(), *L.presets_history_and_test(), *L.all_phase2("history.jsonl"),
+        *L.all_phase2("steps.jsonl"), *L.all_phase2("test_metrics.json"),
+        L.postmortem,  # every interval (the compare files are per seed)
+    ]),
+)  # fmt: skip
+TABLES: tuple[str, ...] = tuple(o.name for o in OUTPUTS if o.kind == "tables")
+FIGURES: tuple[str, ...] = tuple(o.name for o in OUTPUTS if o.kind == "figures")
+
+
+def output(kind: str, name: str) -> Output:
+    """The declaration of report output `name` of `kind`."""
+    for o in OUTPUTS:
+        if (o.kind, o.name) == (kind, name):
+            return o
+    known = ", ".join(f"{o.kind}/{o.name}" for o in OUTPUTS)
+    raise KeyError(f"no report output {kind}/{name}; known: {known}")
 
 
 def chosen(only: Sequence[str] | None, known: tuple[str, ...], kind: str) -> list[str]:

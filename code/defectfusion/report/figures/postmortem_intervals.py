@@ -1,4 +1,4 @@
-"""The post-mortem's figures (issue 13), drawn by `report.figures` like the others.
+"""The post-mortem's figures (issue 13): its forest plot and its drift by epoch.
 
 =====================  =====================================================================
 ``postmortem_forest``  forest plot of the hypotheses (results/postmortem.json): per variant,
@@ -13,9 +13,8 @@
                        cross; its value in the title when it would flatten the data)
 =====================  =====================================================================
 
-Labels are in Spanish, like the book; numbers in the text use the book's conventions
-(decimal point, U+2212 minus). Each function takes the figures' context (``values`` and
-``layout``) and returns a matplotlib Figure; `report.figures` applies the style and saves.
+Each function takes the figures' context and returns a matplotlib Figure; the package
+applies the style and saves it.
 """
 
 from __future__ import annotations
@@ -36,17 +35,9 @@ from defectfusion.report import (
     model_color,
     variant_name_es,
 )
+from defectfusion.report.figures import WIDTH, num
 
-WIDTH = 6.3  # inches: the thesis's text width, as report.figures
 GREY = "#777777"
-
-
-def num(value: float, spec: str = ".3f") -> str:
-    """A number as the book prints it: decimal point, U+2212 minus, no signed zero."""
-    text = format(value, spec)
-    if float(text) == 0:
-        text = text.lstrip("+-")
-    return text.replace("-", "\u2212")
 
 
 def _postmortem(layout: Layout) -> dict[str, Any]:
@@ -108,7 +99,7 @@ def postmortem_forest(ctx: Any) -> Figure:
         if which == "epoch1" and against == "phase1":
             ax.axvline(thesis, color=GREY, ls=(0, (4, 2)), lw=1.0, zorder=0)
             ax.annotate(
-                f" tesis: {num(thesis)}", xy=(thesis, 0.02), xycoords=("data", "axes fraction"),
+                f" tesis: {num(thesis, '.3f')}", xy=(thesis, 0.02), xycoords=("data", "axes fraction"),
                 ha="left", va="bottom", fontsize=6.5, color=GREY,
             )  # fmt: skip
         ax.set_title(title, fontsize=7.5)
@@ -195,7 +186,7 @@ def postmortem_drift(ctx: Any) -> Figure:
         ax.set_ylabel("Δ mAP val. (época 0)")
     n = len(layout.seeds)
     band = f"; banda: mínimo y máximo de {n} semillas" if n > 1 else ""
-    where = "×" if show_thesis else f"fuera de escala, {num(thesis)}"
+    where = "×" if show_thesis else f"fuera de escala, {num(thesis, '.3f')}"
     fig.suptitle(
         f"Media de las semillas{band}; discontinua gris: «{variant_name_es(adopted).lower()}»; "
         f"la tesis en la época 1: {where}",
@@ -208,6 +199,3 @@ def _thesis_drop(layout: Layout) -> float:
     from defectfusion.postmortem import thesis_drop
 
     return float(thesis_drop(Path(THESIS_FIGURES))["drop"])
-
-
-DRAW = {"postmortem_forest": postmortem_forest, "postmortem_drift": postmortem_drift}

@@ -1,0 +1,314 @@
+"""The thesis's figures, as PNG (200 dpi) and PDF, from the results files: one module per
+figure (or per small family), each declared once in ``report.OUTPUTS`` (its name, its module
+and the results files it reads), so the Snakefile gives each figure exactly its own code as
+input: editing ``confusion.py`` redraws the confusion figure and nothing else.
+
+This package holds what the figures share: one style (a 6.3-inch text width, 7-9 pt type,
+matplotlib's object API, headless), the helpers, the colours (one per model in every figure,
+from ``report.MODEL_COLORS``), and `write_figures`, which draws, saves and records each one.
+Every label is in Spanish, like the book; numbers in a figure's text use the book's
+conventions (decimal point, U+2212 minus).
+
+"Phase 1" is the main preset's val-selected checkpoint; "Phase 2" the adopted variant
+(zero-start) from the first seed, its val-selected checkpoint (``Layout.adopted``). Where
+several seeds ran, curves show their mean and a min-max band.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless, whatever MPLBACKEND says
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+from defectfusion.data.coco import category_names, images_dir, load_json
+from defectfusion.errors import UserError
+from defectfusion.fsutil import atomic_write
+from defectfusion.report import (
+    BACKBONE_NAMES_ES,
+    FIGURES,
+    PARAM_SECTIONS,
+    PHASE1_COLOR,
+    Layout,
+    backbone_of,
+    chosen,
+    class_name_es,
+    model_color,
+    output,
+    variant_name_es,
+)
+from defectfusion.report import provenance as prov
+from defectfusion.report import summary as S
+
+WIDTH = 6.3  # inches: a thesis text width
+STYLE: dict[str, Any] = {
+    "font.family": "DejaVu Sans",
+    "font.size": 8,
+    "axes.titlesize": 8.5,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.4,
+    "lines.markersize": 3.5,
+    "pdf.fonttype": 42,  # TrueType: text stays text in the PDF
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.03,
+}
+# Colours: one per model in every figure, from report/__init__.py (MODEL_COLORS: Okabe-Ito,
+# distinguishable with colour-blindness; in greyscale print the line styles tell them apart).
+DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1))]
+# Boxes drawn on metal: saturated hues that stand out on grey.
+CLASS_COLORS = ["#1f77b4", "#ff7f0e", "#e41a1c", "#ffd700", "#17becf", "#e377c2", "#2ca02c"]
+
+
+def variant_color(layout: Layout, variant: str) -> str:
+    return model_color(variant, order=layout.variants)
+
+
+def num(value: float, spec: str = ".2f") -> str:
+    """A number in a figure's text as in the book: decimal point, U+2212 minus, no -0.00."""
+    text = format(value, spec)
+    if float(text) == 0:
+        text = text.lstrip("+-")
+    return text.replace("-", "\u2212")
+
+
+def cls(name: str) -> str:
+    return class_name_es(name)
+
+
+def variant_dash(layout: Layout, variant: str) -> Any:
+    return DASHES[layout.variants.index(variant) % len(DASHES)]
+
+
+@dataclass
+class Ctx:
+    values: dict[str, Any]
+    layout: Layout
+
+    @cached_property
+    def classes(self) -> list[str]:
+        return category_names(load_json(self.layout.split("test")))
+
+    @cached_property
+    def critical_ids(self) -> list[int]:
+        S.critical_names(self.classes, self.values["data"]["critical_classes"], "config")
+        return list(self.values["data"]["critical_classes"])
+
+    @property
+    def critical(self) -> list[str]:
+        return [self.classes[i] for i in self.critical_ids]
+
+    @property
+    def score_threshold(self) -> float:
+        return float(self.values["eval"]["score_threshold"])
+
+    def phase1_label(self) -> str:
+        return f"Fase 1 ({preset_label(self.layout.main)})"
+
+    def phase2_label(self) -> str:
+        v, s = self.layout.adopted
+        seed = f", semilla {s}" if len(self.layout.seeds) > 1 else ""
+        return f"Fase 2 ({variant_name_es(v).lower()}{seed})"
+
+
+def preset_label(preset: str, main: str | None = None) -> str:
+    name = BACKBONE_NAMES_ES.get(backbone_of(preset) or "", preset)
+    return f"{name} (principal)" if preset == main else name
+
+
+def new_figure(
+    rows: int, cols: int, height: float, width: float = WIDTH, **kw: Any
+) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, **kw)
+    return fig, axes
+
+
+def no_ticks(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def say(ax: Any, text: str) -> None:
+    """A panel that only holds a sentence (nothing to draw)."""
+    no_ticks(ax)
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes)
+
+
+def load_image(ctx: Ctx, file_name: str) -> np.ndarray:
+    path = images_dir(ctx.layout.data_dir) / file_name
+    if not path.is_file():
+        raise UserError(f"{path}: image not found")
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def draw_box(ax: Any, bbox: Sequence[float], color: str, lw: float = 1.4, ls: Any = "-") -> None:
+    x, y, w, h = bbox
+    ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=lw, linestyle=ls))
+
+
+def epochs_plot(
+    ax: Any,
+    histories: list[list[dict[str, Any]]],
+    key: str,
+    color: str,
+    label: str,
+    ls: Any = "-",
+    lw: float | None = None,
+) -> None:
+    """Mean over seeds of `key` per epoch, with a min-max band when there are several."""
+    epochs = sorted({r["epoch"] for h in histories for r in h if r.get(key) is not None})
+    if not epochs:
+        return
+    vals = [
+        [r[key] for h in histories for r in h if r["epoch"] == e and r.get(key) is not None]
+        for e in epochs
+    ]
+    marker = "o" if len(epochs) <= 25 else None  # markers clutter long runs
+    ax.plot(
+        epochs, [np.mean(v) for v in vals], color=color, ls=ls, lw=lw, marker=marker, label=label
+    )
+    if len(histories) > 1:
+        ax.fill_between(
+            epochs, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.15, lw=0
+        )
+
+
+def epoch_axis(ax: Any, ylabel: str) -> None:
+    ax.set_xlabel("época")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def phase2_histories(ctx: Ctx, variant: str) -> list[list[dict[str, Any]]]:
+    return [S.read_jsonl(ctx.layout.phase2(variant, s, "history.jsonl")) for s in ctx.layout.seeds]
+
+
+def phase1_best(ctx: Ctx) -> dict[str, Any]:
+    path = ctx.layout.phase1(ctx.layout.main, "history.jsonl")
+    return S.best_row(S.read_jsonl(path), path)
+
+
+def reference_line(ax: Any, value: float | None, label: str) -> None:
+    if value is not None:
+        ax.axhline(value, color=PHASE1_COLOR, ls=(0, (4, 2)), lw=1.0, label=label, zorder=1)
+
+
+def min_span(ax: Any, span: float = 0.1) -> None:
+    """At least `span` on the y axis: a difference of a few thousandths must not fill a panel
+    (the curves carry no interval; the test differences with theirs are in the tables)."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        lo, hi = max(0.0, mid - span / 2), mid + span / 2
+        ax.set_ylim(lo, max(hi, lo + span))
+
+
+def models_compared(ctx: Ctx) -> list[tuple[str, dict[str, Any]]]:
+    v, s = ctx.layout.adopted
+    return [
+        (ctx.phase1_label(), load_json(ctx.layout.phase1(ctx.layout.main, "test_metrics.json"))),
+        (ctx.phase2_label(), load_json(ctx.layout.phase2(v, s, "test_metrics.json"))),
+    ]
+
+
+def save(fig: Figure, out: Path, name: str, record: dict[str, Any]) -> list[Path]:
+    """PNG and PDF, each with the provenance record in its metadata; no timestamp."""
+    line = prov.one_line(record)
+    png_meta = {"Title": name, "Provenance": line}
+    pdf_meta = {
+        "Title": name,
+        "Subject": line,
+        "Keywords": prov.keywords(record),
+        "Creator": "defectfusion report",
+        "CreationDate": None,
+    }
+    return [
+        atomic_write(
+            out / f"{name}.png", lambda t: fig.savefig(t, format="png", metadata=png_meta)
+        ),
+        atomic_write(
+            out / f"{name}.pdf", lambda t: fig.savefig(t, format="pdf", metadata=pdf_meta)
+        ),
+    ]
+
+
+def figure_styles(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``figure_style`` of the config, checked: known figures, real matplotlib rcParams.
+
+    Per figure, so that restyling one figure redraws only that one (Snakemake's params).
+    """
+    styles = values.get("figure_style") or {}
+    for name, style in styles.items():
+        if name not in FIGURES:
+            raise UserError(f"figure_style.{name}: no such figure; figures are {list(FIGURES)}")
+        if not isinstance(style, dict):
+            raise UserError(f"figure_style.{name}: expected a mapping of rcParams, got {style!r}")
+        for key in style:
+            if key not in matplotlib.rcParams:
+                raise UserError(f"figure_style.{name}: {key!r} is not a matplotlib rcParam")
+            try:
+                matplotlib.rcParams.validate[key](style[key])
+            except (ValueError, TypeError) as e:
+                raise UserError(f"figure_style.{name}.{key}: {e}") from None
+    return styles
+
+
+def draw_function(name: str) -> Callable[[Ctx], Figure]:
+    """The function that draws figure `name`: the one of that name in the module
+    ``report.OUTPUTS`` declares for it (imported only when drawn)."""
+    module = importlib.import_module(output("figures", name).module)
+    return getattr(module, name)
+
+
+def write_figures(
+    values: dict[str, Any],
+    out: str | Path,
+    only: Sequence[str] | None = None,
+    rule: str = "manual",
+    results: str = "results",
+) -> list[Path]:
+    """Draw figures `only` (default: all) as ``out/NAME.{png,pdf}`` and their sidecars."""
+    names = chosen(only, FIGURES, "figure")
+    layout = Layout.from_config(values, results)
+    ctx = Ctx(values, layout)
+    params = prov.params_subset(values, PARAM_SECTIONS)
+    styles = figure_styles(values)
+    written: list[Path] = []
+    for name in names:
+        style = styles.get(name, {})
+        fig_params = {**params, "figure_style": {name: style}} if style else params
+        record = prov.make_record(
+            f"figures/{name}", rule, fig_params, layout.inputs("figures", name)
+        )
+        with matplotlib.rc_context({**STYLE, **style}):
+            fig = draw_function(name)(ctx)
+            paths = save(fig, Path(out), name, record)
+        prov.write_sidecar(results, record, paths)
+        written += paths
+    return written

@@ -1,0 +1,59 @@
+"""Figure ``confusion``: row-normalised test confusion matrices in % (background row: false
+positives; background column: missed boxes), (a) Phase 1, (b) Phase 2.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from defectfusion.metrics import row_normalized
+from defectfusion.report.figures import Ctx, cls, models_compared, new_figure, num
+
+
+def confusion(ctx: Ctx) -> Figure:
+    models = models_compared(ctx)
+    k = len(models[0][1]["confusion"]["classes"])
+    fig, axes = new_figure(1, 2, 2.9)
+    image = None
+    for ax, (label, m) in zip(axes[0], models, strict=True):
+        conf = m["confusion"]
+        norm = row_normalized(conf)
+        counts = np.asarray(conf["matrix"])
+        shown = np.ma.masked_invalid(norm)
+        cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#dddddd")
+        image = ax.imshow(100 * shown, cmap=cmap, vmin=0, vmax=100)
+        ax.grid(False)
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * norm[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if norm[i, j] > 0.6 else "black",
+                    )
+        names = [cls(n) for n in conf["classes"]]
+        rows = [f"{n} ({int(t)})" for n, t in zip(names, counts.sum(1), strict=True)]
+        ax.set_xticks(range(k), names, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(k), rows)
+        for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+            if t.get_text().split(" ")[0] in {cls(c) for c in ctx.critical}:
+                t.set_fontweight("bold")
+        ax.set_xlabel("clase predicha")
+        if ax is axes[0, 0]:
+            ax.set_ylabel("clase real (cajas)")
+        ax.set_title(f"({'ab'[axes[0].tolist().index(ax)]}) {label}")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="% de la fila")
+    m0 = models[0][1]["confusion"]
+    fig.suptitle(
+        f"Cada celda: % de su fila. Detecciones con puntuación ≥ {num(m0['score_threshold'], 'g')}"
+        f" e IoU ≥ {num(m0['iou_threshold'], 'g')}.\nFila «Fondo»: falsos positivos (entre "
+        "paréntesis, cuántos); columna «Fondo»: cajas no detectadas. Clases críticas en negrita.",
+        fontsize=7,
+    )
+    return fig

@@ -1,0 +1,65 @@
+"""Figure ``pr_curves``: test precision-recall curves of the critical classes (COCO's
+interpolated precision at 101 recall points, maxDets 100), IoU .50 and .75, Phase 1 vs Phase 2;
+the APs in each panel's title.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from defectfusion.data.coco import load_json
+from defectfusion.metrics import precision_recall
+from defectfusion.report import PHASE1_COLOR
+from defectfusion.report.figures import Ctx, cls, new_figure, num, variant_color
+
+
+def pr_curves(ctx: Ctx) -> Figure:
+    gt = load_json(ctx.layout.split("test"))
+    v, s = ctx.layout.adopted
+    models = [
+        (
+            "F1",
+            ctx.phase1_label(),
+            PHASE1_COLOR,
+            ctx.layout.phase1(ctx.layout.main, "test_metrics.predictions.json"),
+        ),
+        (
+            "F2",
+            ctx.phase2_label(),
+            variant_color(ctx.layout, v),
+            ctx.layout.phase2(v, s, "test_metrics.predictions.json"),
+        ),
+    ]
+    crit = ctx.critical_ids
+    ious = ((0.5, "-"), (0.75, "--"))
+    fig, axes = new_figure(1, max(1, len(crit)), 2.4, sharey=True)
+    ap_text: dict[int, list[str]] = {c: [] for c in crit}
+    for short, _, color, path in models:
+        results = load_json(path)
+        precision, params = precision_recall(gt, results) if results else (None, None)
+        for ax, c in zip(axes[0], crit, strict=False):
+            if precision is None:
+                ap_text[c].append(f"{short}: sin detecciones")
+                continue
+            k = list(params.catIds).index(c)
+            aps = []
+            for t, ls in ious:
+                curve = precision[int(np.argmin(np.abs(params.iouThrs - t))), :, k]
+                ax.plot(params.recThrs, curve, color=color, ls=ls, lw=1.2)
+                aps.append(num(np.nanmean(curve)) if np.isfinite(curve).any() else "n/d")
+            ap_text[c].append(f"{short}: AP50 {aps[0]}, AP75 {aps[1]}")
+    for ax, c in zip(axes[0], crit, strict=False):
+        n = sum(1 for a in gt["annotations"] if a["category_id"] == c)
+        # The APs go above the panel, never over the curves.
+        ax.set_title(f"{cls(ctx.classes[c])} ({n} cajas)\n" + "\n".join(ap_text[c]))
+        ax.set_xlabel("recall")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+    axes[0, 0].set_ylabel("precisión (interpolada)")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=color, label=label) for _, label, color, _ in models]
+    handles += [Line2D([], [], color="grey", ls=ls, label=f"IoU {t:.2f}") for t, ls in ious]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+    return fig
