@@ -271,15 +271,19 @@ def output(kind: str, name: str) -> Output:
     raise KeyError(f"no report output {kind}/{name}; known: {known}")
 
 
-def chosen(only: Sequence[str] | None, known: tuple[str, ...], kind: str) -> list[str]:
-    """The outputs to make: `only` (default: all `known`), each checked to be one of them."""
+def chosen(
+    values: dict[str, Any], only: Sequence[str] | None, kind: str, results: str = "results"
+) -> tuple[list[str], Layout]:
+    """The outputs of `kind` (tables, figures) to make, `only` (default: all) each checked to
+    be declared, and the layout of the results they read."""
     from defectfusion.errors import UserError
 
+    known = tuple(o.name for o in OUTPUTS if o.kind == kind)
     names = list(only or known)
     for n in names:
         if n not in known:
-            raise UserError(f"unknown {kind} {n!r}; known: {', '.join(known)}")
-    return names
+            raise UserError(f"unknown {kind[:-1]} {n!r}; known: {', '.join(known)}")
+    return names, Layout.from_config(values, results)
 
 
 # ---- names and colours: one place for tables, figures and the book (issue 14) ---------------

@@ -860,8 +860,7 @@ def write_tables(
     results: str = "results",
 ) -> list[Path]:
     """Write tables `only` (default: all) as ``out/NAME.{csv,md,tex}`` and their sidecars."""
-    names = chosen(only, TABLES, "table")
-    layout = Layout.from_config(values, results)
+    names, layout = chosen(values, only, "tables", results)
     params = prov.params_subset(values, PARAM_SECTIONS)
     written: list[Path] = []
     for name in names:

@@ -294,8 +294,7 @@ def write_figures(
     results: str = "results",
 ) -> list[Path]:
     """Draw figures `only` (default: all) as ``out/NAME.{png,pdf}`` and their sidecars."""
-    names = chosen(only, FIGURES, "figure")
-    layout = Layout.from_config(values, results)
+    names, layout = chosen(values, only, "figures", results)
     ctx = Ctx(values, layout)
     params = prov.params_subset(values, PARAM_SECTIONS)
     styles = figure_styles(values)
