@@ -63,6 +63,7 @@ def tiny_overrides(data_dir: Path, epochs: int = 2, **extra: object) -> list[str
         "phase1.epochs": epochs,
         "phase1.batch_size": 4,
         "phase1.warmup_steps": 2,
+        "phase1.ema_decay": 0.0,  # no EMA: best.pt holds the trained weights themselves
         "eval.batch_size": 4,
         **extra,
     }

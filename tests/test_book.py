@@ -55,6 +55,7 @@ def fake_summary() -> dict:
     phase2 = {
         v: {
             "seeds": [0],
+            "n_seeds": 1,
             "map": 0.111,
             "map50": 0.7,
             "critical_recall": 0.35,
@@ -383,12 +384,26 @@ def test_paths_resolve_main_wildcards_and_indices(ext) -> None:
     assert look("phase1.@main.map") == SENTINEL_MAP
     assert look("phase2.zero_start.ci_map.1") == -0.004
     assert look("phase1.*.map") == [SENTINEL_MAP, 0.101, 0.099]
-    assert ext.evaluate("max(phase1.*.map) - phase1.@main.map", look) == 0
-    assert ext.evaluate("len(dataset.classes) * 2", look) == 12
+    assert ext.evaluate("phase1.@main.map", look) == SENTINEL_MAP
+    assert ext.evaluate("-0.5", look) == -0.5
     with pytest.raises(ext.ResultsError, match="'phase2.zero_start.nope'"):
         look("phase2.zero_start.nope")
-    with pytest.raises(ext.ResultsError, match="'phase9.x'"):
-        ext.evaluate("1 + phase9.x", look)
+    # the book computes nothing: arithmetic and functions are summary.json's job
+    for expr in ("max(phase1.*.map) - phase1.@main.map", "len(dataset.classes)", "1 + x.y"):
+        with pytest.raises(ext.ResultsError, match="computes none"):
+            ext.evaluate(expr, look)
+
+
+def test_the_pages_compute_nothing() -> None:
+    """Every value a page prints or tests is a lookup (summary.json holds what is derived)."""
+    for page in THESIS.glob("*.md"):
+        for m in ROLE_TEXT.finditer(page.read_text(encoding="utf-8")):
+            text = next(g for g in m.groups() if g is not None)
+            head = text.split("|")[0]
+            head = head.split(":")[0] if not m.group(0).startswith("```") else head
+            for atom in re.split(r"\s+(?:and|or)\s+|\s*(?:<=|>=|==|!=|<|>)\s*", head):
+                atom = atom.removeprefix("not ").strip()
+                assert not re.search(r"[()]|\s[-+*/]\s", atom), (page.name, text)
 
 
 def test_conditions(ext) -> None:
@@ -398,7 +413,7 @@ def test_conditions(ext) -> None:
     assert not ext.condition(
         "phase2.zero_start.ci_map.1 < 0 and phase2.frozen0.ci_map.1 >= 0", look
     )
-    assert ext.condition("not epoch0_equals_phase1 or len(phase2.naive.seeds) == 1", look)
+    assert ext.condition("not epoch0_equals_phase1 or phase2.naive.n_seeds == 1", look)
     assert ext.condition("epoch0_equals_phase1", look)
 
 

@@ -1,20 +1,21 @@
 """Every number the book prints comes from here: the run's results or the thesis's own figures.
 
 Roles (MyST: {role}`text`):
-  {res}`EXPR[:FORMAT]`        a value from results/summary.json, e.g. {res}`phase1.@main.map`;
+  {res}`PATH[:FORMAT]`        a value from results/summary.json, e.g. {res}`phase1.@main.map`;
                               FORMAT "es": class names in Spanish ({res}`dataset.classes:es`)
   {tesis}`KEY[:FORMAT]`       a figure quoted from the thesis (thesis_figures.yaml), marked so
   {ci}`PATH[|pos|neg|zero]`   says whether the interval [lo, hi] at PATH excludes zero
-  {sign}`EXPR|pos|neg|zero`   the text that matches the sign of EXPR
+  {sign}`PATH|pos|neg|zero`   the text that matches the sign of the value at PATH
   {cond}`COND|yes|no`         the text that matches COND
   {best}`PATH`                the key under the one '*' of PATH whose value is largest
 Directives:
   {si} COND                   its content, only when COND holds
   {results-table} NAME        results/tables/NAME.md (a Markdown table), with a caption
   {results-figure} NAME       figures/NAME.png, with its caption
-  {results-math}              display math with {{res:EXPR[:FORMAT]}} / {{tesis:KEY[:FORMAT]}}
+  {results-math}              display math with {{res:PATH[:FORMAT]}} / {{tesis:KEY[:FORMAT]}}
 
-EXPR, COND, key paths and number formats: see thesis_values.py.
+Key paths, COND and number formats: see thesis_values.py. The book computes nothing:
+derived values are summary.json's.
 
 A key missing from the results, a missing table or a missing figure is a warning naming it
 (an error under -W, as the book is always built), and the build stops before writing any page.

@@ -1,11 +1,15 @@
-"""The values the book prints: key paths into the results, small expressions, conditions,
-and the formatting of numbers. Pure Python (no Sphinx), so it is tested on its own.
+"""The values the book prints: key paths into the results, conditions, and the formatting
+of numbers. Pure Python (no Sphinx), so it is tested on its own.
 
-EXPR: key paths, numbers, + - * / (spaced apart), max(...) min(...) abs(...) len(...).
-A path is dot-separated: dict keys, list indices, '@main' (summary.json's main_preset) and
-'*' (every key of a mapping). COND: EXPR [OP EXPR] (OP: < <= > >= == !=), optionally with
-'not', joined by 'and' / 'or'. Numbers print with a decimal point, like the tables and
-figures, a narrow space between thousands and a true minus sign (U+2212), never "-0.000".
+The book looks values up, it never computes them: anything derived (a difference, a count,
+a ratio) is computed by the report stage into summary.json (report/summary.py), where it is
+tested and traced like every other result.
+
+VALUE: a key path or a number. A path is dot-separated: dict keys, list indices, '@main'
+(summary.json's main_preset) and '*' (every key of a mapping). COND: VALUE [OP VALUE] (OP:
+< <= > >= == !=), optionally with 'not', joined by 'and' / 'or': the wording a result
+chooses. Numbers print with a decimal point, like the tables and figures, a narrow space
+between thousands and a true minus sign (U+2212), never "-0.000".
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import re
 from typing import Any
 
 NNBSP = "\u202f"  # narrow no-break space: the thousands separator of Spanish (RAE, SI)
-FUNCS = {"max": max, "min": min, "abs": abs, "len": len}
 OPS = {
     "<": operator.lt,
     "<=": operator.le,
@@ -31,10 +34,10 @@ class ResultsError(Exception):
 
 
 # What a role or directive reports as a problem with the results (never a traceback).
-EVAL_ERRORS = (ResultsError, TypeError, ValueError, ZeroDivisionError)
+EVAL_ERRORS = (ResultsError, TypeError, ValueError)
 
 
-# ---- key paths and expressions -------------------------------------------------------------
+# ---- key paths and values -------------------------------------------------------------
 
 
 def resolve(data: Any, path: str, source: str) -> Any:
@@ -68,49 +71,17 @@ def resolve(data: Any, path: str, source: str) -> Any:
 
 
 def evaluate(expr: str, lookup: Any) -> Any:
-    """EXPR := PRODUCT (('+'|'-') PRODUCT)*; PRODUCT := TERM (('*'|'/') TERM)*;
-    TERM := number | FUNC '(' EXPR ')' | path. Operators stand apart: 'a - b', not 'a-b'."""
-    tokens = re.findall(r"[()]|[^\s()]+", expr)
-    pos = 0
-
-    def take() -> str:
-        nonlocal pos
-        if pos >= len(tokens):
-            raise ResultsError(f"expression '{expr}': ends too early")
-        pos += 1
-        return tokens[pos - 1]
-
-    def term() -> Any:
-        tok = take()
-        if tok in FUNCS and pos < len(tokens) and tokens[pos] == "(":
-            take()
-            value = total()
-            if take() != ")":
-                raise ResultsError(f"expression '{expr}': ')' expected")
-            return FUNCS[tok](value)
-        try:
-            return float(tok)
-        except ValueError:
-            return lookup(tok)
-
-    def product() -> Any:
-        value = term()
-        while pos < len(tokens) and tokens[pos] in ("*", "/"):
-            op, rhs = take(), term()
-            value = value * rhs if op == "*" else value / rhs
-        return value
-
-    def total() -> Any:
-        value = product()
-        while pos < len(tokens) and tokens[pos] in ("+", "-"):
-            op, rhs = take(), product()
-            value = value + rhs if op == "+" else value - rhs
-        return value
-
-    value = total()
-    if pos != len(tokens):
-        raise ResultsError(f"expression '{expr}': unexpected '{tokens[pos]}'")
-    return value
+    """VALUE := number | path: a lookup, nothing computed (derived values are summary.json's)."""
+    text = expr.strip()
+    if not re.fullmatch(r"[-+]?\d+(\.\d+)?|[\w@*-]+(\.[\w@*-]+)*", text):
+        raise ResultsError(
+            f"'{expr}': the book looks up values and computes none; put what it needs into "
+            "summary.json (report/summary.py) and look that up"
+        )
+    try:
+        return float(text)
+    except ValueError:
+        return lookup(text)
 
 
 def condition(cond: str, lookup: Any) -> bool:

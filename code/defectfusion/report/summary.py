@@ -10,7 +10,7 @@ The book reads only this file, the tables and the figures, so this schema is a c
              "machine":         OS, architecture, CPU count and GPU(s) of the report machine
              "profile":         the profile overlays ("micro", "thesis"...), "default" if none},
      "dataset": {"name":        the dataset's info.dataset,
-                 "classes":     class names in id order,
+                 "classes":     class names in id order, "n_classes": how many,
                  "critical_classes": names of data.critical_classes,
                  "n_images":    {split: images}, "n_boxes": {split: boxes}},
      "main_preset": the Phase 1 preset Phase 2 builds on (model.preset),
@@ -24,7 +24,7 @@ The book reads only this file, the tables and the figures, so this schema is a c
                                              val mAP gain over the last epochs, as the log's
                                              "plateau reached/NOT reached" line,
                          "per_class": {name: {"ap", "recall"}} (test)}},
-     "phase2": {variant: {"seeds": [...],
+     "phase2": {variant: {"seeds": [...], "n_seeds": how many,
                           "map", "map50", "critical_recall", "critical_recall50",
                           "composite":       test metrics, mean over seeds,
                           "epoch0_val_map":  val mAP before any update, mean over seeds,
@@ -34,6 +34,8 @@ The book reads only this file, the tables and the figures, so this schema is a c
                                              seeds that reached the epoch (null where none),
                           "alpha_final", "tau_final": the gate and temperature after the
                                              last training step, mean over seeds,
+                          "max_correction":  |alpha_final| / tau_final, the most the text
+                                             branch can add to a logit (|S| <= 1 / tau),
                           "diff_map", "diff_critical_recall": test B - A, B this variant
                                              (val-selected checkpoint), A the main Phase 1
                                              model, mean over seeds,
@@ -272,13 +274,16 @@ def phase2_entry(layout: Layout, variant: str, pm: dict[str, Any]) -> dict[str, 
 
     return {
         "seeds": [run["seed"] for run in runs],
+        "n_seeds": len(runs),
         **{k: mean(run["test"].get(k) for run in runs) for k in TEST_KEYS if k != "map75"},
         "epoch0_val_map": mean(epoch_row(run["history"], 0)["val_map"] for run in runs),
         "epoch1_val_map": mean((epoch_row(run["history"], 1) or {}).get("val_map") for run in runs),
         "best_epoch": int(statistics.median_low(int(run["best"]["epoch"]) for run in runs)),
         "val_map_by_epoch": by_epoch,
-        "alpha_final": mean(run["last"].get("alpha") for run in runs),
-        "tau_final": mean(run["last"].get("tau") for run in runs),
+        "alpha_final": (alpha := mean(run["last"].get("alpha") for run in runs)),
+        "tau_final": (tau := mean(run["last"].get("tau") for run in runs)),
+        # the most the text branch can add to a logit: |alpha| max|S| = |alpha| / tau
+        "max_correction": abs(alpha) / tau if alpha is not None and tau else None,
         "diff_map": cmp("map")["diff"],
         "ci_map": cmp("map")["ci"],
         "diff_critical_recall": cmp("critical_recall")["diff"],
@@ -355,6 +360,7 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "dataset": {
             "name": ds["name"],
             "classes": ds["classes"],
+            "n_classes": len(ds["classes"]),
             "critical_classes": critical,
             "n_images": {s: ds["splits"][s]["n_images"] for s in SPLIT_NAMES},
             "n_boxes": {s: ds["splits"][s]["n_boxes"] for s in SPLIT_NAMES},
@@ -450,7 +456,8 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             "covers": pm["covers"],
             "thesis": pm["thesis"],
             "operating_point": pm["operating_point"],
-            "hypotheses": [v for v in pm["variants"] if v != pm["adopted"]],
+            "hypotheses": (hypotheses := [v for v in pm["variants"] if v != pm["adopted"]]),
+            "n_hypotheses": len(hypotheses),
             "outcome": {
                 **pm["outcome"],
                 # the book prints these lists: the variants' Spanish names

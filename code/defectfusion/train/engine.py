@@ -1,9 +1,15 @@
-"""The training loop both phases share.
+"""The training loop both phases share, in the parts detr's engine has:
 
-Per epoch: train with a progress bar, evaluate on val, append one row to
-``history.jsonl``, write ``last.pt`` (everything needed to resume) and ``best.pt``
-(the weights that scored best on val) atomically, and stop early when the selection
-metric has not improved for ``patience`` epochs.
+- ``fit``: set up (accelerator, loader, optimiser, schedule, EMA), resume or start, then per
+  epoch train, evaluate, select, checkpoint; read it top to bottom;
+- ``train_one_epoch``: forward, backward, clip, step, EMA, one log row per step;
+- ``evaluate_epoch`` and ``Progress.select``: val metrics, and whether they are the best yet
+  (epoch 0, the starting model, is evaluated and logged but never selected);
+- ``RunFolder``: checkpoint and resume: ``last.pt`` (everything needed to resume), ``best.pt``
+  (the weights that scored best on val) and the weights kept at fixed epochs, atomically;
+- ``Logger``: ``history.jsonl`` (one row per epoch), ``steps.jsonl``, ``experiment_log.txt``.
+
+Training stops early when the selection metric has not improved for ``patience`` epochs.
 
 Determinism and resume: at the start of epoch e every random generator is reseeded
 from (seed, e), so the data order, the augmentations and DEIMv2's denoising noise of
@@ -314,122 +320,39 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc))
     raw = accelerator.unwrap_model(model)
 
-    start_epoch, step, best, bad_epochs = 1, 0, -math.inf, 0
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    folder = RunFolder(job, accelerator)
     job.meta["run_hash"] = run_hash(job)
-    stale = None
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        if ckpt["meta"].get("run_hash") != job.meta["run_hash"]:
-            # The config (or the starting checkpoint) changed since: that run is not this one.
-            stale, resume = f"made with another config (run {ckpt['meta'].get('run_hash')})", False
-        elif ckpt.get("finished") and not best_path.exists():
-            # A runner (Snakemake, DVC) removes best.pt before it reruns a finished run, say
-            # after a code change: train again rather than return without a best.pt.
-            stale, resume = "finished, best.pt removed", False
-    if not (resume and last_path.exists()) and best_path.exists() and not restart:
-        # Starting over would replace weights an earlier run selected (a runner that reruns a
-        # job, Snakemake or DVC, removes best.pt first, so this is a person's command).
-        why = stale or "a new run was asked for (no --resume)"
-        raise UserError(
-            f"{out}: holds an earlier run's {best_path.name} and {why}; pass --restart to "
-            "replace that run, or choose another --out"
-        )
-    # The files this run writes besides last.pt, kept in last.pt too (see `checkpoint`), so a
-    # runner that removed them before resuming an interrupted run gets them back.
-    kept: dict[str, dict[str, Any]] = {}
-    if resume and last_path.exists():
-        kept = ckpt.get("kept") or {}
-        for name, entry in kept.items():
-            if not (out / name).exists():
-                save_checkpoint(out / name, entry["model"], entry["meta"])
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None and "ema" in ckpt:
-            ema.load_state_dict(ckpt["ema"])
-        start_epoch = ckpt["epoch"] + 1
-        step, best, bad_epochs = ckpt["step"], ckpt["best"], ckpt["bad_epochs"]
-        log = Logger(out, ckpt["epoch"], step, accelerator.is_main_process)
-        log.line(f"resumed from {last_path} at epoch {ckpt['epoch']} (step {step})")
-        restored = [n for n in kept if (out / n).exists()]
+    ckpt, stale = folder.previous(resume, restart)
+    if ckpt is not None:
+        progress = folder.restore(ckpt, raw, optimizer, scheduler, ema)
+        log = Logger(out, progress.epoch, progress.step, accelerator.is_main_process)
+        log.line(f"resumed from {folder.last} at epoch {progress.epoch} (step {progress.step})")
+        restored = [n for n in folder.kept if (out / n).exists()]
         if restored:
-            log.line(f"weights kept in {last_path.name}: {', '.join(sorted(restored))}")
+            log.line(f"weights kept in {folder.last.name}: {', '.join(sorted(restored))}")
         if ckpt.get("finished"):
-            return {"best": best, "epochs": ckpt["epoch"], "resumed": True}
+            return {"best": progress.best, "epochs": progress.epoch, "resumed": True}
     else:
+        progress = Progress()
         log = Logger(out, None, None, accelerator.is_main_process)
         log.line(f"{job.phase}: {job.meta.get('preset')} on {job.train_json} (val {job.val_json})")
         log.line(f"code commit: {git_commit() or 'unknown (not a git checkout)'}")
         if stale:
-            log.line(f"not resuming {last_path}: {stale} (a new run starts)")
+            log.line(f"not resuming {folder.last}: {stale} (a new run starts)")
         for note in job.notes:
             log.line(note)
         log.line(f"config: {json.dumps(job.cfg.to_dict(), sort_keys=True)}")
         log.line(
             f"{steps_per_epoch} steps/epoch, {total_steps} steps at most, device {accelerator.device}"
         )
+    eval_model = ema.module if ema is not None else raw  # the weights evaluated and kept
 
-    def eval_model() -> nn.Module:
-        return ema.module if ema is not None else raw
-
-    def checkpoint(epoch: int, finished: bool = False) -> None:
-        if not accelerator.is_main_process:
-            return
-        # Steps up to here must be on disk: a resume from this checkpoint keeps only those.
-        _write_jsonl(log.steps_path, log.steps)
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "best": best,
-            "bad_epochs": bad_epochs,
-            "finished": finished,
-        }
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        save_checkpoint(last_path, raw.state_dict(), job.meta, kept=kept, **state)
-
-    def keep(name: str, model: nn.Module, meta: dict[str, Any]) -> None:
-        """Write OUT/name and remember a copy for last.pt."""
-        if not accelerator.is_main_process:
-            return
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        kept[name] = {"model": weights, "meta": meta}
-        save_checkpoint(out / name, weights, meta)
-
-    def save_eval_weights(name: str, epoch: int, metrics: dict[str, Any]) -> None:
-        keep(name, eval_model(), {**job.meta, "epoch": epoch, "val": _metric_row(metrics)})
-
-    def save_best(epoch: int, metrics: dict[str, Any]) -> None:
-        save_eval_weights(best_path.name, epoch, metrics)
-        if job.phase == "phase1":
-            # The raw weights of the same epoch: Phase 2 may start from them instead of the
-            # EMA (one of the post-mortem's candidate causes). Without EMA they are the same.
-            meta = {**job.meta, "epoch": epoch, "val": _metric_row(metrics), "weights": "raw"}
-            keep("best_raw.pt", raw, meta)
-
-    def after_eval(epoch: int, metrics: dict[str, Any]) -> None:
-        """The fixed-epoch records the post-mortem reads (see Job.keep_epochs)."""
-        preds = metrics.pop("predictions", None)
-        if not accelerator.is_main_process:
-            return
-        if epoch in job.keep_epochs:
-            save_eval_weights(f"epoch{epoch}.pt", epoch, metrics)
-        if job.keep_final and epoch > 0:
-            save_eval_weights("final.pt", epoch, metrics)
-        if job.save_val_predictions and preds is not None:
-            names = [f"val_epoch{epoch}"] if epoch in (0, 1) else []
-            names += ["val_final"] if epoch > 0 else []
-            for name in names:
-                atomic_write_text(out / f"{name}.predictions.json", json.dumps(preds))
+    def save(finished: bool = False) -> None:
+        folder.save(progress, raw, optimizer, scheduler, ema, log, finished)
 
     select = tc.select_metric
-    if job.eval_before_training and start_epoch == 1:
-        job.set_mode(raw, False)
-        metrics = job.evaluate(eval_model())
-        after_eval(0, metrics)
+    if job.eval_before_training and progress.epoch == 0:
+        metrics = evaluate_epoch(job, folder, raw, eval_model, 0)
         row = {"epoch": 0, "step": 0, "seconds": 0.0, "lr": 0.0, **_metric_row(metrics)}
         if job.epoch_extras:
             row.update(job.epoch_extras(raw))
@@ -438,25 +361,26 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
         # would report a steadily falling run as identical to its start (a CI of [0, 0]).
         log.line(f"epoch 0 (before any update, not selectable): {_summary(metrics)}")
 
-    for epoch in range(start_epoch, tc.epochs + 1):
+    for epoch in range(progress.epoch + 1, tc.epochs + 1):
         es = epoch_seed(job.cfg.seed, epoch)
         seed_everything(es)
         # The sampler's generator, not the (prepared) loader's: that one only seeds workers.
         sampler.generator.manual_seed(es)
         job.set_mode(raw, True)
-        step, train_row, seconds = train_one_epoch(
-            job, accelerator, model, loader, optimizer, scheduler, ema, log, epoch, step
+        progress.step, train_row, seconds = train_one_epoch(
+            job, accelerator, model, loader, optimizer, scheduler, ema, log, epoch, progress.step
         )
-
+        progress.epoch = epoch
         if epoch % tc.eval_every and epoch != tc.epochs:
-            checkpoint(epoch)
+            save()
             continue
-        job.set_mode(raw, False)
-        metrics = job.evaluate(eval_model())
-        after_eval(epoch, metrics)
+        metrics = evaluate_epoch(job, folder, raw, eval_model, epoch)
+        improved = progress.select(metrics[select])
+        if improved:
+            folder.save_best(epoch, metrics, eval_model, raw)
         row = {
             "epoch": epoch,
-            "step": step,
+            "step": progress.step,
             "seconds": round(seconds, 3),
             "lr": scheduler.get_last_lr()[0],
             **train_row,
@@ -464,24 +388,18 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
         }
         if job.epoch_extras:
             row.update(job.epoch_extras(raw))
-        improved = metrics[select] > best
-        if improved:
-            best, bad_epochs = metrics[select], 0
-            save_best(epoch, metrics)
-        else:
-            bad_epochs += 1
         row["best"] = improved
         log.epoch(row)
         log.line(
             f"epoch {epoch}/{tc.epochs}: loss {row['loss']:.3f}  {_summary(metrics)}  "
-            f"best {select} {best:.4f}{' (new)' if improved else ''}  ({seconds:.1f}s)"
+            f"best {select} {progress.best:.4f}{' (new)' if improved else ''}  ({seconds:.1f}s)"
         )
-        stop = tc.patience > 0 and bad_epochs >= tc.patience
-        checkpoint(epoch, finished=stop or epoch == tc.epochs)
+        stop = tc.patience > 0 and progress.bad_epochs >= tc.patience
+        save(finished=stop or epoch == tc.epochs)
         if stop:
             log.line(f"early stop: {select} did not improve for {tc.patience} epochs")
             break
-    log.line(f"done: best val {select} = {best:.4f}")
+    log.line(f"done: best val {select} = {progress.best:.4f}")
     if job.phase == "phase1" and tc.plateau_fraction > 0:
         p = plateau_gain(log.history, tc.plateau_fraction)
         if p["gain"] is not None:
@@ -490,7 +408,166 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
                 f"plateau {met}: val mAP gained {p['gain']:+.4f} from epoch {p['from_epoch']} "
                 f"to {p['to_epoch']} (plateau: less than {tc.plateau_min_gain})"
             )
-    return {"best": best, "epochs": epoch if tc.epochs else 0}
+    return {"best": progress.best, "epochs": progress.epoch}
+
+
+# ---- evaluate and select ---------------------------------------------------------------------
+
+
+def evaluate_epoch(
+    job: Job, folder: RunFolder, raw: nn.Module, eval_model: nn.Module, epoch: int
+) -> dict[str, Any]:
+    """Val metrics of the eval weights after `epoch` (0: before any update), and the records
+    kept at fixed epochs (`Job.keep_epochs`, `keep_final`, `save_val_predictions`)."""
+    job.set_mode(raw, False)
+    metrics = job.evaluate(eval_model)
+    folder.record(epoch, metrics, eval_model)
+    return metrics
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what last.pt keeps besides the weights and optimiser."""
+
+    epoch: int = 0  # the last epoch completed
+    step: int = 0
+    best: float = -math.inf  # the best val score of the selection metric so far
+    bad_epochs: int = 0  # evaluated epochs since it last improved (early stopping)
+
+    def select(self, score: float) -> bool:
+        """Whether `score` beats the best so far (then it is the new best)."""
+        if score > self.best:
+            self.best, self.bad_epochs = score, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+
+# ---- checkpoint and resume -------------------------------------------------------------------
+
+
+class RunFolder:
+    """The files of one run in ``job.out``: last.pt (everything a resume needs), best.pt, and
+    the weights and val predictions kept at fixed epochs. Every write is atomic and made by
+    the main process only; the kept weights are also stored in last.pt, so a runner that
+    removed them before resuming an interrupted run gets them back."""
+
+    def __init__(self, job: Job, accelerator: Accelerator) -> None:
+        self.job, self.out = job, job.out
+        self.main = accelerator.is_main_process
+        self.last, self.best = self.out / "last.pt", self.out / "best.pt"
+        self.kept: dict[str, dict[str, Any]] = {}
+
+    def previous(self, resume: bool, restart: bool) -> tuple[dict[str, Any] | None, str | None]:
+        """The checkpoint to resume from (None: a new run) and why last.pt is not resumed."""
+        ckpt, stale = None, None
+        if resume and self.last.exists():
+            ckpt = load_checkpoint(self.last)
+            if ckpt["meta"].get("run_hash") != self.job.meta["run_hash"]:
+                # The config (or the starting checkpoint) changed since: not this run.
+                stale = f"made with another config (run {ckpt['meta'].get('run_hash')})"
+                ckpt = None
+            elif ckpt.get("finished") and not self.best.exists():
+                # A runner (Snakemake, DVC) removes best.pt before it reruns a finished run,
+                # say after a code change: train again rather than return without a best.pt.
+                stale, ckpt = "finished, best.pt removed", None
+        if ckpt is None and self.best.exists() and not restart:
+            # Starting over would replace weights an earlier run selected (a runner that
+            # reruns a job, Snakemake or DVC, removes best.pt first: this is a person's).
+            why = stale or "a new run was asked for (no --resume)"
+            raise UserError(
+                f"{self.out}: holds an earlier run's {self.best.name} and {why}; pass --restart "
+                "to replace that run, or choose another --out"
+            )
+        return ckpt, stale
+
+    def restore(
+        self,
+        ckpt: dict[str, Any],
+        raw: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        ema: AveragedModel | None,
+    ) -> Progress:
+        """Load last.pt's state into the run, and write back any kept file that is missing."""
+        self.kept = ckpt.get("kept") or {}
+        for name, entry in self.kept.items():
+            if not (self.out / name).exists():
+                save_checkpoint(self.out / name, entry["model"], entry["meta"])
+        raw.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
+        return Progress(ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["bad_epochs"])
+
+    def save(
+        self,
+        progress: Progress,
+        raw: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        ema: AveragedModel | None,
+        log: Logger,
+        finished: bool = False,
+    ) -> None:
+        """last.pt at the end of `progress.epoch`."""
+        if not self.main:
+            return
+        # Steps up to here must be on disk: a resume from this checkpoint keeps only those.
+        _write_jsonl(log.steps_path, log.steps)
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "best": progress.best,
+            "bad_epochs": progress.bad_epochs,
+            "finished": finished,
+        }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        save_checkpoint(self.last, raw.state_dict(), self.job.meta, kept=self.kept, **state)
+
+    def keep(self, name: str, model: nn.Module, meta: dict[str, Any]) -> None:
+        """Write OUT/name and remember a copy for last.pt."""
+        if not self.main:
+            return
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.kept[name] = {"model": weights, "meta": meta}
+        save_checkpoint(self.out / name, weights, meta)
+
+    def keep_eval_weights(
+        self, name: str, epoch: int, metrics: dict[str, Any], eval_model: nn.Module
+    ) -> None:
+        meta = {**self.job.meta, "epoch": epoch, "val": _metric_row(metrics)}
+        self.keep(name, eval_model, meta)
+
+    def save_best(
+        self, epoch: int, metrics: dict[str, Any], eval_model: nn.Module, raw: nn.Module
+    ) -> None:
+        self.keep_eval_weights(self.best.name, epoch, metrics, eval_model)
+        if self.job.phase == "phase1":
+            # The raw weights of the same epoch: Phase 2 may start from them instead of the
+            # EMA (one of the post-mortem's candidate causes). Without EMA they are the same.
+            meta = {**self.job.meta, "epoch": epoch, "val": _metric_row(metrics), "weights": "raw"}
+            self.keep("best_raw.pt", raw, meta)
+
+    def record(self, epoch: int, metrics: dict[str, Any], eval_model: nn.Module) -> None:
+        """The fixed-epoch records the post-mortem reads (see Job.keep_epochs)."""
+        preds = metrics.pop("predictions", None)
+        if not self.main:
+            return
+        job = self.job
+        if epoch in job.keep_epochs:
+            self.keep_eval_weights(f"epoch{epoch}.pt", epoch, metrics, eval_model)
+        if job.keep_final and epoch > 0:
+            self.keep_eval_weights("final.pt", epoch, metrics, eval_model)
+        if job.save_val_predictions and preds is not None:
+            names = [f"val_epoch{epoch}"] if epoch in (0, 1) else []
+            names += ["val_final"] if epoch > 0 else []
+            for name in names:
+                atomic_write_text(self.out / f"{name}.predictions.json", json.dumps(preds))
 
 
 def _metric_row(m: dict[str, Any]) -> dict[str, Any]:
