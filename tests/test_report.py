@@ -78,7 +78,9 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
         assert all(abs(sum(row) - (n > 0)) < 1e-9 for row, n in zip(m, boxes, strict=True))
     assert set(s["run"]) == {"commit", "params_sha256", "date", "machine", "profile"}
     assert s["run"]["profile"] == "micro" and SHA.match(s["run"]["params_sha256"])
-    assert set(s["dataset"]) == {"name", "classes", "critical_classes", "n_images", "n_boxes"}
+    assert set(s["dataset"]) == {
+            "name", "classes", "n_classes", "critical_classes", "n_images", "n_boxes"
+        }  # fmt: skip
     assert s["dataset"]["critical_classes"] == ["fracture", "scratch", "contamination"]
     assert set(s["dataset"]["n_images"]) == {"train", "val", "test"}
     assert s["dataset"]["n_images"]["test"] == 12  # configs/micro.yaml
@@ -94,8 +96,8 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
         assert set(entry["per_class"]) == set(s["dataset"]["classes"])
         assert isinstance(entry["parameters"], int) and entry["parameters"] > 0
     p2_keys = {
-        "seeds", "map", "map50", "critical_recall", "critical_recall50", "composite",
-        "epoch0_val_map", "epoch1_val_map", "best_epoch", "val_map_by_epoch", "alpha_final",
+        "seeds", "n_seeds", "map", "map50", "critical_recall", "critical_recall50", "composite",
+        "max_correction", "epoch0_val_map", "epoch1_val_map", "best_epoch", "val_map_by_epoch", "alpha_final",
         "tau_final", "diff_map", "ci_map", "diff_critical_recall", "ci_critical_recall",
         "frac_b_gt_a_map", "drift", "verdict", "operating_point",
     }  # fmt: skip
@@ -103,7 +105,9 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     for name, entry in s["phase2"].items():
         # every control is also compared with the adopted variant
         assert set(entry) == p2_keys | ({"vs_adopted"} if name != "zero_start" else set())
-        assert entry["seeds"] == [0]
+        assert entry["seeds"] == [0] and entry["n_seeds"] == 1
+        # derived in the summary, so the book only looks it up: |alpha| / tau
+        assert entry["max_correction"] == abs(entry["alpha_final"]) / entry["tau_final"]
         assert len(entry["ci_map"]) == 2 and len(entry["ci_critical_recall"]) == 2
         assert entry["val_map_by_epoch"][0] == entry["epoch0_val_map"]
     assert s["phase2"]["frozen0"]["alpha_final"] == 0.0  # the control's gate never moves
@@ -111,6 +115,8 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     # Zero-start before any update is the Phase 1 model: same val metrics, exactly.
     assert s["epoch0_equals_phase1"] is True
     assert s["phase2"]["zero_start"]["epoch0_val_map"] == s["phase1_val_map_best"]
+    assert s["dataset"]["n_classes"] == len(s["dataset"]["classes"])
+    assert s["postmortem"]["n_hypotheses"] == len(s["postmortem"]["hypotheses"]) == len(VARIANTS) - 1
 
 
 @pytest.mark.slow
