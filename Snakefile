@@ -3,7 +3,6 @@
 # Rules are thin: each calls the `defectfusion` CLI. params.yaml is the single source of
 # hyperparameters; a profile is an overlay: snakemake --cores all --configfile configs/micro.yaml
 import os
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -42,7 +41,6 @@ def resolved(wildcards, output):
     a rule reruns when its `section(...)` params, the values it reads, change. Config values
     are untrusted text (a profile from a shared remote): shell commands quote them (`:q`)."""
     return CONFIG
-CODE = "code/defectfusion"
 from defectfusion.pipeline import code_deps  # each rule's code: what its stage imports
 from defectfusion.config import variant_settings
 DATA = config["data"]["dir"]

@@ -258,8 +258,15 @@ OUTPUTS: tuple[Output, ...] = (
         L.postmortem,  # every interval (the compare files are per seed)
     ]),
 )  # fmt: skip
-TABLES: tuple[str, ...] = tuple(o.name for o in OUTPUTS if o.kind == "tables")
-FIGURES: tuple[str, ...] = tuple(o.name for o in OUTPUTS if o.kind == "figures")
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The declared outputs of `kind` (tables, figures, summary), in declaration order."""
+    return tuple(o.name for o in OUTPUTS if o.kind == kind)
+
+
+TABLES: tuple[str, ...] = names("tables")
+FIGURES: tuple[str, ...] = names("figures")
 
 
 def output(kind: str, name: str) -> Output:
@@ -278,12 +285,12 @@ def chosen(
     be declared, and the layout of the results they read."""
     from defectfusion.errors import UserError
 
-    known = tuple(o.name for o in OUTPUTS if o.kind == kind)
-    names = list(only or known)
-    for n in names:
+    known = names(kind)
+    wanted = list(only or known)
+    for n in wanted:
         if n not in known:
             raise UserError(f"unknown {kind[:-1]} {n!r}; known: {', '.join(known)}")
-    return names, Layout.from_config(values, results)
+    return wanted, Layout.from_config(values, results)
 
 
 # ---- names and colours: one place for tables, figures and the book (issue 14) ---------------

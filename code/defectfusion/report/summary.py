@@ -87,6 +87,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from defectfusion.config import TrainSection
 from defectfusion.data.coco import category_names, load_json, parse_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json
@@ -187,9 +188,11 @@ def critical_names(classes: Sequence[str], critical_ids: Sequence[int], where: s
 
 
 def plateau(history: list[dict[str, Any]], phase1: dict[str, Any]) -> dict[str, Any]:
-    """Whether Phase 1 reached its plateau, as its training log said (``phase1.plateau_*``)."""
-    fraction = float(phase1.get("plateau_fraction", 0.2))
-    min_gain = float(phase1.get("plateau_min_gain", 0.005))
+    """Whether Phase 1 reached its plateau, as its training log said (``phase1.plateau_*``;
+    a setting the config lacks takes the one default, the config dataclass's)."""
+    default = TrainSection()
+    fraction = float(phase1.get("plateau_fraction", default.plateau_fraction))
+    min_gain = float(phase1.get("plateau_min_gain", default.plateau_min_gain))
     p = plateau_gain(history, fraction) if fraction > 0 else {"gain": None}
     reached = None if p["gain"] is None else bool(p["gain"] < min_gain)
     return {**p, "min_gain": min_gain, "reached": reached}
