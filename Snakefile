@@ -93,8 +93,21 @@ def preflight_problem():
     return None
 
 
+def config_problem():
+    """The resolved config checked once, every section typed (defectfusion/config.py): a bad
+    key or value stops the run before any job, naming it."""
+    from defectfusion.config import checked_config
+    from defectfusion.errors import UserError
+
+    try:
+        checked_config(config, "the run's config (params.yaml, --configfile, --config)")
+    except UserError as e:
+        return str(e)
+    return None
+
+
 # One line and a non-zero exit (a WorkflowError would add Snakemake's traceback lines).
-if (problem := preflight_problem()):
+if (problem := config_problem() or preflight_problem()):
     sys.exit(f"defectfusion: {problem}")
 
 
@@ -135,8 +148,8 @@ rule all:
         "thesis/_build/html/index.html",
 
 
-# The trained state (what `dvc pull` gives the committee): `defectfusion pipeline touch
-# trained` marks it up to date, so a rebuild from pulled checkpoints trains nothing.
+# The trained state: `defectfusion pipeline rebuild` marks it up to date after `dvc pull`
+# (`snakemake --touch trained`), so a rebuild from pulled checkpoints trains nothing.
 rule trained:
     input:
         SPLITS,
@@ -233,7 +246,7 @@ rule evaluate_phase1:
     output:
         metrics="results/phase1/{preset}/{split}_metrics.json",
         predictions="results/phase1/{preset}/{split}_metrics.predictions.json",
-        headline="results/phase1/{preset}/{split}_metrics.headline.json",
+        headline="results/metrics/phase1/{preset}_{split}.json",  # what `dvc metrics show` lists
     input:
         ckpt="runs/phase1/{preset}/best.pt",
         split=f"{DATA}/annotations/{{split}}.json",
@@ -249,7 +262,7 @@ rule evaluate_phase1:
         "benchmarks/results/evaluate_phase1_{preset}_{split}.tsv"
     shell:
         "defectfusion evaluate --checkpoint {input.ckpt:q} --data {input.split:q} --out {output.metrics:q} "
-        "--config {params.config:q} > {log:q} 2>&1"
+        "--headline {output.headline:q} --config {params.config:q} > {log:q} 2>&1"
 
 
 # Phase 2 keeps, besides the val-selected best.pt, the eval weights of epoch 1 and of the last
@@ -307,8 +320,10 @@ rule evaluate_phase2:
     output:
         expand(
             "results/phase2/{{variant}}/seed{{seed}}/test_{which}{ext}",
-            which=PHASE2_TEST, ext=(".json", ".predictions.json", ".headline.json"),
+            which=PHASE2_TEST, ext=(".json", ".predictions.json"),
         ),
+        # the val-selected checkpoint's headline numbers: what `dvc metrics show` lists
+        headline="results/metrics/phase2/{variant}_seed{seed}.json",
     input:
         ckpt=expand("runs/phase2/{{variant}}/seed{{seed}}/{c}.pt", c=PHASE2_TEST.values()),
         split=SPLITS[2],
@@ -323,7 +338,7 @@ rule evaluate_phase2:
         "benchmarks/results/evaluate_phase2_{variant}_seed{seed}.tsv"
     shell:
         "defectfusion evaluate --checkpoint {input.ckpt:q} --data {input.split:q} "
-        "--out {params.out:q} --config {params.config:q} > {log:q} 2>&1"
+        "--out {params.out:q} --headline {output.headline:q} --config {params.config:q} > {log:q} 2>&1"
 
 
 rule compare:

@@ -104,7 +104,9 @@ def tiny_run(tiny_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---- the micro pipeline, run once per session (tests/test_pipeline.py, test_report.py) -----
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "params.yaml", "configs", "prompts", "code", "thesis", "report")
+WORKFLOW_FILES = (  # fmt: skip
+    "Snakefile", "params.yaml", "configs", "profiles", "prompts", "code", "thesis", "report",
+)
 MICRO = ["--configfile", "configs/micro.yaml"]
 
 
@@ -120,6 +122,13 @@ def copy_workflow(dst: Path, extra: tuple[str, ...] = ()) -> Path:
         elif src.is_file():
             shutil.copy2(src, dst / name)
     return dst
+
+
+def our_lines(stderr: str) -> list[str]:
+    """A Snakemake run's stderr without Snakemake's notice that it read profiles/default:
+    what the workflow itself printed (a config or preflight error must be one line)."""
+    notice = "Using workflow specific profile"
+    return [ln for ln in stderr.strip().splitlines() if not ln.startswith(notice)]
 
 
 def run_snakemake(workdir: Path, *args: str):

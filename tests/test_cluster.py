@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, copy_workflow
+from conftest import ROOT, copy_workflow, our_lines
 from defectfusion.config import read_yaml
 
 
@@ -24,7 +24,7 @@ from defectfusion.config import read_yaml
     reason="snakemake-executor-plugin-slurm is not installed (pip install -e '.[dev]')",
 )
 def test_slurm_profile_dry_run_plans_one_gpu_job_per_model(tmp_path: Path) -> None:
-    copy_workflow(tmp_path, extra=("profiles",))
+    copy_workflow(tmp_path)  # profiles/ included
     env = {**os.environ, "DEFECTFUSION_ALLOW_CPU": "1"}  # this machine has no GPU
     r = subprocess.run(
         ["snakemake", "--profile", "profiles/slurm", "-n", "--configfile", "configs/micro.yaml",
@@ -60,7 +60,7 @@ def test_a_gpu_profile_stops_before_any_work_without_a_gpu(tmp_path: Path) -> No
         pytest.skip("this machine has a GPU")
     assert r.returncode != 0
     assert "trains on a GPU and none is visible" in r.stderr  # one line, no traceback
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert len(our_lines(r.stderr)) == 1
 
 
 def test_missing_weights_stop_the_pipeline_before_any_work(tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_missing_weights_stop_the_pipeline_before_any_work(tmp_path: Path) -> No
     )  # fmt: skip
     assert r.returncode != 0
     assert "model.weights='./weights/dinov3': no such file or folder" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert len(our_lines(r.stderr)) == 1
     assert not (tmp_path / "data").exists()
 
 
@@ -87,3 +87,21 @@ def test_weights_problem_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     msg = weights_problem("model.weights", "facebook/never-cached")
     assert "HF_HUB_OFFLINE" in msg and "hf download facebook/never-cached" in msg
+
+
+def test_a_bad_config_value_stops_the_pipeline_before_any_work(tmp_path: Path) -> None:
+    """Every section is typed, `pipeline` included: a typo in a value the user gives
+    Snakemake stops the run in one line that names it, before any job."""
+    copy_workflow(tmp_path)
+    for value, message in (
+        ("phase2={'lrr': 0.1}", "phase2: unknown key(s) ['lrr']"),
+        ("pipeline={'variants': ['zero_start', 'nope']}", "pipeline.variants has ['nope']"),
+    ):
+        r = subprocess.run(
+            ["snakemake", "--cores", "1", "-n", "--configfile", "configs/micro.yaml",
+             "--config", value],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert r.returncode != 0
+        assert message in r.stderr, r.stderr
+        assert len(our_lines(r.stderr)) == 1, r.stderr

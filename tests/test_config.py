@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from defectfusion.config import Config
@@ -45,3 +46,28 @@ def test_a_section_given_in_part_keeps_its_own_defaults() -> None:
     for key in ("ema_decay", "epochs", "batch_size", "flat_fraction", "select_metric"):
         assert getattr(part.phase2, key) == getattr(whole.phase2, key), key
     assert part.phase2.ema_decay == 0.0 != part.phase1.ema_decay
+
+
+@pytest.mark.parametrize(
+    "overlay, message",
+    [
+        ({"pipeline": {"variants": ["zero_start", "nope"]}}, "pipeline.variants has ['nope']"),
+        ({"pipeline": {"variant_switches": {"x": {"fusion.inti": "naive"}}}}, "fusion.inti"),
+        ({"pipeline": {"preset_overrides": {"p": {"phase1.epoch": 2}}}}, "phase1.epoch"),
+        ({"pipeline": {"dataset": {"kind": "voc"}}}, "pipeline.dataset.kind='voc'"),
+        ({"pipeline": {"dataset": {"n_tset": 3}}}, "unknown key(s) ['n_tset']"),
+        ({"pipeline": {"seeds": []}}, "pipeline.seeds"),
+        ({"pipeline": {"bootstrap": 0}}, "pipeline.bootstrap"),
+        ({"pipeline": {"gpu": 2}}, "unknown key(s) ['gpu']"),
+    ],
+)
+def test_the_pipeline_section_is_checked_like_the_others(overlay: dict, message: str) -> None:
+    """A typo in a variant's switches or a preset's overrides used to reach Snakemake and
+    fail inside a job (or not at all); now it stops the config, naming the key."""
+    from defectfusion.config import checked_config, deep_merge, read_yaml
+    from defectfusion.errors import UserError
+
+    values = deep_merge(read_yaml(ROOT / "params.yaml"), overlay)
+    with pytest.raises(UserError) as e:
+        checked_config(values, "here")
+    assert message in str(e.value) and str(e.value).startswith("here: ")

@@ -406,7 +406,7 @@ def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
         load_config([bomb])
     assert str(bomb) in one_line(e) and "alias" in one_line(e)
     with pytest.raises(UserError, match="alias"):
-        load_config(overrides=["pipeline.x=" + alias_bomb_flow()])
+        load_config(overrides=["figure_style.x=" + alias_bomb_flow()])
 
 
 def alias_bomb_flow(levels: int = 7) -> str:

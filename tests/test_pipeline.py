@@ -188,7 +188,7 @@ def test_the_readme_s_dataset_src_override_reaches_data_prepare(tmp_path: Path) 
         "--config",
         f'pipeline={{"dataset": {{"src": "{src}"}}}}',
     )
-    assert cfg.pipeline["dataset"]["src"] == str(src)
+    assert cfg.pipeline.dataset.src == str(src)
 
 
 def test_snakemake_report_holds_every_figure_and_table(micro_run: Path, tmp_path: Path) -> None:

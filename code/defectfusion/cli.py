@@ -8,6 +8,7 @@ and exits with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,7 +36,7 @@ def _data_prepare(a: argparse.Namespace) -> None:
     from defectfusion.data import prepare
 
     cfg = _load_config(a)
-    prepare(cfg.pipeline.get("dataset") or {}, cfg.data.image_size, a.out or cfg.data.dir)
+    prepare(dataclasses.asdict(cfg.pipeline.dataset), cfg.data.image_size, a.out or cfg.data.dir)
 
 
 def _data_import_neu(a: argparse.Namespace) -> None:
@@ -97,9 +98,16 @@ def _evaluate(a: argparse.Namespace) -> None:
             f"evaluate: {len(a.checkpoint)} --checkpoint and {len(a.out)} --out; give one --out "
             "per checkpoint, in the same order"
         )
+    headlines = a.headline or []
+    if len(headlines) > len(a.out):
+        raise UserError(
+            f"evaluate: {len(a.out)} --out and {len(headlines)} --headline; give at most one "
+            "--headline per --out (they pair in order)"
+        )
     config = _load_config(a) if a.config else None
-    for checkpoint, out in zip(a.checkpoint, a.out, strict=True):
-        metrics = evaluate_checkpoint(checkpoint, a.data, out, config=config)
+    headlines += [None] * (len(a.out) - len(headlines))
+    for checkpoint, out, head in zip(a.checkpoint, a.out, headlines, strict=True):
+        metrics = evaluate_checkpoint(checkpoint, a.data, out, config=config, headline_out=head)
         print(_headline(checkpoint, out, metrics))
 
 
@@ -228,9 +236,10 @@ def _pipeline_rebuild(a: argparse.Namespace) -> None:
 
 
 def _pipeline_touch(a: argparse.Namespace) -> None:
-    from defectfusion.pipeline import touch_in_order
+    from defectfusion.pipeline import mark_up_to_date
 
-    print(f"touched {touch_in_order('.', tuple(a.targets))} files in dependency order")
+    mark_up_to_date(".", tuple(a.targets))
+    print(f"up to date for Snakemake: the outputs of {' '.join(a.targets) or 'all'}")
 
 
 def _pipeline_rulegraph(a: argparse.Namespace) -> None:
@@ -435,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="metrics JSON to write, one per checkpoint",
     )
+    p.add_argument(
+        "--headline",
+        type=Path,
+        nargs="+",
+        help="also write the headline numbers (mAP, critical recall, composite) here; paired "
+        "with --out in order (fewer: the first ones only)",
+    )
     _add_config_args(p, required=False)
     p.set_defaults(func=_evaluate)
 
@@ -591,8 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote", help="DVC remote to pull from (default: .dvc/config's)")
     p.set_defaults(func=_pipeline_rebuild)
     p = psub.add_parser(
-        "touch",
-        help="mark existing outputs up to date for Snakemake, in dependency order (after DVC)",
+        "touch", help="after a plain `dvc pull`: mark the pulled outputs up to date for Snakemake"
     )
     p.add_argument("targets", nargs="*", help="Snakemake targets (default: all)")
     p.set_defaults(func=_pipeline_touch)

@@ -133,6 +133,58 @@ class FusionSection:
 
 
 @dataclass
+class DatasetSection:
+    """How the pipeline's data step makes data.dir (`defectfusion data prepare`)."""
+
+    kind: str = "synth"  # synth | neu | coco
+    seed: int = 0
+    n_train: int = 800  # synth only: images per split
+    n_val: int = 200
+    n_test: int = 200
+    src: str | None = None  # neu: the NEU-DET folder; coco: the images folder
+    annotations: str | None = None  # coco: the annotations JSON
+
+
+def _default_variant_switches() -> dict[str, Any]:
+    return {
+        "zero_start": {},
+        "naive": {"fusion.init": "naive"},
+        "frozen0": {"fusion.alpha": "frozen0"},
+        "deimv2_loss": {"fusion.loss": "mal"},
+        "bn_train": {"fusion.bn": "train"},
+        "raw_start": {"fusion.start": "raw"},
+        "clip_norm": {"data.normalize": "clip"},
+        "decoder_only": {"fusion.fuse_encoder_head": False},
+        "thesis_replica": {"fusion.start": "raw", "fusion.bn": "train", "data.normalize": "clip"},
+    }
+
+
+@dataclass
+class PipelineSection:
+    """What the Snakefile runs: the dataset, the presets, the Phase 2 variants and seeds."""
+
+    profile: str = "default"  # named in the summary and the book
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    presets: list[str] = field(
+        default_factory=lambda: ["deimv2-dinov3-tiny", "deimv2-resnet-tiny", "deimv2-efficientnet-tiny"]
+    )
+    # preset -> {dotted key: value}, variant -> {dotted key: value}: checked key by key
+    preset_overrides: dict[str, Any] = field(
+        default_factory=lambda: {
+            "deimv2-resnet-tiny": {"phase1.epochs": 3},
+            "deimv2-efficientnet-tiny": {"phase1.epochs": 3},
+        }
+    )
+    variants: list[str] = field(default_factory=lambda: list(_default_variant_switches()))
+    variant_switches: dict[str, Any] = field(default_factory=_default_variant_switches)
+    variant_overrides: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    bootstrap: int = 1000
+    requires_gpu: bool = False
+    gpus: int = 1
+
+
+@dataclass
 class Config:
     seed: int = 0
     data: DataSection = field(default_factory=DataSection)
@@ -142,8 +194,7 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     text: TextSection = field(default_factory=TextSection)
     fusion: FusionSection = field(default_factory=FusionSection)
-    # Anything the pipeline (Snakefile) needs that the CLI does not: kept, not checked here.
-    pipeline: dict[str, Any] = field(default_factory=dict)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
     # Per-figure matplotlib rcParams over the report's style: {figure name: {rc key: value}}.
     figure_style: dict[str, Any] = field(default_factory=dict)
 
@@ -188,6 +239,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise UserError(f"config {key}: expected a number, got {value!r}")
         return float(value)
+    if hint is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"  # --config 'pipeline={"requires_gpu": true}' gives 'true'
+    if hint is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)  # and a number inside such a mapping may come as text too
     if hint in (int, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise UserError(f"config {key}: expected {hint.__name__}, got {value!r}")
@@ -376,7 +431,12 @@ def load_config(
         check_override_key(o)  # a typo in --set is the command line's, not the files'
     for o in [*select(values, preset, variant), *(overrides or [])]:
         values = apply_override(values, o)
-    where = "+".join(str(p) for p in paths or []) or "<defaults>"
+    return checked_config(values, "+".join(str(p) for p in paths or []) or "<defaults>")
+
+
+def checked_config(values: dict[str, Any], where: str) -> Config:
+    """The typed, validated Config of merged `values`; a bad key or value is one UserError
+    naming `where` (the files, or the Snakefile's resolved config) and the key."""
     try:
         cfg = _build(Config, values, "")
     except UserError as e:  # name the file(s) the bad value came from
@@ -425,6 +485,43 @@ def validate(cfg: Config, where: str) -> None:
                 f"{where}: {section}.select_metric must be map, composite or critical_recall"
             )
     check_ranges(cfg, where)
+    check_pipeline(cfg.pipeline, where)
+
+
+def check_pipeline(pipe: PipelineSection, where: str) -> None:
+    """The pipeline section: names that exist, overrides whose keys are the config's."""
+    if pipe.dataset.kind not in ("synth", "neu", "coco"):
+        raise UserError(
+            f"{where}: pipeline.dataset.kind={pipe.dataset.kind!r} must be one of "
+            "['synth', 'neu', 'coco']"
+        )
+    for name in ("presets", "variants", "seeds"):
+        values = getattr(pipe, name)
+        if not values or len(set(values)) != len(values):
+            raise _range_error(where, f"pipeline.{name}", values, "a non-empty list, no repeats")
+    unknown = [v for v in pipe.variants if v not in pipe.variant_switches]
+    if unknown:
+        raise UserError(
+            f"{where}: pipeline.variants has {unknown}, not in pipeline.variant_switches "
+            f"({sorted(pipe.variant_switches)}); add their switches or drop them"
+        )
+    for table in ("preset_overrides", "variant_switches", "variant_overrides"):
+        for name, overrides in getattr(pipe, table).items():
+            if not isinstance(overrides, dict):
+                raise UserError(
+                    f"{where}: pipeline.{table}.{name} must be a mapping of dotted keys to "
+                    f"values, got {overrides!r}"
+                )
+            for key in overrides:
+                try:
+                    check_override_key(f"{key}=")
+                except UserError as e:
+                    raise UserError(f"{where}: pipeline.{table}.{name}: {e}") from None
+    for key, lo in (("bootstrap", 1), ("gpus", 1)):
+        if getattr(pipe, key) < lo:
+            raise _range_error(where, f"pipeline.{key}", getattr(pipe, key), f"an integer >= {lo}")
+    if any(s < 0 for s in pipe.seeds):
+        raise _range_error(where, "pipeline.seeds", pipe.seeds, "integers >= 0")
 
 
 # ---- value ranges: checked before any work, so a bad value is one line, not a crash later ----

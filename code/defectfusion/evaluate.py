@@ -5,7 +5,7 @@ metrics themselves are `defectfusion.metrics` (torch-free), whose docstring give
 metrics-file schema. `evaluate_checkpoint` writes ``OUT`` (the metrics, the confusion matrix,
 ``checkpoint``, ``data``, ``predictions``, ``preset``, ``parameters``), ``OUT`` with suffix
 ``.predictions.json`` (the COCO results list, boxes rounded to 5 decimals and scores to 6 so
-the files are stable across runs) and ``.headline.json`` (what `dvc metrics show` lists).
+the files are stable across runs) and, when asked, the headline numbers (`dvc metrics show`).
 """
 
 from __future__ import annotations
@@ -137,13 +137,9 @@ def predictions_path(out: str | Path) -> Path:
 HEADLINE = ("map", "map50", "map75", "critical_recall", "critical_recall50", "composite")
 
 
-def headline_path(out: str | Path) -> Path:
-    """The headline numbers of metrics file `out` (``m.json`` -> ``m.headline.json``): what
-    `dvc metrics show` lists, a few columns per model instead of every per-class value."""
-    return Path(out).with_suffix(".headline.json")
-
-
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers `dvc metrics show` lists for one model: a few columns instead of every
+    per-class value (those stay in the metrics file)."""
     return {k: metrics.get(k) for k in (*HEADLINE, "n_images")}
 
 
@@ -181,9 +177,11 @@ def cached_test_loader(
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, data: Path, out: Path, config: Any = None
+    checkpoint: Path, data: Path, out: Path, config: Any = None, headline_out: Path | None = None
 ) -> dict[str, Any]:
-    """Evaluate `checkpoint` on split JSON `data`; write the metrics `out` and the predictions.
+    """Evaluate `checkpoint` on split JSON `data`; write the metrics `out`, the predictions
+    and, when asked, the headline numbers `headline_out` (the pipeline puts them in one
+    folder, results/metrics/, which dvc.yaml declares as its metrics).
 
     Critical classes and composite weights come from `config` when given (``data`` and
     ``eval`` sections), else from the checkpoint; the input size always from the checkpoint.
@@ -234,6 +232,7 @@ def evaluate_checkpoint(
     )
     # Predictions first: the metrics file is what marks the evaluation as done.
     atomic_write_json(pred_path, results, indent=None)
-    atomic_write_json(headline_path(out), headline(metrics))
+    if headline_out is not None:
+        atomic_write_json(headline_out, headline(metrics))
     atomic_write_json(out, metrics)
     return metrics

@@ -1,20 +1,16 @@
-"""Glue between the two tools that run the pipeline: Snakemake (the runner) and DVC (the
-versioning of data, checkpoints and results).
+"""What Snakemake (the runner) and DVC (the versioning of data, checkpoints and results)
+cannot do for each other, and the pipeline's helpers: preflight, profiles, code dependencies,
+the rule graph.
 
-One recipe: every DVC stage in dvc.yaml runs its Snakemake rule (`snakemake --allowed-rules
-RULE`), so each command is written once, in the Snakefile, and Snakemake's own records (params,
-code, logs, benchmarks) stay right whichever tool ran a step. The two tools then agree:
+The graph is declared once, in the Snakefile; dvc.yaml has one stage that runs Snakemake with
+persistent outputs (Snakemake reruns what a change affects). Two things remain to join:
 
 - after `snakemake`, :func:`record_in_dvc_lock` (the Snakefile's ``onsuccess``) runs
-  `dvc commit`, so `dvc repro` finds nothing to redo;
-- after `dvc repro`, its last stage touches every output in dependency order
-  (:func:`touch_in_order`): DVC compares contents, Snakemake compares times, and a data stage
-  that rewrote identical training files must not look new;
-- after `dvc pull`, :func:`rebuild` (the committee's path) touches the pulled training
-  outputs and rebuilds evaluation, tables, figures and book from the checkpoints.
+  `dvc commit`, so `dvc status` is clean and `dvc repro` finds nothing to redo;
+- after `dvc pull`, :func:`rebuild` (the committee's path) marks the pulled trained state up to
+  date and rebuilds evaluation, tables, figures and book from the checkpoints.
 
-None of this exists in either tool: Snakemake does not know DVC and DVC has no Snakemake
-integration, so it is written here.
+Neither tool knows the other (DVC has no Snakemake integration), so this is written here.
 """
 
 from __future__ import annotations
@@ -28,8 +24,8 @@ from typing import Any
 from defectfusion.config import read_yaml
 from defectfusion.errors import UserError
 
-# The DVC stages whose outputs are the trained state: data, text embeddings, checkpoints.
-TRAINED_STAGES = ("data", "text_embed", "phase1", "phase2")
+# The Snakemake rules whose outputs are the trained state: data, text embeddings, checkpoints.
+TRAINED_RULES = ("data", "text_embed", "phase1", "phase2")
 # Snakemake rules the committee reruns from the checkpoints (and everything after them).
 REBUILT_RULES = ("evaluate_phase1", "evaluate_phase2")
 
@@ -144,58 +140,36 @@ def use_profile(profile: str | Path, params: str | Path = "params.yaml") -> list
     return changed
 
 
-# ---- telling Snakemake that files are up to date ------------------------------------------
+# ---- after a checkout: Snakemake decides by time, DVC restores by content --------------------
 
 
-def touch_in_order(root: str | Path = ".", targets: tuple[str, ...] = ()) -> int:
-    """Give the outputs of every job that makes `targets` increasing times, in dependency
-    order; returns how many files were touched.
-
-    Snakemake decides by time that a file is outdated; DVC restores files by content with
-    whatever times the checkout gives. `snakemake --touch` is meant for this, but Snakemake 9
-    counts a job's `benchmark:` file among its outputs when it takes the oldest output time,
-    and --touch does not touch it: the job still looks outdated (a Phase 2 run "older" than
-    the Phase 1 checkpoint it read, seen here). So the jobs and their order come from
-    Snakemake's own plan (`-n --forceall`), and outputs and benchmark files are touched here.
-    """
-    import graphlib
-    import re
-    import time
-
+def mark_up_to_date(root: str | Path = ".", targets: tuple[str, ...] = ()) -> None:
+    """Tell Snakemake that the existing outputs of the jobs making `targets` (default: all)
+    are up to date: `snakemake --touch --forceall`, which touches them in dependency order,
+    plus the jobs' benchmark files, which Snakemake 9 counts among a job's outputs when it
+    takes their oldest time but --touch leaves alone (the job would still look outdated).
+    Touching every benchmark file is safe: a job's oldest output is then one of its others.
+    Fails when an output is missing."""
     root = Path(root)
-    plan = _run(
-        ["snakemake", "--cores", "1", "-n", "--forceall", *targets], root, "planning the touch"
-    ).stdout
-    jobs: list[tuple[list[str], list[str]]] = []
-    for block in re.split(r"\n(?=\[[^\]\n]+\]\n(?:local)?rule )", plan):
-        outs = re.search(r"^\s+output: (.+)$", block, re.M)
-        ins = re.search(r"^\s+input: (.+)$", block, re.M)
-        bench = re.search(r"^\s+benchmark: (.+)$", block, re.M)
-        if outs:
-            made = outs.group(1).split(", ") + ([bench.group(1)] if bench else [])
-            jobs.append((ins.group(1).split(", ") if ins else [], made))
-    maker = {out: i for i, (_, outs) in enumerate(jobs) for out in outs}
-    order = graphlib.TopologicalSorter(
-        {i: {maker[f] for f in ins if f in maker} for i, (ins, _) in enumerate(jobs)}
-    ).static_order()
-    now, step, n = time.time_ns(), 1_000_000, 0  # 1 ms apart: distinct on every filesystem
-    for i in order:
-        for out in jobs[i][1]:
-            path = root / out
-            if path.exists():
-                n += 1
-                os.utime(path, ns=(now + n * step, now + n * step))
-    return n
+    _run(
+        ["snakemake", "--cores", "1", "--touch", "--forceall", "--quiet", "all", "--", *targets],
+        root,
+        "marking the outputs up to date (is a file of the run missing?)",
+    )
+    for tsv in (root / "benchmarks/results").glob("*.tsv"):
+        os.utime(tsv)
 
 
 # ---- the committee's path: pull the checkpoints, rebuild everything after them -------------
 
 
 def rebuild(root: str | Path = ".", cores: str = "all", remote: str | None = None) -> None:
-    """`dvc pull` the trained state, then rebuild evaluation, tables, figures and book.
+    """`dvc pull` a versioned run, then rebuild evaluation, tables, figures and book.
 
-    Nothing is trained: Snakemake is told (:func:`touch_in_order`) that the pulled data,
-    embeddings and checkpoints are up to date, and reruns the evaluation and all that follows.
+    Nothing is trained. DVC restores files by content, with whatever times the checkout gives,
+    and Snakemake decides by time, so the pulled trained state is first marked up to date
+    (`snakemake --touch`, in dependency order); evaluation and all that follows then rerun
+    from the pulled checkpoints.
     """
     root = Path(root)
     if not (root / "dvc.lock").is_file():
@@ -203,23 +177,22 @@ def rebuild(root: str | Path = ".", cores: str = "all", remote: str | None = Non
             f"{root / 'dvc.lock'}: not found; the committee's path needs a trained, committed "
             "run (run `snakemake --cores all` and commit dvc.lock, then `dvc push`)"
         )
-    pull = ["dvc", "pull", *TRAINED_STAGES] + (["--remote", remote] if remote else [])
+    pull = ["dvc", "pull", *(["--remote", remote] if remote else [])]
     print(f"1/3 {' '.join(pull)}", flush=True)
-    _run(pull, root, "pulling the trained checkpoints")
-    n = touch_in_order(root, ("trained",))
-    print(
-        f"2/3 touched {n} pulled files in dependency order (they are up to date: nothing retrains)"
-    )
+    _run(pull, root, "pulling the run")
+    mark_up_to_date(root, ("trained",))
+    print("2/3 marked the pulled data, embeddings and checkpoints up to date", flush=True)
+    rerun = ["--forcerun", *REBUILT_RULES]
     plan = _run(
-        ["snakemake", "--cores", "1", "-n", "--quiet", "rules", "--forcerun", *REBUILT_RULES],
+        ["snakemake", "--cores", "1", "-n", "--quiet", "rules", *rerun],
         root,
         "planning the rebuild",
     )
-    for rule in TRAINED_STAGES:  # DVC stage names are the Snakemake rules' names
+    for rule in TRAINED_RULES:
         if any(line.split()[:1] == [rule] for line in plan.stdout.splitlines()):
             raise UserError(f"rebuild would rerun {rule}: the pulled state is incomplete")
-    print(f"3/3 snakemake --cores {cores} --forcerun {' '.join(REBUILT_RULES)}", flush=True)
-    _stream(["snakemake", "--cores", cores, "--forcerun", *REBUILT_RULES], root)
+    print(f"3/3 snakemake --cores {cores} {' '.join(rerun)}", flush=True)
+    _stream(["snakemake", "--cores", cores, *rerun], root)
     print(f"rebuilt: {root / 'results'}, {root / 'figures'}, {root / 'thesis/_build/html'}")
 
 
