@@ -337,4 +337,6 @@ def test_set_typo_names_the_unknown_key(capsys) -> None:
         load_config(overrides=["phase1.epoch=3"])
     with pytest.raises(UserError, match="unknown key 'nope'; the config has"):
         load_config(overrides=["nope=1"])
-    load_config(overrides=["phase1.epochs=3", "pipeline.anything=1"])  # free-form sections
+    load_config(overrides=["phase1.epochs=3", "figure_style.anything=1"])  # a free-form section
+    with pytest.raises(UserError, match="unknown key .pipeline.anything."):
+        load_config(overrides=["pipeline.anything=1"])  # typed since issue 11
