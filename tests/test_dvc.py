@@ -198,6 +198,22 @@ def test_the_committee_rebuilds_from_the_remote_without_training(
         assert a.get("map") == b.get("map") and a.get("metrics") == b.get("metrics"), f
 
 
+def test_a_run_of_some_targets_only_is_not_recorded(repo: Path) -> None:
+    """dvc.lock vouches for every output of the stage: after a value changed, a run that
+    remade one target (here the text embeddings) must not record the rest as made with it."""
+    backup = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(backup)
+    params["phase2"]["lr"] = 0.0007
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        r = sh(repo, "snakemake", "--cores", "1", "--forcerun", "text_embed", "--",
+               "results/text/embeddings.pt")  # fmt: skip
+        assert "dvc.lock not updated: the workflow still has jobs to run" in r.stdout + r.stderr
+        assert not clean(repo)
+    finally:
+        (repo / "params.yaml").write_text(backup)
+
+
 def test_rebuild_without_a_lock_is_one_line(tmp_path: Path) -> None:
     r = sh(tmp_path, "defectfusion", "pipeline", "rebuild", check=False)
     assert r.returncode == 2 and "dvc.lock" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -79,9 +79,10 @@ def weights_problem(key: str, weights: str | None, names_ok: bool = False) -> st
 def record_in_dvc_lock(config: dict[str, Any], root: str | Path = ".") -> str:
     """Record a finished Snakemake run in dvc.lock (`dvc commit`); return what was done.
 
-    Only a run of params.yaml as it is can be recorded: dvc.lock pairs outputs with the
-    params.yaml values, so a run with `--configfile`/`--config` overlays is not (use
-    `defectfusion pipeline use-profile` to make a profile params.yaml's own).
+    Only a complete run of params.yaml as it is can be recorded: dvc.lock pairs all the
+    stage's outputs with the params.yaml values, so a run with `--configfile`/`--config`
+    overlays is not (use `defectfusion pipeline use-profile` to make a profile params.yaml's
+    own), nor one that left jobs to do (a run of some targets only).
     """
     root = Path(root)
     if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
@@ -92,6 +93,17 @@ def record_in_dvc_lock(config: dict[str, Any], root: str | Path = ".") -> str:
         return (
             "dvc.lock not updated: this run's config differs from params.yaml (a --configfile "
             "or --config overlay); `defectfusion pipeline use-profile FILE` makes it params.yaml's"
+        )
+    # dvc.lock vouches for the whole stage: a run of one target (the book, say) after a value
+    # changed must not record the other outputs as made with it.
+    plan = subprocess.run(
+        ["snakemake", "--cores", "1", "-n", "--quiet", "rules"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    if plan.returncode or "Nothing to be done" not in plan.stdout + plan.stderr:
+        return (
+            "dvc.lock not updated: the workflow still has jobs to run (a run of some targets "
+            "only?); `snakemake --cores all` records it when everything is up to date"
         )
     r = subprocess.run(
         ["dvc", "commit", "--force", "--quiet"], cwd=root, capture_output=True, text=True
