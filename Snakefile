@@ -13,6 +13,23 @@ configfile: "params.yaml"
 # `snakemake --report report.html`: every figure and table, with its caption (report/*.rst).
 report: "report/workflow.rst"
 
+
+def typed_config():
+    """The resolved config checked once, every section typed (defectfusion/config.py): a bad
+    key or value stops the run before anything reads it, in one line naming it. Snakemake's
+    `--config` hands values inside a mapping over as text ('false', '3'): those take their
+    typed value here, so the workflow and its jobs read the same thing."""
+    from defectfusion.config import checked_config, with_typed_text
+    from defectfusion.errors import UserError
+
+    try:
+        cfg = checked_config(config, "the run's config (params.yaml, --configfile, --config)")
+    except UserError as e:
+        sys.exit(f"defectfusion: {e}")  # one line, no Snakemake traceback
+    return with_typed_text(config, cfg.to_dict())
+
+
+config.update(typed_config())
 P = config["pipeline"]
 
 
@@ -93,21 +110,8 @@ def preflight_problem():
     return None
 
 
-def config_problem():
-    """The resolved config checked once, every section typed (defectfusion/config.py): a bad
-    key or value stops the run before any job, naming it."""
-    from defectfusion.config import checked_config
-    from defectfusion.errors import UserError
-
-    try:
-        checked_config(config, "the run's config (params.yaml, --configfile, --config)")
-    except UserError as e:
-        return str(e)
-    return None
-
-
 # One line and a non-zero exit (a WorkflowError would add Snakemake's traceback lines).
-if (problem := config_problem() or preflight_problem()):
+if (problem := preflight_problem()):
     sys.exit(f"defectfusion: {problem}")
 
 

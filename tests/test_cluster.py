@@ -96,6 +96,7 @@ def test_a_bad_config_value_stops_the_pipeline_before_any_work(tmp_path: Path) -
     for value, message in (
         ("phase2={'lrr': 0.1}", "phase2: unknown key(s) ['lrr']"),
         ("pipeline={'variants': ['zero_start', 'nope']}", "pipeline.variants has ['nope']"),
+        ("pipeline={'seeds': 3}", "pipeline.seeds: expected a list"),  # was a TypeError trace
     ):
         r = subprocess.run(
             ["snakemake", "--cores", "1", "-n", "--configfile", "configs/micro.yaml",
@@ -105,3 +106,17 @@ def test_a_bad_config_value_stops_the_pipeline_before_any_work(tmp_path: Path) -
         assert r.returncode != 0
         assert message in r.stderr, r.stderr
         assert len(our_lines(r.stderr)) == 1, r.stderr
+
+
+def test_a_false_given_with_config_is_false_in_the_workflow(tmp_path: Path) -> None:
+    """Snakemake hands `{"requires_gpu": false}` over as the text 'false'; read raw, it would
+    make the workflow ask for a GPU."""
+    copy_workflow(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "DEFECTFUSION_ALLOW_CPU"}
+    r = subprocess.run(
+        ["snakemake", "--cores", "1", "-n", "--configfile", "configs/micro.yaml",
+         "--config", 'pipeline={"requires_gpu": false}'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "gpu=1" not in r.stdout and "torchrun" not in r.stdout

@@ -24,12 +24,11 @@ def _leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def test_the_dataclass_defaults_are_params_yaml_s() -> None:
-    """Every setting the CLI knows is in params.yaml with the same value (the sections the
-    pipeline alone reads, `pipeline` and `figure_style`, are free-form there)."""
+    """Every setting the config knows is in params.yaml with the same value, the pipeline's
+    too (its variants' switches included); `figure_style` alone is free-form."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     defaults = Config().to_dict()
-    for free in ("pipeline", "figure_style"):
-        params.pop(free), defaults.pop(free)
+    params.pop("figure_style"), defaults.pop("figure_style")
     want, have = _leaves(params), _leaves(defaults)
     assert sorted(set(have) - set(want)) == [], "settings params.yaml does not list"
     assert sorted(set(want) - set(have)) == [], "params.yaml settings nothing reads"
@@ -71,3 +70,22 @@ def test_the_pipeline_section_is_checked_like_the_others(overlay: dict, message:
     with pytest.raises(UserError) as e:
         checked_config(values, "here")
     assert message in str(e.value) and str(e.value).startswith("here: ")
+
+
+def test_text_from_snakemake_s_config_takes_its_typed_value_and_nothing_else_changes() -> None:
+    """`--config 'pipeline={"requires_gpu": false}'` reaches the Snakefile as 'false', which
+    Python reads as true: the workflow must read the typed value the jobs read."""
+    from defectfusion.config import checked_config, deep_merge, read_yaml, with_typed_text
+
+    raw = deep_merge(
+        read_yaml(ROOT / "params.yaml"),
+        {"pipeline": {"requires_gpu": "false", "gpus": "2", "seeds": ["0", "1"]}},
+    )
+    fixed = with_typed_text(raw, checked_config(raw, "here").to_dict())
+    assert fixed["pipeline"]["requires_gpu"] is False and fixed["pipeline"]["gpus"] == 2
+    assert fixed["pipeline"]["seeds"] == [0, 1]
+    # everything else keeps its form (a list stays a list: Snakemake compares params as text)
+    assert fixed["data"]["augment"]["scale_jitter"] == [0.75, 1.25]
+    assert {k: v for k, v in fixed.items() if k != "pipeline"} == {
+        k: v for k, v in raw.items() if k != "pipeline"
+    }

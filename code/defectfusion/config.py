@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -241,7 +242,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return float(value)
     if hint is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"  # --config 'pipeline={"requires_gpu": true}' gives 'true'
-    if hint is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if hint is int and isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
         value = int(value)  # and a number inside such a mapping may come as text too
     if hint in (int, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -406,7 +407,7 @@ def check_override_key(assignment: str) -> None:
     path: list[str] = []
     for part in key.split("."):
         if not dataclasses.is_dataclass(cls):
-            return  # a free-form mapping (pipeline, figure_style, ...): any key goes
+            return  # a free-form mapping (figure_style, a variant's switches): any key goes
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
             where = ".".join(path) or "the config"
@@ -432,6 +433,20 @@ def load_config(
     for o in [*select(values, preset, variant), *(overrides or [])]:
         values = apply_override(values, o)
     return checked_config(values, "+".join(str(p) for p in paths or []) or "<defaults>")
+
+
+def with_typed_text(raw: Any, typed: Any) -> Any:
+    """`raw` with each text value that the typed config reads as something else (a bool, a
+    number: Snakemake's `--config` gives 'false' and '3' inside a mapping) replaced by its
+    typed value. Nothing else changes, so a config written as params.yaml writes it keeps its
+    exact form (Snakemake compares a job's params by their text)."""
+    if isinstance(raw, dict) and isinstance(typed, dict):
+        return {k: with_typed_text(v, typed[k]) if k in typed else v for k, v in raw.items()}
+    if isinstance(raw, list) and isinstance(typed, list | tuple) and len(raw) == len(typed):
+        return [with_typed_text(r, t) for r, t in zip(raw, typed, strict=True)]
+    if isinstance(raw, str) and not isinstance(typed, str) and typed is not None:
+        return typed
+    return raw
 
 
 def checked_config(values: dict[str, Any], where: str) -> Config:
