@@ -131,7 +131,7 @@ def our_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.strip().splitlines() if not ln.startswith(notice)]
 
 
-def run_snakemake(workdir: Path, *args: str):
+def run_snakemake(workdir: Path, *args: str, env: dict[str, str] | None = None):
     """`snakemake --cores 2 --configfile configs/micro.yaml ARGS` in `workdir`."""
     import subprocess
 
@@ -141,6 +141,7 @@ def run_snakemake(workdir: Path, *args: str):
         capture_output=True,
         text=True,
         timeout=1800,
+        env=env,
     )
 
 

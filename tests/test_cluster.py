@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, copy_workflow, our_lines
+from conftest import ROOT, copy_workflow, our_lines, run_snakemake
 from defectfusion.config import read_yaml
+
+
+def micro_dry_run(workdir: Path, config: str) -> subprocess.CompletedProcess:
+    """`snakemake -n` of the micro profile with `--config CONFIG`, on a machine that does not
+    claim a GPU (DEFECTFUSION_ALLOW_CPU unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "DEFECTFUSION_ALLOW_CPU"}
+    return run_snakemake(workdir, "-n", "--config", config, env=env)
 
 
 @pytest.mark.skipif(
@@ -50,12 +57,7 @@ def test_slurm_profile_dry_run_plans_one_gpu_job_per_model(tmp_path: Path) -> No
 
 def test_a_gpu_profile_stops_before_any_work_without_a_gpu(tmp_path: Path) -> None:
     copy_workflow(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "DEFECTFUSION_ALLOW_CPU"}
-    r = subprocess.run(
-        ["snakemake", "--cores", "1", "-n", "--configfile", "configs/micro.yaml",
-         "--config", 'pipeline={"requires_gpu": true}'],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+    r = micro_dry_run(tmp_path, 'pipeline={"requires_gpu": true}')
     if shutil.which("nvidia-smi"):
         pytest.skip("this machine has a GPU")
     assert r.returncode != 0
@@ -65,11 +67,7 @@ def test_a_gpu_profile_stops_before_any_work_without_a_gpu(tmp_path: Path) -> No
 
 def test_missing_weights_stop_the_pipeline_before_any_work(tmp_path: Path) -> None:
     copy_workflow(tmp_path)
-    r = subprocess.run(
-        ["snakemake", "--cores", "1", "-n", "--configfile", "configs/micro.yaml",
-         "--config", "model={'init': 'backbone', 'weights': './weights/dinov3'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = micro_dry_run(tmp_path, "model={'init': 'backbone', 'weights': './weights/dinov3'}")
     assert r.returncode != 0
     assert "model.weights='./weights/dinov3': no such file or folder" in r.stderr
     assert len(our_lines(r.stderr)) == 1
@@ -98,11 +96,7 @@ def test_a_bad_config_value_stops_the_pipeline_before_any_work(tmp_path: Path) -
         ("pipeline={'variants': ['zero_start', 'nope']}", "pipeline.variants has ['nope']"),
         ("pipeline={'seeds': 3}", "pipeline.seeds: expected a list"),  # was a TypeError trace
     ):
-        r = subprocess.run(
-            ["snakemake", "--cores", "1", "-n", "--configfile", "configs/micro.yaml",
-             "--config", value],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+        r = micro_dry_run(tmp_path, value)
         assert r.returncode != 0
         assert message in r.stderr, r.stderr
         assert len(our_lines(r.stderr)) == 1, r.stderr
@@ -112,11 +106,6 @@ def test_a_false_given_with_config_is_false_in_the_workflow(tmp_path: Path) -> N
     """Snakemake hands `{"requires_gpu": false}` over as the text 'false'; read raw, it would
     make the workflow ask for a GPU."""
     copy_workflow(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "DEFECTFUSION_ALLOW_CPU"}
-    r = subprocess.run(
-        ["snakemake", "--cores", "1", "-n", "--configfile", "configs/micro.yaml",
-         "--config", 'pipeline={"requires_gpu": false}'],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+    r = micro_dry_run(tmp_path, 'pipeline={"requires_gpu": false}')
     assert r.returncode == 0, r.stderr[-2000:]
     assert "gpu=1" not in r.stdout and "torchrun" not in r.stdout

@@ -41,16 +41,15 @@ def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 def jobs_run(r: subprocess.CompletedProcess) -> set[str]:
     """The Snakemake rules a `dvc repro` ran (its stage runs Snakemake with `--quiet rules`,
     which prints each pass's job counts, to stderr), or a dry run planned."""
-    rules = set()
-    for line in (r.stdout + r.stderr).splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
-            rules.add(parts[0])
-    return rules
+    from defectfusion.pipeline import job_counts
+
+    return set(job_counts(r.stdout + r.stderr))
 
 
 def planned_rules(cwd: Path) -> list[str]:
-    return sorted(jobs_run(sh(cwd, "snakemake", "--cores", "2", "-n", "--quiet", "rules")))
+    from defectfusion.pipeline import planned_jobs
+
+    return sorted(planned_jobs(cwd))
 
 
 def clean(cwd: Path) -> bool:

@@ -21,12 +21,9 @@ def _planned(workdir: Path, *args: str) -> dict[str, int]:
     """Dry run: the jobs Snakemake would run now, counted by rule."""
     out = _snakemake(workdir, "-n", "--quiet", "rules", *args)
     assert out.returncode == 0, out.stderr[-2000:]
-    counts: dict[str, int] = {}
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "rule"):
-            counts[parts[0]] = int(parts[1])
-    return counts
+    from defectfusion.pipeline import job_counts
+
+    return job_counts(out.stdout)
 
 
 def _micro_variants(work: Path) -> list[str]:

@@ -96,11 +96,11 @@ def record_in_dvc_lock(config: dict[str, Any], root: str | Path = ".") -> str:
         )
     # dvc.lock vouches for the whole stage: a run of one target (the book, say) after a value
     # changed must not record the other outputs as made with it.
-    plan = subprocess.run(
-        ["snakemake", "--cores", "1", "-n", "--quiet", "rules"],
-        cwd=root, capture_output=True, text=True,
-    )  # fmt: skip
-    if plan.returncode or "Nothing to be done" not in plan.stdout + plan.stderr:
+    try:
+        left = planned_jobs(root)
+    except UserError as e:  # Snakemake cannot even plan: nothing to vouch for
+        return f"dvc.lock not updated: {e}"
+    if left:
         return (
             "dvc.lock not updated: the workflow still has jobs to run (a run of some targets "
             "only?); `snakemake --cores all` records it when everything is up to date"
@@ -112,6 +112,25 @@ def record_in_dvc_lock(config: dict[str, Any], root: str | Path = ".") -> str:
         last = (r.stderr.strip().splitlines() or ["?"])[-1]
         return f"dvc.lock not updated (some stage's outputs are missing?): {last}"
     return "dvc.lock updated: `dvc repro` will not redo this run's work"
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The jobs in Snakemake's job-stats tables (`--quiet rules` prints one per pass), by
+    rule; empty when there was nothing to do."""
+    counts: dict[str, int] = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("job", "rule", "total"):
+            counts[parts[0]] = counts.get(parts[0], 0) + int(parts[1])
+    return counts
+
+
+def planned_jobs(root: str | Path = ".", *args: str) -> dict[str, int]:
+    """The jobs `snakemake -n ARGS` would run in `root`, by rule."""
+    r = _run(
+        ["snakemake", "--cores", "1", "-n", "--quiet", "rules", *args], Path(root), "planning"
+    )
+    return job_counts(r.stdout + r.stderr)
 
 
 # ---- profiles under DVC ----------------------------------------------------------------------
@@ -195,13 +214,9 @@ def rebuild(root: str | Path = ".", cores: str = "all", remote: str | None = Non
     mark_up_to_date(root, ("trained",))
     print("2/3 marked the pulled data, embeddings and checkpoints up to date", flush=True)
     rerun = ["--forcerun", *REBUILT_RULES]
-    plan = _run(
-        ["snakemake", "--cores", "1", "-n", "--quiet", "rules", *rerun],
-        root,
-        "planning the rebuild",
-    )
+    planned = planned_jobs(root, *rerun)
     for rule in TRAINED_RULES:
-        if any(line.split()[:1] == [rule] for line in plan.stdout.splitlines()):
+        if rule in planned:
             raise UserError(f"rebuild would rerun {rule}: the pulled state is incomplete")
     print(f"3/3 snakemake --cores {cores} {' '.join(rerun)}", flush=True)
     _stream(["snakemake", "--cores", cores, *rerun], root)
