@@ -115,13 +115,14 @@ def record_in_dvc_lock(config: dict[str, Any], root: str | Path = ".") -> str:
 
 
 def job_counts(output: str) -> dict[str, int]:
-    """The jobs in Snakemake's job-stats tables (`--quiet rules` prints one per pass), by
-    rule; empty when there was nothing to do."""
+    """The jobs in Snakemake's job-stats tables, by rule; empty when there was nothing to do.
+    A dry run prints its table twice and `dvc repro`'s two passes one each: a rule's count is
+    the last one printed, never a sum."""
     counts: dict[str, int] = {}
     for line in output.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("job", "rule", "total"):
-            counts[parts[0]] = counts.get(parts[0], 0) + int(parts[1])
+            counts[parts[0]] = int(parts[1])
     return counts
 
 
