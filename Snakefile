@@ -378,7 +378,7 @@ rule postmortem:
         "thesis/thesis_figures.yaml",  # the thesis's epoch-1 drop, beside each verdict
         code=code_deps("defectfusion.postmortem"),
     params:
-        cfg=section("seed", "data", "eval"),
+        cfg=section("seed", "data", "eval", "postmortem"),  # postmortem: the decision rule
         pipe=canonical({k: P[k] for k in ("variants", "seeds", "bootstrap")}),
         switches=canonical({v: P["variant_switches"][v] for v in VARIANTS}),
         config=resolved,

@@ -246,6 +246,11 @@ def test_prose_flips_when_the_numbers_do(tmp_path: Path) -> None:
     zero.update(diff_map=0.02, ci_map=[0.01, 0.05], ci_critical_recall=[0.01, 0.04])
     zero.update(epoch1_val_map=0.7, alpha_final=-0.003)
     summary["phase2"]["frozen0"].update(ci_map=[-0.01, 0.02])
+    # hypothesis 4.1 is judged by the text's effect, zero_start - frozen0
+    summary["postmortem"] = {"effects": {"text": {"best": {"test": {
+        "map": {"diff": 0.01, "ci": [-0.01, 0.03]},
+        "critical_recall": {"diff": 0.02, "ci": [0.01, 0.04]},
+    }}}}}  # fmt: skip
     summary["epoch0_equals_phase1"] = False
     site = build(tmp_path, summary).parent
     text = _text(site / "resultados.html")

@@ -86,6 +86,38 @@ def test_run_checkpoints_load_as_detectors(tiny_run: Path) -> None:
 # ---- other models ----------------------------------------------------------------------
 
 
+def test_a_checkpoint_s_normalisation_drives_evaluation_prediction_and_export(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """`normalize` in the meta decides the input constants everywhere a checkpoint is used; a
+    checkpoint from before the key (no `normalize`, no `data.normalize` in its config) was
+    trained with ImageNet's, the only ones its loader had. Refusals: tests/test_faults.py."""
+    from defectfusion.checkpoint import input_mean_std, normalize_of
+    from defectfusion.config import NORMALIZE_CHOICES
+    from defectfusion.data.loader import normalization
+    from defectfusion.export import image_processor
+    from defectfusion.predict import Detector
+
+    meta = load_checkpoint(tiny_run / "best.pt")["meta"]
+    assert meta["normalize"] == meta["config"]["data"]["normalize"] == "imagenet"
+    old = save_checkpoint(tmp_path / "old.pt", {}, meta_for())  # the first version's meta
+    assert normalize_of(load_checkpoint(old)["meta"]) == "imagenet"
+    model = build_model(TINY, NAMES)
+    for name in NORMALIZE_CHOICES:
+        m = {**meta_for(), "normalize": name}
+        mean, std = (list(v) for v in normalization(name))
+        assert input_mean_std(m) == (mean, std)
+        det = Detector(model, m, torch.device("cpu"))
+        assert (det.mean, det.std) == (mean, std)
+        proc = image_processor(m)
+        assert (list(proc.image_mean), list(proc.image_std)) == (mean, std)
+    # A transformers folder's meta carries its processor's own constants.
+    assert input_mean_std({**meta_for(), "mean": [0.1] * 3, "std": [0.2] * 3}) == (
+        [0.1] * 3,
+        [0.2] * 3,
+    )
+
+
 def test_checkpoint_of_another_preset_is_refused_naming_both() -> None:
     with pytest.raises(UserError) as e:
         check_compatible("c.pt", meta_for("deimv2-resnet-tiny"), TINY, NAMES)

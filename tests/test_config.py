@@ -89,3 +89,83 @@ def test_text_from_snakemake_s_config_takes_its_typed_value_and_nothing_else_cha
     assert {k: v for k, v in fixed.items() if k != "pipeline"} == {
         k: v for k, v in raw.items() if k != "pipeline"
     }
+
+
+# ---- data.normalize and the mechanism profile's variants ----------------------------------
+
+DEFAULT_NINE = [
+    "zero_start", "naive", "frozen0", "deimv2_loss", "bn_train", "raw_start", "clip_norm",
+    "decoder_only", "thesis_replica",
+]  # fmt: skip
+MECHANISM = {
+    "siglip_norm": {"data.normalize": "siglip"},
+    "no_norm": {"data.normalize": "none"},
+    "res_256": {"data.image_size": 256},
+    "raw_bn": {"fusion.start": "raw", "fusion.bn": "train"},
+    "raw_clip": {"fusion.start": "raw", "data.normalize": "clip"},
+    "bn_clip": {"fusion.bn": "train", "data.normalize": "clip"},
+}
+
+
+@pytest.mark.parametrize("name", ["imagenet", "clip", "siglip", "none"])
+def test_data_normalize_takes_each_name(name: str) -> None:
+    from defectfusion.config import load_config
+
+    assert load_config(overrides=[f"data.normalize={name}"]).data.normalize == name
+
+
+@pytest.mark.parametrize("name", ["inception", "ImageNet", "raw"])
+def test_an_unknown_data_normalize_is_one_line_naming_the_choices(name: str) -> None:
+    from defectfusion.config import load_config
+    from defectfusion.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        load_config([ROOT / "params.yaml"], overrides=[f"data.normalize={name}"])
+    msg = str(e.value)
+    assert "\n" not in msg and "data.normalize=" in msg
+    assert "['imagenet', 'clip', 'siglip', 'none']" in msg
+
+
+def test_the_mechanism_variants_are_declared_but_not_run_by_default() -> None:
+    """The six mechanism variants are in params.yaml's (and the dataclasses') switches, each
+    trainable by name; the default profile still runs the nine, configs/mechanism.yaml all 15."""
+    from defectfusion.config import Config, load_config
+
+    for cfg in (Config(), load_config([ROOT / "params.yaml"])):
+        assert cfg.pipeline.variants == DEFAULT_NINE
+        assert {v: cfg.pipeline.variant_switches[v] for v in MECHANISM} == MECHANISM
+    # The factorial: every cell of start x bn x normalize is a declared variant.
+    cells = {
+        (
+            s.get("fusion.start", "ema"),
+            s.get("fusion.bn", "eval"),
+            s.get("data.normalize", "imagenet"),
+        )
+        for s in Config().pipeline.variant_switches.values()
+        if set(s) <= {"fusion.start", "fusion.bn", "data.normalize"}
+        and s.get("data.normalize") in (None, "clip")  # not the dose-response's
+    }
+    assert len(cells) == 8
+    res = load_config([ROOT / "params.yaml"], variant="res_256")
+    assert res.data.image_size == 256 and res.fusion == load_config().fusion
+    bn_clip = load_config([ROOT / "params.yaml"], variant="bn_clip")
+    assert (bn_clip.fusion.bn, bn_clip.data.normalize, bn_clip.fusion.start) == (
+        "train",
+        "clip",
+        "ema",
+    )
+    mech = load_config([ROOT / "params.yaml", ROOT / "configs/mechanism.yaml"])
+    assert mech.pipeline.profile == "mechanism"
+    assert mech.pipeline.variants == DEFAULT_NINE + list(MECHANISM)
+    # Only the pipeline section differs from the default profile.
+    assert {**mech.to_dict(), "pipeline": None} == {**load_config().to_dict(), "pipeline": None}
+
+
+def test_every_variant_has_a_spanish_name_and_its_own_colour() -> None:
+    from defectfusion.config import Config
+    from defectfusion.report import MODEL_COLORS, VARIANT_NAMES_ES
+
+    variants = list(Config().pipeline.variant_switches)
+    assert [v for v in variants if v not in VARIANT_NAMES_ES] == []
+    assert [v for v in variants if v not in MODEL_COLORS] == []
+    assert len({VARIANT_NAMES_ES[v] for v in variants}) == len(variants)

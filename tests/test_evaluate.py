@@ -453,8 +453,11 @@ def fake_checkpoint_module(monkeypatch, names: list[str]) -> None:
     def load_detector(path, device="cpu"):
         return FixedDetector(logits, boxes).to(device), meta
 
+    from defectfusion.checkpoint import normalize_of  # the real one: meta -> data.normalize
+
     module = types.ModuleType("defectfusion.checkpoint")
     module.load_detector = load_detector
+    module.normalize_of = normalize_of
     monkeypatch.setitem(sys.modules, "defectfusion.checkpoint", module)
 
 

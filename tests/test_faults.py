@@ -288,6 +288,9 @@ HOSTILE_META = {
     "critical-out-of-range": meta_for(critical_classes=[99]),
     "composite-weights-nan": meta_for(composite_weights={"map": float("nan")}),
     "tau-nan": meta_for(phase=2, text_shape=[6, 8], tau_init=float("nan")),
+    "normalize-unknown": meta_for(normalize="inception"),
+    # A checkpoint whose config has data.normalize was written after the key: it lost it.
+    "normalize-missing": meta_for(config={"data": {"normalize": "clip"}}),
 }
 
 

@@ -119,6 +119,39 @@ def test_eval_boxes_are_the_json_boxes(split_json: Path) -> None:
     assert ds[len(ds) - 1][1]["boxes"].shape == (0, 4)
 
 
+def test_the_constants_of_each_normalisation() -> None:
+    """data.normalize's names and constants: the config's choices are the loader's names, and
+    the vision-language ones are open_clip's (SigLIP's are its INCEPTION_MEAN/STD)."""
+    import open_clip.constants as oc
+
+    from defectfusion.config import NORMALIZE_CHOICES
+    from defectfusion.data.loader import NORMALIZATIONS, normalization
+
+    assert tuple(NORMALIZATIONS) == NORMALIZE_CHOICES == ("imagenet", "clip", "siglip", "none")
+    assert normalization("imagenet") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert normalization("clip") == (tuple(oc.OPENAI_DATASET_MEAN), tuple(oc.OPENAI_DATASET_STD))
+    assert normalization("siglip") == (tuple(oc.INCEPTION_MEAN), tuple(oc.INCEPTION_STD))
+    assert normalization("siglip") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert normalization("none") == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    with pytest.raises(UserError) as e:
+        normalization("inception")
+    assert "\n" not in str(e.value) and "'inception'" in str(e.value) and "siglip" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["imagenet", "clip", "siglip", "none"])
+def test_each_normalisation_reaches_the_pixels(split_json: Path, name: str) -> None:
+    """The loader applies (x - mean) / std to the [0, 1] pixels: none leaves them as they
+    are, siglip maps them to [-1, 1]."""
+    from defectfusion.data.loader import normalization
+
+    loader = make_loader(split_json, 64, batch_size=2, train=False, normalize=name)
+    plain = make_loader(split_json, 64, batch_size=2, train=False, normalize="none")
+    x, raw = next(iter(loader))[0], next(iter(plain))[0]
+    assert float(raw.min()) >= 0.0 and float(raw.max()) <= 1.0
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(name))
+    torch.testing.assert_close(x, (raw - mean) / std, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("size", [200, 0, -32, 31, 100])
 def test_image_size_not_multiple_of_32(split_json: Path, size: int) -> None:
     with pytest.raises(UserError) as e:

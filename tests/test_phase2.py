@@ -117,6 +117,59 @@ def test_raw_start_and_clip_normalisation_reach_the_run(
     assert [r["score"] for r in clip0] != [r["score"] for r in imagenet0]
 
 
+@pytest.mark.parametrize(
+    "switch", [{"data.normalize": "none"}, {"data.image_size": 128}], ids=["no_norm", "size128"]
+)
+def test_a_variant_s_own_normalisation_or_input_size_trains_and_evaluates_at_it(
+    tiny_data: Path, tiny_run: Path, phase2_run: Path, tmp_path: Path, switch: dict
+) -> None:
+    """no_norm and res_256 in small: Phase 2 from the tiny Phase 1 (ImageNet constants, 96 px)
+    trains at the variant's setting, caches its features at it, evaluates epoch 0 at it, and
+    records it in its checkpoints, so `evaluate` (live, without a config) preprocesses as the
+    training's validation did: the same detections, bit for bit."""
+    from conftest import TINY_SIZE
+    from defectfusion.data.coco import split_path
+    from defectfusion.evaluate import evaluate_checkpoint, predictions_path
+    from defectfusion.train.phase2 import train_phase2
+
+    cache = tmp_path / "cache"
+    cfg = phase2_cfg(tiny_data, **{**switch, "phase2.epochs": 1, "phase2.cache_dir": str(cache)})
+    run = tmp_path / "run"
+    train_phase2(cfg, tiny_run / "best.pt", run)
+    assert [r["epoch"] for r in rows(run / "history.jsonl")] == [0, 1]
+    meta = load_checkpoint(run / "best.pt")["meta"]
+    assert (meta["image_size"], meta["normalize"]) == (cfg.data.image_size, cfg.data.normalize)
+    assert (meta["phase1_image_size"], meta["phase1_normalize"]) == (TINY_SIZE, "imagenet")
+    assert meta["variant"]["image_size"] == cfg.data.image_size
+    assert list(cache.rglob("*.safetensors"))  # the cache was built at the variant's input
+    # Epoch 0 (Phase 1's weights, untouched) ran at the variant's input: other detections
+    # than the default variant's epoch 0 on the same images.
+    e0 = json.loads((run / "val_epoch0.predictions.json").read_text())
+    default0 = json.loads((phase2_run / "val_epoch0.predictions.json").read_text())
+    assert e0 and [r["score"] for r in e0] != [r["score"] for r in default0]
+    # The checkpoint alone tells evaluation the size and normalisation: best.pt is epoch 1.
+    val = split_path(tiny_data, "val")
+    evaluate_checkpoint(run / "best.pt", val, tmp_path / "m.json")
+    live = json.loads(predictions_path(tmp_path / "m.json").read_text())
+    assert live == json.loads((run / "val_epoch1.predictions.json").read_text())
+
+
+def test_a_model_that_fixes_its_input_size_is_not_resized() -> None:
+    """Nothing in the presets is tied to the training size; a DEIMv2 config that fixes it
+    (eval_size, anchor_image_size: size-bound buffers) is refused at another size, one line."""
+    from defectfusion.errors import UserError
+    from defectfusion.models import build_model
+    from defectfusion.train.phase2 import check_resizable
+
+    model = build_model("deimv2-dinov3-tiny", ["a", "b"])
+    check_resizable(model, 96, 128, "p1.pt")  # the presets: any size
+    model.config.anchor_image_size = [96, 96]
+    check_resizable(model, 96, 96, "p1.pt")  # its own size still runs
+    with pytest.raises(UserError) as e:
+        check_resizable(model, 96, 128, "p1.pt")
+    assert "\n" not in str(e.value) and "anchor_image_size" in str(e.value)
+
+
 def test_raw_start_without_raw_weights_is_one_line(
     tiny_data: Path, tiny_run: Path, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from defectfusion import cli
 from defectfusion.bootstrap import verdict
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json
-from defectfusion.postmortem import run_postmortem, thesis_drop
+from defectfusion.postmortem import BRANCHES, judge, run_postmortem, thesis_drop
 from defectfusion.report import PHASE1_PREDICTIONS, PHASE2_PREDICTIONS, Layout
 from test_compare import make_gt, noisy_predictions
 
@@ -33,13 +33,17 @@ def same(results: list[dict], seed: int, split: str) -> list[dict]:
     return copy.deepcopy(results)
 
 
-def lose(fraction: float, spread: float = 0.2, fixed_seed: int | None = None) -> Transform:
+def lose(
+    fraction: float, spread: float = 0.2, fixed_seed: int | None = None, nested: bool = False
+) -> Transform:
     """Delete every detection of a seed-dependent share (about `fraction`) of the images:
-    their boxes are missed, a sure loss of mAP. `fixed_seed`: the same images for any seed."""
+    their boxes are missed, a sure loss of mAP. `fixed_seed`: the same images for any seed;
+    `nested`: the same draw for every seed, so seeds differ only by their share (a small,
+    known training variance)."""
 
     def t(results: list[dict], seed: int, split: str) -> list[dict]:
         s = seed if fixed_seed is None else fixed_seed
-        rng = np.random.default_rng(100 + s)
+        rng = np.random.default_rng(100 + (0 if nested else s))
         share = fraction * (1 + spread * (s - 1))  # seeds differ: a training variance
         images = sorted({r["image_id"] for r in results})
         gone = {i for i, g in zip(images, rng.random(len(images)) < share, strict=True) if g}
@@ -51,7 +55,7 @@ def lose(fraction: float, spread: float = 0.2, fixed_seed: int | None = None) ->
 def values(data: Path, variants: dict[str, Any], seeds: list[int], n_boot: int) -> dict:
     return {
         "seed": 0,
-        "data": {"dir": str(data), "critical_classes": [2, 3, 5]},
+        "data": {"dir": str(data), "critical_classes": [2, 3, 5], "image_size": 96},
         "model": {"preset": MAIN},
         "eval": {
             "composite_weights": {"map": 0.7, "critical_recall": 0.3},
@@ -85,6 +89,9 @@ def make_results(
                 for (sp, _which), name in PHASE2_PREDICTIONS.items():
                     if sp == split:
                         atomic_write_json(layout.phase2(v, s, name), t(base, s, split))
+    p1_rows = [{"epoch": e, "val_map": 0.45 + 0.02 * e, "best": True} for e in range(1, 3)]
+    p1_history = Path(layout.phase1(MAIN, "history.jsonl"))
+    p1_history.write_text("".join(json.dumps(r) + "\n" for r in p1_rows), encoding="utf-8")
     for v in transforms:
         for s in seeds:
             rows = [{"epoch": e, "val_map": 0.5 - 0.01 * e} for e in range(3)]
@@ -105,9 +112,59 @@ def run(tmp_path: Path, cfg: dict[str, Any], **kw: Any) -> dict[str, Any]:
 def test_verdict_flips_with_the_interval() -> None:
     assert verdict([-0.2, -0.01]) == "drop"
     assert verdict([0.01, 0.2]) == "rise"  # the same interval, inputs reversed
-    for ci in ([-0.1, 0.1], [0.0, 0.0], [-0.1, 0.0], [0.0, 0.3]):  # contains 0: no change
-        assert verdict(ci) == "no_change", ci
+    for ci in ([-0.1, 0.1], [0.0, 0.0], [-0.1, 0.0], [0.0, 0.3]):  # contains 0: says nothing
+        assert verdict(ci) == "inconclusive", ci
     assert verdict([None, None]) == "no_data"
+
+
+THESIS = {"phase1": 0.785, "epoch1": 0.671, "drop": 0.671 - 0.785}
+RULE = {"level": 95.0, "adjust": "bonferroni", "test_agrees": True, "min_fraction": 0.5,
+        "equivalence_margin": 0.01}  # fmt: skip
+
+
+def drift_of(diff: float, se: float, df: float | None = None) -> dict[str, Any]:
+    seed_se = se if df is not None else 0.0  # df given: the seeds' share; else the images'
+    image_se = 0.0 if df is not None else se
+    return {"diff": diff, "se": se, "seed_se": seed_se, "image_se": image_se, "df": df,
+            "ci": [diff - 1.96 * se, diff + 1.96 * se]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("val", "test", "branch"),
+    [
+        (drift_of(-0.10, 0.01), drift_of(-0.09, 0.01), "reproduces"),  # 14 %: 98 % of the thesis's
+        (drift_of(-0.02, 0.004), drift_of(-0.02, 0.004), "partial"),  # 20 % of its size
+        (drift_of(0.05, 0.01), drift_of(0.04, 0.01), "opposite"),
+        (drift_of(0.001, 0.001), drift_of(0.0, 0.001), "equivalent"),  # inside +-0.01
+        (drift_of(-0.02, 0.02), drift_of(-0.02, 0.02), "inconclusive"),  # wide, contains 0
+        (drift_of(-0.10, 0.01), drift_of(-0.01, 0.02), "inconclusive"),  # test disagrees
+        (drift_of(-0.10, 0.01), drift_of(0.05, 0.01), "inconclusive"),  # test opposes
+        (drift_of(-0.10, 0.02, df=2.0), drift_of(-0.10, 0.01), "inconclusive"),  # t(2): wide
+    ],
+)
+def test_each_branch_of_the_rule(val: dict, test: dict, branch: str) -> None:
+    got = judge(val, test, 0.7, THESIS, RULE, n_hypotheses=9)
+    assert got["branch"] == branch and got[branch]
+    assert sum(got[b] for b in BRANCHES) == 1
+    assert got["level_adjusted"] == pytest.approx(100 - 5 / 9)
+
+
+def test_the_adjustment_and_the_declared_values_decide() -> None:
+    """An interval that excludes 0 at 95 % but not at the Bonferroni level of 9 hypotheses is
+    no finding; with `adjust: none` it is. The size and the margin come from the rule."""
+    val = drift_of(-0.02, 0.0095)  # z = 2.1: 95 % excludes 0, 99.44 % does not
+    assert judge(val, val, 0.7, THESIS, RULE, 9)["branch"] == "inconclusive"
+    assert judge(val, val, 0.7, THESIS, {**RULE, "adjust": "none"}, 9)["branch"] == "partial"
+    assert judge(val, val, 0.7, THESIS, {**RULE, "adjust": "none", "min_fraction": 0.1}, 9)[
+        "branch"
+    ] == "reproduces"
+    tiny = drift_of(0.0, 0.003)
+    assert judge(tiny, tiny, 0.7, THESIS, RULE, 9)["branch"] == "equivalent"
+    assert judge(tiny, tiny, 0.7, THESIS, {**RULE, "equivalence_margin": 0.005}, 9)[
+        "branch"
+    ] == "inconclusive"
+    no_test = {**RULE, "adjust": "none", "test_agrees": False}
+    assert judge(val, drift_of(0.0, 0.1), 0.7, THESIS, no_test, 9)["branch"] == "partial"
 
 
 def test_thesis_drop_is_read_from_the_thesis_figures(tmp_path: Path) -> None:
@@ -126,9 +183,10 @@ def test_thesis_drop_is_read_from_the_thesis_figures(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """zero_start identical to Phase 1; `broken` misses every box of about half the images."""
+    """zero_start identical to Phase 1; `broken` misses every box of about 60 % of the images."""
     tmp = tmp_path_factory.mktemp("pm")
-    cfg = make_results(tmp, {"zero_start": same, "broken": lose(0.5, 0.2)}, seeds=[0, 1, 2])
+    broken = lose(0.6, 0.05, nested=True)
+    cfg = make_results(tmp, {"zero_start": same, "broken": broken}, seeds=[0, 1, 2], n_images=160)
     return tmp, run(tmp, cfg)
 
 
@@ -148,16 +206,27 @@ def test_schema(case: tuple[Path, dict[str, Any]]) -> None:
     assert pm["thesis"]["drop"] == pytest.approx(-0.114)
     for v in pm["variants"]:
         entry = pm["phase2"][v]
-        assert set(entry) == {"values", "drift", "verdict", "history"}
-        assert set(entry["drift"]) == {"best", "epoch1", "final"}
+        assert set(entry) == {"values", "drift", "verdict", "mechanism", "history"}
+        assert set(entry["drift"]) == {"best", "epoch0", "epoch1", "final"}
+        assert set(entry["drift"]["epoch0"]) == {"val"}
         assert set(entry["drift"]["epoch1"]) == {"val", "test"}
         assert set(entry["drift"]["best"]) == {"test"}
         d = entry["drift"]["epoch1"]["val"]["map"]
         assert {"diff", "ci", "n_seeds", "n_valid", "verdict"} <= set(d) and d["n_seeds"] == 3
         vd = entry["verdict"]
-        assert vd["outcome"] in ("drop", "rise", "no_change")
-        assert [vd["drop"], vd["rise"], vd["no_change"]].count(True) == 1
+        assert vd["branch"] in BRANCHES and [vd[b] for b in BRANCHES].count(True) == 1
         assert vd["ratio_to_thesis"] == pytest.approx(vd["diff"] / pm["thesis"]["drop"])
+        assert vd["level_adjusted"] == pytest.approx(100 - 5 / 2)  # two hypotheses
+        lo, hi = vd["ci_adjusted"]
+        assert lo <= vd["ci"][0] and vd["ci"][1] <= hi  # adjusted: wider
+        assert {"diff", "ci_adjusted", "agrees"} <= set(vd["test"])
+        assert vd["fraction_of_thesis"] == pytest.approx(
+            vd["diff"] / pm["phase1"]["val"]["map"]["value"] / vd["thesis_relative"]
+        )
+        mech = entry["mechanism"]
+        assert mech["shift_epoch0"]["diff"] + mech["adaptation_epoch1"]["diff"] == pytest.approx(
+            mech["drift_epoch1"]["diff"]
+        )
         op = entry["values"]["best"]["test"]["op_recall_fracture"]
         assert 0 <= op["value"] <= 1 and op["ci"][0] <= op["ci"][1] and len(op["per_seed"]) == 3
     keys = {"a", "b", "metric", "split", "which", "diff", "ci", "n_seeds", "verdict", "covers"}
@@ -168,8 +237,13 @@ def test_schema(case: tuple[Path, dict[str, Any]]) -> None:
     assert len(pm["contrasts"]) == 3 * n_metrics * n_sets
     cal = pm["calibration"]
     assert len(cal["phase1"]["test"]["critical"]) == len(cal["thresholds"])
-    assert set(cal["phase2"]["broken"]) == {"best", "epoch1", "final"}
-    assert set(pm["outcome"]) >= {"adopted_drop", "n_drop", "explained", "no_drop", "open"}
+    assert set(cal["phase2"]["broken"]) == {"best", "epoch0", "epoch1", "final"}
+    assert set(pm["outcome"]) >= {
+        "adopted_branch", "adopted_drop", "n_reproduces", "n_partial", "explained", "no_drop",
+        "open",
+    }  # fmt: skip
+    assert pm["rule"]["n_hypotheses"] == 2 and pm["rule"]["adjust"] == "bonferroni"
+    assert pm["factorial"] is None  # the run has no factorial cells
 
 
 def test_identical_predictions_drift_by_exactly_zero(case: tuple[Path, dict[str, Any]]) -> None:
@@ -181,17 +255,18 @@ def test_identical_predictions_drift_by_exactly_zero(case: tuple[Path, dict[str,
                     continue
                 assert d["diff"] == 0.0, (which, split, m)
                 assert d["ci"] == [0.0, 0.0], (which, split, m)
-                assert d["verdict"] == "no_change"
-    assert pm["phase2"]["zero_start"]["verdict"]["outcome"] == "no_change"
+                assert d["verdict"] == "inconclusive"
+    assert pm["phase2"]["zero_start"]["verdict"]["branch"] == "equivalent"
 
 
 def test_a_known_loss_is_a_drop_and_explains_the_case(case: tuple[Path, dict[str, Any]]) -> None:
     _, pm = case
     vd = pm["phase2"]["broken"]["verdict"]
-    assert vd["outcome"] == "drop" and vd["drop"] and vd["diff"] < 0
-    assert vd["test"] == "drop" and vd["vs_adopted"] == "drop"
+    assert vd["branch"] == "reproduces" and vd["reproduces"] and vd["diff"] < 0
+    assert vd["test"]["agrees"] and vd["vs_adopted"]["verdict"] == "drop"
+    assert vd["fraction_of_thesis"] >= 0.5
     out = pm["outcome"]
-    assert out["drop_variants"] == ["broken"] and out["n_drop"] == 1
+    assert out["reproduces_variants"] == ["broken"] and out["n_reproduces"] == 1
     assert out["explained"] and not out["no_drop"] and not out["open"]
     assert not out["adopted_drop"]
     c = next(
@@ -206,14 +281,14 @@ def test_reversed_inputs_flip_the_verdicts(tmp_path: Path) -> None:
     """Phase 1 is the damaged model and a variant the intact one: the drop becomes a rise."""
     damaged = lose(0.9, fixed_seed=0)  # about 70 % of the images lose every detection
     cfg = make_results(
-        tmp_path, {"zero_start": damaged, "fixed": same}, seeds=[0, 1], phase1=damaged
-    )
+        tmp_path, {"zero_start": damaged, "fixed": same}, seeds=[0, 1], phase1=damaged,
+        n_images=60,
+    )  # fmt: skip
     pm = run(tmp_path, cfg)
-    assert pm["phase2"]["zero_start"]["verdict"]["outcome"] == "no_change"
-    assert pm["phase2"]["fixed"]["verdict"]["outcome"] == "rise"
-    assert pm["phase2"]["fixed"]["verdict"]["rise"] and not pm["phase2"]["fixed"]["verdict"]["drop"]
-    assert pm["phase2"]["fixed"]["verdict"]["vs_adopted"] == "rise"
-    assert pm["outcome"]["n_drop"] == 0 and pm["outcome"]["rise_variants"] == ["fixed"]
+    assert pm["phase2"]["zero_start"]["verdict"]["branch"] == "equivalent"
+    assert pm["phase2"]["fixed"]["verdict"]["branch"] == "opposite"
+    assert pm["phase2"]["fixed"]["verdict"]["vs_adopted"]["verdict"] == "rise"
+    assert pm["outcome"]["n_reproduces"] == 0 and pm["outcome"]["opposite_variants"] == ["fixed"]
     assert pm["outcome"]["no_drop"] and pm["outcome"]["open"]
 
 
@@ -231,16 +306,18 @@ def test_no_drop_anywhere_leaves_the_cause_open(tmp_path: Path) -> None:
     cfg = make_results(tmp_path, {"zero_start": same, "frozen0": same}, seeds=[0], n_images=8)
     pm = run(tmp_path, cfg, n_boot=10)
     out = pm["outcome"]
-    assert out["no_drop"] and out["open"] and not out["explained"] and out["n_drop"] == 0
+    assert out["no_drop"] and out["open"] and not out["explained"] and out["n_reproduces"] == 0
     assert "one seed" in pm["covers"]["vs_phase1"]
 
 
 def test_adopted_drop_removed_by_a_control(tmp_path: Path) -> None:
     cfg = make_results(
-        tmp_path, {"zero_start": lose(0.9, 0.1), "control": same}, seeds=[0, 1], n_images=16
+        tmp_path, {"zero_start": lose(0.8, 0.05, nested=True), "control": same}, seeds=[0, 1, 2],
+        n_images=60,
     )
     out = run(tmp_path, cfg)["outcome"]
-    assert out["adopted_drop"] and out["removing_variants"] == ["control"]
+    assert out["adopted_branch"] == "reproduces" and out["adopted_drop"]
+    assert out["removing_variants"] == ["control"]
     assert out["explained"] and not out["open"] and not out["no_drop"]
 
 
@@ -296,9 +373,12 @@ def test_summary_takes_the_hierarchical_intervals(case: tuple[Path, dict[str, An
     _, pm = case
     entry = postmortem_entry(pm, "broken")
     assert entry["drift"] == pm["phase2"]["broken"]["drift"]
-    assert entry["verdict"]["outcome"] == "drop"
+    assert entry["verdict"]["branch"] == "reproduces"
+    assert entry["verdict"]["texto"].startswith("reproduce la caída de la tesis")
+    assert "\u2212" in entry["verdict"]["texto"]  # numbers as the book prints them
+    assert entry["mechanism"] == pm["phase2"]["broken"]["mechanism"]
     vs = entry["vs_adopted"]["epoch1"]["val"]["map"]
-    assert vs["verdict"] == pm["phase2"]["broken"]["verdict"]["vs_adopted"]
+    assert vs["diff"] == pm["phase2"]["broken"]["verdict"]["vs_adopted"]["diff"]
     assert set(entry["operating_point"]) == {
         "fracture", "scratch", "contamination", "critical", "tp_score_mean",
     }  # fmt: skip
@@ -307,72 +387,67 @@ def test_summary_takes_the_hierarchical_intervals(case: tuple[Path, dict[str, An
     assert top["contrasts"] == pm["contrasts"]
     p = top["postmortem"]
     assert p["hypotheses"] == ["broken"] and p["n_seeds"] == 3
-    assert p["outcome"]["drop_names"] == ["broken"]  # no Spanish name: the id
+    assert p["outcome"]["reproduces_names"] == ["broken"]  # no Spanish name: the id
+    assert p["rule"]["n_hypotheses"] == 2 and not p["has_factorial"]
     assert p["phase1"]["operating_point"]["critical"]["ci"][0] is not None
 
 
 def fake_postmortem_keys(summary: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
     """The keys the post-mortem page reads, added to a fake summary.json (the book's tests):
-    every variant drifts by -0.002 [-0.01, +0.006] (no change), those in `drop` by -0.08
-    [-0.12, -0.04] (a drop)."""
+    every variant drifts by -0.001 (SE 0.001: equivalent, "no change"), those in `drop` by
+    -0.10 (SE 0.01, Phase 1 at 0.7: reproduces the thesis's drop). Verdicts, words and the
+    outcome come from the real rule (postmortem.judge, summary.verdict_words_es, _outcome)."""
+    import dataclasses
 
-    def d(diff: float, ci: list[float]) -> dict[str, Any]:
-        return {"diff": diff, "ci": ci, "n_seeds": 3, "verdict": verdict(ci)}
+    from defectfusion.config import PostmortemSection
+    from defectfusion.postmortem import _outcome
+    from defectfusion.report.summary import postmortem_summary, verdict_words_es
 
+    def d(diff: float, se: float) -> dict[str, Any]:
+        ci = [diff - 1.96 * se, diff + 1.96 * se]
+        return {"diff": diff, "ci": ci, "se": se, "seed_se": 0.0, "image_se": se, "df": None,
+                "n_seeds": 3, "verdict": verdict(ci)}  # fmt: skip
+
+    rule = dataclasses.asdict(PostmortemSection())
     metrics = ("map", "critical_recall", "composite", "op_recall_critical")
-    sets = {"best": ("test",), "epoch1": ("val", "test"), "final": ("val", "test")}
+    sets = {"best": ("test",), "epoch0": ("val",), "epoch1": ("val", "test"),
+            "final": ("val", "test")}  # fmt: skip
     variants = list(summary["phase2"])
     adopted = "zero_start"
+    p2: dict[str, Any] = {}
     for v, entry in summary["phase2"].items():
-        down = v in drop
-        one = d(-0.08, [-0.12, -0.04]) if down else d(-0.002, [-0.01, 0.006])
+        one = d(-0.10, 0.01) if v in drop else d(-0.001, 0.001)
         block = {w: {s: dict.fromkeys(metrics, one) for s in splits} for w, splits in sets.items()}
+        vd = judge(one, one, 0.7, THESIS, rule, len(variants))
+        vd["vs_adopted"] = None if v == adopted else {"verdict": "inconclusive", "diff": 0.0}
+        vd["final"] = one["verdict"]
         entry["drift"] = block
-        entry["verdict"] = {
-            "outcome": one["verdict"], "drop": down, "rise": False, "no_change": not down,
-            "diff": one["diff"], "ci": one["ci"], "thesis_drop": -0.114,
-            "ratio_to_thesis": one["diff"] / -0.114, "test": one["verdict"],
-            "final": one["verdict"], "vs_adopted": None if v == adopted else one["verdict"],
-        }  # fmt: skip
+        entry["verdict"] = {**vd, "texto": verdict_words_es(vd)}
+        entry["mechanism"] = {k: one for k in ("shift_epoch0", "adaptation_epoch1", "drift_epoch1")}
+        p2[v] = {"verdict": vd}
         if v != adopted:
             entry["vs_adopted"] = block
         entry["operating_point"] = {
             "critical": {"value": 0.5, "ci": [0.4, 0.6]},
             "tp_score_mean": 0.7,
         }
-    drops = [v for v in variants if v in drop and v != adopted]
-    adopted_drop = adopted in drop
-    summary["contrasts"] = []
-    summary["postmortem"] = {
-        "adopted": adopted,
-        "n_seeds": 3,
-        "n_boot": 1000,
-        "ci_level": 95,
-        "seconds": 1.0,
-        "covers": {},
-        "thesis": {"drop": -0.114},
-        "operating_point": {"score_threshold": 0.3, "iou": 0.5},
-        "hypotheses": [v for v in variants if v != adopted],
-        "outcome": {
-            "adopted_drop": adopted_drop,
-            "drop_variants": drops,
-            "drop_names": drops,
-            "n_drop": len(drops),
-            "rise_variants": [],
-            "rise_names": [],
-            "n_rise": 0,
-            "removing_variants": [],
-            "removing_names": [],
-            "n_removing": 0,
-            "explained": bool(drops) and not adopted_drop,
-            "no_drop": not drops and not adopted_drop,
-            "open": not (bool(drops) and not adopted_drop),
-        },  # fmt: skip
-        "phase1": {
-            "operating_point": {"critical": {"value": 0.6, "ci": [0.5, 0.7]}, "tp_score_mean": 0.8},
-            "val_map": 0.5,
-        },
-    }
+    effect = {w: {s: dict.fromkeys(metrics, d(0.001, 0.002)) for s in splits}
+              for w, splits in sets.items()}  # fmt: skip
+    pm = {
+        "adopted": adopted, "seeds": [0, 1, 2], "n_boot": 1000, "ci_level": 95, "seconds": 1.0,
+        "covers": {}, "thesis": THESIS, "contrasts": [],
+        "rule": {**rule, "n_hypotheses": len(variants), "level_each": 99.4,
+                 "thesis_relative": THESIS["drop"] / THESIS["phase1"]},
+        "effects": {k: {"b": "x", "a": "y", **effect} for k in ("text", "loss_switch",
+                                                             "head_finetuning")},
+        "factorial": None, "operating_point": {"score_threshold": 0.3, "iou": 0.5},
+        "variants": variants, "outcome": _outcome(p2, adopted),
+        "phase1": {"test": {"op_recall_critical": {"value": 0.6, "ci": [0.5, 0.7]}},
+                   "val": {"map": {"value": 0.5}}},
+        "calibration": {"phase1": {"test": {"tp_score_mean": 0.8}}},
+    }  # fmt: skip
+    summary.update(postmortem_summary(pm))
+    summary["variants_run"] = dict.fromkeys(variants, True)
     return summary
 
 
@@ -401,11 +476,12 @@ def test_the_postmortem_page_says_what_the_numbers_say(tmp_path: Path) -> None:
     assert "No hay caída que explicar en este escenario" in calm
     assert "la causa sigue abierta" in calm
     assert "Un mecanismo reproduce la caída" not in calm
-    assert "la mAP no cambia" in calm and "la mAP baja" not in calm
+    assert "esta hipótesis no cambia la mAP: todo su intervalo ajustado" in calm
+    assert "reproduce la caída de la tesis: en validación" not in calm
     dropped = page(("raw_start",), "drop")
-    assert "Un mecanismo reproduce la caída" in dropped
+    assert "Un mecanismo reproduce la caída de la tesis" in dropped
     assert "No hay caída que explicar" not in dropped
-    assert "la mAP baja" in dropped
+    assert "esta hipótesis reproduce la caída de la tesis: en validación" in dropped
 
 
 def test_the_figures_draw_from_the_results(
@@ -420,7 +496,7 @@ def test_the_figures_draw_from_the_results(
     cfg = values(tmp / "data", {"zero_start": {}, "broken": {}}, [0, 1, 2], 40)
     layout = Layout.from_config(cfg, str(tmp / "results"))
     shutil.copy(tmp / "postmortem.json", layout.postmortem)
-    names = ["postmortem_forest", "postmortem_drift"]
+    names = ["postmortem_forest", "postmortem_drift", "postmortem_mechanism"]
     written = write_figures(cfg, tmp_path, only=names, results=str(tmp / "results"))
     assert sorted(p.name for p in written) == sorted(
         f"{n}.{e}" for n in names for e in ("png", "pdf")

@@ -21,7 +21,9 @@ holding the packed features ``[N, C]`` and the view's boxes and labels. The key 
 sha256 of everything that decides the content: the Phase 1 checkpoint's frozen weights
 (`frozen_weights_sha256`), the image's
 bytes and annotations, the view (none, or pool seed + view index + augmentation settings),
-the input size and normalisation, the storage dtype, autocast, the device type and the code
+the input size and normalisation (``data.normalize``'s mean and std: each of imagenet, clip,
+siglip and none keys its own entries; a Phase 2 variant at another input size or normalisation
+than Phase 1's builds its own), the storage dtype, autocast, the device type and the code
 version (this module's and the loader's source, torch/torchvision/transformers versions).
 Change any of them and the key changes: the old entry is never read. Writes are atomic
 (stage, then rename), and a build holds an exclusive lock on its cache folder
@@ -99,8 +101,8 @@ class CacheSpec:
 
     root: Path  # <cache_dir>/<weights sha256[:16]>
     weights_sha256: str  # frozen_weights_sha256 of the Phase 1 checkpoint
-    image_size: int
-    mean: tuple[float, ...]
+    image_size: int  # Phase 2's data.image_size (a variant's, not Phase 1's)
+    mean: tuple[float, ...]  # data.normalize's constants (loader.NORMALIZATIONS)
     std: tuple[float, ...]
     dtype: str  # storage dtype (DTYPES)
     autocast: str  # "none" | "bf16": the precision the frozen part ran in

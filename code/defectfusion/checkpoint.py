@@ -102,6 +102,7 @@ def check_meta(path: str | Path, meta: Any) -> None:
     size = meta.get("image_size")
     if not _is_int(size) or not 32 <= size <= MAX_IMAGE_SIZE or size % 32:
         raise _bad(path, f"image_size {size!r} is not a multiple of 32 in 32..{MAX_IMAGE_SIZE}")
+    check_normalize(path, meta)
     if "critical_classes" in meta:
         crit = meta["critical_classes"]
         if not (
@@ -136,6 +137,50 @@ def check_meta(path: str | Path, meta: Any) -> None:
             raise _bad(path, f"tau_init {tau!r} is not a positive number")
         if not isinstance(meta.get("fuse_encoder_head", True), bool):
             raise _bad(path, f"fuse_encoder_head {meta.get('fuse_encoder_head')!r} is not a bool")
+
+
+def check_normalize(path: str | Path, meta: dict[str, Any]) -> None:
+    """``normalize``: a `data.normalize` name; absent only in a checkpoint that predates it.
+
+    The key came after the format (``defectfusion-checkpoint-v1`` did not change): the first
+    version wrote no ``normalize`` and no ``data.normalize`` in the config it records, and its
+    loader had ImageNet's constants only. So a checkpoint without the key is that version's
+    when its config lacks the setting too (`normalize_of` then reads imagenet, what it was
+    trained with); one whose config has the setting has lost the key, and is refused rather
+    than evaluated with constants it may not have been trained with.
+    """
+    from defectfusion.config import NORMALIZE_CHOICES
+
+    if "normalize" in meta:
+        if meta["normalize"] not in NORMALIZE_CHOICES:
+            raise _bad(
+                path, f"normalize {meta['normalize']!r} is not one of {list(NORMALIZE_CHOICES)}"
+            )
+        return
+    config = meta.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    if isinstance(data, dict) and "normalize" in data:
+        raise _bad(
+            path,
+            f"no normalize, though its config has data.normalize={data['normalize']!r}",
+        )
+
+
+def normalize_of(meta: dict[str, Any]) -> str:
+    """The `data.normalize` a checkpoint's model was trained with (`check_normalize` has
+    checked it): imagenet for a checkpoint from before the key, the only one there was."""
+    return meta.get("normalize", "imagenet")
+
+
+def input_mean_std(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """(mean, std) of a model's input: ``meta``'s own ``mean``/``std`` (a transformers folder's
+    image processor, `export._meta_from_transformers`), else its ``normalize`` name's."""
+    from defectfusion.data.loader import normalization
+
+    if meta.get("mean") is not None and meta.get("std") is not None:
+        return [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
+    mean, std = normalization(normalize_of(meta))
+    return list(mean), list(std)
 
 
 def check_state(path: str | Path, state: Any, meta: dict[str, Any]) -> None:

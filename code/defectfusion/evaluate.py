@@ -163,9 +163,10 @@ def cached_test_loader(
         make_cached_loader,
         make_spec,
     )
+    from defectfusion.checkpoint import normalize_of
     from defectfusion.data.loader import CocoDetection, normalization
 
-    mean, std = normalization(meta.get("normalize", "imagenet"))
+    mean, std = normalization(normalize_of(meta))
     ds = CocoDetection(data, meta["image_size"], False, mean=mean, std=std)
     dev = torch.device(device)
     weights = frozen_weights_sha256(model.state_dict())
@@ -184,9 +185,10 @@ def evaluate_checkpoint(
     folder, results/metrics/, which dvc.yaml declares as its metrics).
 
     Critical classes and composite weights come from `config` when given (``data`` and
-    ``eval`` sections), else from the checkpoint; the input size always from the checkpoint.
+    ``eval`` sections), else from the checkpoint; the input size and normalisation always from
+    the checkpoint (a Phase 2 checkpoint records its own, which a variant may change).
     """
-    from defectfusion.checkpoint import load_detector
+    from defectfusion.checkpoint import load_detector, normalize_of
     from defectfusion.config import EvalSection
     from defectfusion.data.loader import make_loader
 
@@ -217,7 +219,7 @@ def evaluate_checkpoint(
             ev_cfg.batch_size,
             train=False,
             num_workers=workers,
-            normalize=meta.get("normalize", "imagenet"),  # as the model was trained
+            normalize=normalize_of(meta),  # as the model was trained (Phase 2: its variant's)
         )
     results = predict(model, loader, device=device)
     metrics = coco_metrics(gt, results, critical, weights)
@@ -229,6 +231,8 @@ def evaluate_checkpoint(
         predictions=str(pred_path),
         preset=meta.get("preset"),
         parameters=meta.get("parameters"),
+        # Phase 2: the parameters it trained (the fusion and the heads); Phase 1: null
+        trainable_parameters=meta.get("trainable_parameters"),
     )
     # Predictions first: the metrics file is what marks the evaluation as done.
     atomic_write_json(pred_path, results, indent=None)

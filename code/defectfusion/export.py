@@ -76,16 +76,17 @@ def image_processor(meta: dict[str, Any]) -> Any:
     a square resize (bilinear, antialiased, no padding), scale to [0, 1], mean/std."""
     from transformers import RTDetrImageProcessor
 
-    from defectfusion.data.loader import IMAGENET_MEAN, IMAGENET_STD
+    from defectfusion.checkpoint import input_mean_std
 
     s = int(meta["image_size"])
+    mean, std = input_mean_std(meta)  # the checkpoint's data.normalize (none: mean 0, std 1)
     return RTDetrImageProcessor(
         size={"height": s, "width": s},
         do_resize=True,
         do_rescale=True,
         do_normalize=True,
-        image_mean=list(meta.get("mean") or IMAGENET_MEAN),
-        image_std=list(meta.get("std") or IMAGENET_STD),
+        image_mean=mean,
+        image_std=std,
         do_pad=False,
     )
 
@@ -275,8 +276,9 @@ def write_onnx(
         raise UserError(
             f"ONNX export differs from PyTorch by {worst:.2e} (> {tolerance:g}) on the check input"
         )
-    from defectfusion.data.loader import IMAGENET_MEAN, IMAGENET_STD
+    from defectfusion.checkpoint import input_mean_std
 
+    mean, std = input_mean_std(meta)
     record = {
         "format": FORMAT_ONNX,
         "meta": meta,
@@ -289,8 +291,8 @@ def write_onnx(
                 "scores": ["batch", "queries", len(meta["class_names"])],
                 "boxes": ["batch", "queries", 4],
             },
-            "mean": list(meta.get("mean") or IMAGENET_MEAN),
-            "std": list(meta.get("std") or IMAGENET_STD),
+            "mean": mean,
+            "std": std,
             "check": {**check, "tolerance": tolerance},
         },
     }
@@ -423,7 +425,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str) -
         if isinstance(meta.get("parameters"), int)
         else f"- preset: `{meta.get('preset', '?')}`",
         f"- input: {s} x {s} RGB, resized without padding (non-square images are stretched), "
-        "scaled to [0, 1], normalised with the ImageNet mean and std",
+        f"scaled to [0, 1], {_normalisation_text(meta)}",
         f"- classes ({len(names)}): " + ", ".join(f"{i} `{n}`" for i, n in enumerate(names)),
         f"- critical classes (recall reported separately): {', '.join(critical) or 'none'}",
     ]
@@ -545,6 +547,23 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str) -
         "",
     ]
     return "\n".join(lines)
+
+
+_NORMALISATION_NAMES = {"imagenet": "ImageNet", "clip": "OpenAI CLIP", "siglip": "SigLIP"}
+
+
+def _normalisation_text(meta: dict[str, Any]) -> str:
+    """How the model card says the input is normalised (the checkpoint's data.normalize)."""
+    from defectfusion.checkpoint import input_mean_std, normalize_of
+
+    if meta.get("mean") is None or meta.get("std") is None:
+        name = normalize_of(meta)
+        if name == "none":
+            return "not normalised (mean 0, std 1)"
+        if name in _NORMALISATION_NAMES:
+            return f"normalised with the {_NORMALISATION_NAMES[name]} mean and std"
+    mean, std = input_mean_std(meta)
+    return f"normalised with mean {mean} and std {std}"
 
 
 def _val(meta: dict[str, Any]) -> str:

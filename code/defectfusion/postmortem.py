@@ -10,9 +10,16 @@ seeds (`defectfusion.bootstrap`, hierarchical bootstrap):
   thesis's setting; test), per variant; the val-selected checkpoint ("best") on test too;
 - ``contrasts``: every variant against Phase 1, and every other variant against the
   adopted zero-start (paired by seed), for every metric, split and checkpoint;
-- ``verdict`` per variant (hypothesis): "drop" when the epoch-1 val mAP drift's interval
-  lies below 0, "rise" above, "no_change" when it contains 0, with its size beside the
-  thesis's drop;
+- ``verdict`` per variant (hypothesis): the branch of the decision rule declared in
+  params.yaml's ``postmortem`` section (`judge`: reproduces, partial, opposite, equivalent,
+  inconclusive), with the values that decided it; ``outcome``: which hypotheses fall in each
+  branch and whether the thesis's drop is explained (only by one that reproduces it);
+- ``mechanism`` per variant: the epoch-1 drift taken apart into the shift before any update
+  (epoch 0 - Phase 1) and the first epoch's adaptation (epoch 1 - epoch 0);
+- ``effects``: differences named for what they measure (`EFFECTS`: the text is zero_start -
+  frozen0, the loss switch zero_start - deimv2_loss, the heads' fine-tuning frozen0 -
+  Phase 1); ``factorial``: main effects and interactions of the thesis replica's three
+  switches when the run has the eight cells (configs/mechanism.yaml);
 - the operating point: each critical class's recall at score >= eval.score_threshold and
   IoU eval.iou_match, with intervals; and score calibration: that recall over a sweep of
   score thresholds, and the mean score of the true positives (MAL trains a positive's
@@ -39,12 +46,15 @@ Output schema (``results/postmortem.json``)::
          "drift": {"epoch1"|"final": {"val"|"test": {metric: {"diff", "ci", "n_seeds",
                    "n_valid", "frac_gt_0", "value_a", "value_b", "verdict"}}},
                    "best": {"test": {...}}},
-         "verdict": {"outcome": "drop"|"rise"|"no_change"|"no_data", "drop", "rise",
-                     "no_change": booleans of the same, "metric": "map", "split": "val",
-                     "which": "epoch1", "diff", "ci", "thesis_drop", "ratio_to_thesis",
-                     "test": outcome of the epoch-1 test drift, "final": of the last-epoch
-                     val drift, "vs_adopted": outcome of this variant minus the adopted one
-                     at epoch 1 on val (null for the adopted one)},
+         "verdict": {"branch": one of BRANCHES, and a boolean per branch, "why", "metric",
+                     "split", "which", "diff", "ci" (95 %), "ci_adjusted", "level_adjusted",
+                     "p", "p_adjusted", "excludes_zero", "test": {"diff", "ci_adjusted",
+                     "sign", "agrees"}, "relative", "thesis_relative", "fraction_of_thesis",
+                     "min_fraction", "equivalence_margin", "within_margin", "thesis_drop",
+                     "ratio_to_thesis", "final": sign of the last-epoch val drift,
+                     "vs_adopted": {"diff", "ci_adjusted", "sign", "verdict"} or null},
+         "mechanism": {"shift_epoch0", "adaptation_epoch1", "drift_epoch1": {"diff", "ci",
+                       "se", "seed_se", "image_se", "df"}},
          "history": {"epoch1_val_map": [per seed], "final_epoch": [per seed],
                      "max_abs_diff_epoch1": |history - recomputed| (a consistency check)}}},
      "contrasts": [{"a", "b", "metric", "split", "which", "diff", "ci", "n_seeds", "n_valid",
@@ -52,8 +62,15 @@ Output schema (``results/postmortem.json``)::
      "calibration": {"thresholds", "iou", "phase1": {split: CAL}, "phase2": {variant:
                      {which: {split: CAL}}}}, CAL = {"critical": [recall per threshold],
                      "per_class": {class: [...]}, "tp_score_mean"} (mean over seeds),
-     "outcome": {"adopted_drop", "drop_variants", "n_drop", "rise_variants", "n_rise",
+     "rule": params.yaml's postmortem section with "n_hypotheses", "level_each",
+             "interval": "seed_t", "thesis_relative",
+     "effects": {name: {"b", "a", which: {split: {metric: diff}}}},
+     "factorial": null or {"cells", "epoch0"|"epoch1": {term: diff}},
+     "outcome": {"adopted_branch", "adopted_drop", "<branch>_variants", "n_<branch>",
                  "removing_variants", "n_removing", "explained", "no_drop", "open"}}
+
+Every interval is `bootstrap.hierarchical_diff`'s seed_t interval (images and Phase 2 seeds;
+benchmarks/bench_coverage.py measures its coverage).
 """
 
 from __future__ import annotations
@@ -77,10 +94,14 @@ from defectfusion.bootstrap import (
     drift,
     hierarchical_diff,
     image_replicates,
+    linear_combination,
     metric_key,
     seed_replicates,
+    seed_t_interval,
+    t_p_value,
     verdict,
 )
+from defectfusion.config import PostmortemSection
 from defectfusion.data.coco import load_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json, os_error_message
@@ -286,6 +307,7 @@ def run_postmortem(
     if n_boot < 1:
         raise UserError(f"n_boot={n_boot}: need at least 1 bootstrap replicate")
     seed = int(values.get("seed", 0) if seed is None else seed)
+    rule = rule_of(values)
     sets = _Sets(values, layout, n_boot, seed)
     adopted = ADOPTED_VARIANT if ADOPTED_VARIANT in layout.variants else layout.variants[0]
     covers = _covers(len(layout.seeds))
@@ -346,11 +368,23 @@ def run_postmortem(
         out_p2[v] = {
             "values": vals,
             "drift": drifts,
-            "verdict": _verdict(v, adopted, drifts, contrasts, thesis["drop"]),
+            "verdict": judge(
+                drifts["epoch1"]["val"]["map"],
+                drifts["epoch1"]["test"]["map"],
+                out_p1["val"]["map"]["value"],
+                thesis,
+                rule,
+                len(layout.variants),
+            ),
+            "mechanism": _mechanism(drifts, p2[v], idx),
             "history": _history_check(layout, v, vals),
         }
+        out_p2[v]["verdict"]["vs_adopted"] = _vs_adopted(v, adopted, contrasts, rule, layout)
+        out_p2[v]["verdict"]["final"] = verdict(drifts["final"]["val"]["map"]["ci"])
 
     outcome = _outcome(out_p2, adopted)
+    effects = named_effects(p2, phase1, idx, metrics, adopted)
+    factorial = factorial_effects(p2, values, idx)
     seconds = time.perf_counter() - start
     # on a shared machine, what the stage itself used (its workers' sets included)
     cpu = (
@@ -382,8 +416,13 @@ def run_postmortem(
             "phase1": cal1,
             "phase2": cal2,
         },
+        "rule": {**rule, "n_hypotheses": len(layout.variants),
+                 "level_each": adjusted_level(rule, len(layout.variants)),
+                 "interval": "seed_t", "thesis_relative": thesis_relative(thesis)},
+        "effects": effects,
+        "factorial": factorial,
         "outcome": outcome,
-    }
+    }  # fmt: skip
     atomic_write_json(out, result)
     print(
         f"postmortem: {sets.n_sets} prediction sets x {n_boot} replicates in {seconds:.1f} s "
@@ -392,10 +431,10 @@ def run_postmortem(
     )
     for v in layout.variants:
         vd = out_p2[v]["verdict"]
-        lo, hi = vd["ci"]
+        lo, hi = vd["ci_adjusted"]
         ci = "no interval" if lo is None else f"[{lo:+.4f}, {hi:+.4f}]"
         diff = "n/a" if vd["diff"] is None else f"{vd['diff']:+.4f}"
-        print(f"  {v:16s} epoch-1 val mAP drift {diff} {ci}: {vd['outcome']}")
+        print(f"  {v:16s} epoch-1 val mAP drift {diff} {ci} (adjusted): {vd['branch']}")
     return result
 
 
@@ -409,6 +448,10 @@ def _contrast_fields(x: dict[str, Any]) -> dict[str, Any]:
     return {
         "diff": x["diff"],
         "ci": x["ci"],
+        "se": x["se"],
+        "seed_se": x["seed_se"],
+        "image_se": x["image_se"],
+        "df": x["df"],
         "n_seeds": x["n_seeds"],
         "n_valid": x["n_valid"],
         "frac_b_gt_a": x["frac_gt_0"],
@@ -416,68 +459,278 @@ def _contrast_fields(x: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _verdict(
-    v: str,
-    adopted: str,
-    drifts: dict[str, Any],
-    contrasts: list[dict[str, Any]],
-    thesis: float,
+# ---- the decision rule (params.yaml's postmortem section, declared before the run) ----------
+
+BRANCHES = ("reproduces", "partial", "opposite", "equivalent", "inconclusive")
+
+
+def rule_of(values: dict[str, Any]) -> dict[str, Any]:
+    """The run's decision rule: params.yaml's ``postmortem`` section (its defaults are the
+    dataclass's, params.yaml's own values)."""
+    import dataclasses
+
+    given = values.get("postmortem") or {}
+    return {**dataclasses.asdict(PostmortemSection()), **given}
+
+
+def adjusted_level(rule: dict[str, Any], n_hypotheses: int) -> float:
+    """The confidence of each hypothesis's interval: Bonferroni's 1 - (1 - level) / H, so that
+    the H intervals hold together at `level` (simultaneous intervals; Holm's step-down would
+    reject a little more but gives no intervals, and the book reports intervals)."""
+    h = max(1, n_hypotheses) if rule["adjust"] == "bonferroni" else 1
+    return 100.0 - (100.0 - float(rule["level"])) / h
+
+
+def thesis_relative(thesis: dict[str, Any]) -> float:
+    """The thesis's epoch-1 drop relative to its Phase 1 (-0.114 / 0.785 = -14.5 %)."""
+    return thesis["drop"] / thesis["phase1"]
+
+
+def _sign(ci: Sequence[float | None]) -> int:
+    if ci[0] is None or ci[1] is None:
+        return 0
+    return -1 if ci[1] < 0 else 1 if ci[0] > 0 else 0
+
+
+def judge(
+    val: dict[str, Any],
+    test: dict[str, Any],
+    phase1_val: float | None,
+    thesis: dict[str, Any],
+    rule: dict[str, Any],
+    n_hypotheses: int,
 ) -> dict[str, Any]:
-    """The hypothesis "this variant reproduces the epoch-1 drop": the val mAP drift at
-    epoch 1 (the thesis's measurement), with the test and last-epoch outcomes beside it."""
-    main = drifts["epoch1"]["val"]["map"]
-    outcome = verdict(main["ci"])
-    vs = next(
-        (
-            c for c in contrasts
-            if c["a"] == adopted and c["b"] == v and c["metric"] == "map"
-            and c["split"] == "val" and c["which"] == "epoch1"
+    """The hypothesis "this variant reproduces the thesis's epoch-1 drop", decided by the
+    declared rule from its epoch-1 val mAP drift (`val`, the thesis's measurement) and the
+    test drift (`test`), both `hierarchical_diff` results against Phase 1:
+
+    - ``reproduces``: (a) the val interval, adjusted for the H hypotheses, lies below 0; (b)
+      the test interval, adjusted alike, lies below 0 too (``test_agrees``); (c) the drop
+      relative to Phase 1 reaches ``min_fraction`` of the thesis's relative drop;
+    - ``partial``: (a) and (b) but not (c): a mechanism in the thesis's direction at a
+      fraction of its size;
+    - ``opposite``: (a) and (b) with both intervals above 0;
+    - ``equivalent`` ("no change"): not the above, and the whole adjusted val interval lies
+      inside +-``equivalence_margin``;
+    - ``inconclusive``: anything else (an interval too wide to say either, or val and test
+      that disagree).
+    """
+    level = adjusted_level(rule, n_hypotheses)
+    ci_val = seed_t_interval(val["diff"], val, level)
+    ci_test = seed_t_interval(test["diff"], test, level)
+    sign, test_sign = _sign(ci_val), _sign(ci_test)
+    test_ok = test_sign == sign if rule["test_agrees"] else True
+    diff = val["diff"]
+    relative = None if diff is None or not phase1_val else diff / phase1_val
+    t_rel = thesis_relative(thesis)
+    fraction = None if relative is None else relative / t_rel  # > 0: the thesis's direction
+    margin = float(rule["equivalence_margin"])
+    within = ci_val[0] is not None and -margin <= ci_val[0] and ci_val[1] <= margin
+    if sign != 0 and test_ok:
+        if sign < 0:
+            branch = "reproduces" if fraction >= rule["min_fraction"] else "partial"
+        else:
+            branch = "opposite"
+    elif within:
+        branch = "equivalent"
+    else:
+        branch = "inconclusive"
+    p = t_p_value(diff, val)
+    h = max(1, n_hypotheses) if rule["adjust"] == "bonferroni" else 1
+    why = {
+        "reproduces": "the adjusted val and test intervals lie below 0 and the drop reaches "
+        f"{rule['min_fraction']:.0%} of the thesis's relative drop",
+        "partial": "the adjusted val and test intervals lie below 0, but the drop is under "
+        f"{rule['min_fraction']:.0%} of the thesis's relative drop",
+        "opposite": "the adjusted val and test intervals lie above 0",
+        "equivalent": f"the adjusted val interval lies inside +-{margin:g}",
+        "inconclusive": (
+            "the adjusted val interval excludes 0 but the test split does not confirm it"
+            if sign != 0
+            else f"the adjusted val interval contains 0 and reaches beyond +-{margin:g}"
         ),
-        None,
-    )  # fmt: skip
+    }[branch]
     return {
-        "outcome": outcome,
-        "drop": outcome == "drop",
-        "rise": outcome == "rise",
-        "no_change": outcome == "no_change",
+        "branch": branch,
+        **{b: branch == b for b in BRANCHES},
+        "why": why,
         "metric": "map",
         "split": "val",
         "which": "epoch1",
-        "diff": main["diff"],
-        "ci": main["ci"],
-        "thesis_drop": thesis,
-        "ratio_to_thesis": None if main["diff"] is None else main["diff"] / thesis,
-        "test": verdict(drifts["epoch1"]["test"]["map"]["ci"]),
-        "final": verdict(drifts["final"]["val"]["map"]["ci"]),
-        "vs_adopted": None if vs is None else vs["verdict"],
+        "diff": diff,
+        "ci": val["ci"],  # the unadjusted 95 % interval
+        "ci_adjusted": ci_val,
+        "level_adjusted": level,
+        "p": p,
+        "p_adjusted": None if p is None else min(1.0, p * h),
+        "excludes_zero": sign != 0,
+        "test": {
+            "diff": test["diff"],
+            "ci_adjusted": ci_test,
+            "sign": test_sign,
+            "agrees": test_sign == sign and sign != 0,
+        },
+        "relative": relative,
+        "thesis_relative": t_rel,
+        "fraction_of_thesis": fraction,
+        "min_fraction": rule["min_fraction"],
+        "equivalence_margin": margin,
+        "within_margin": bool(within),
+        "thesis_drop": thesis["drop"],
+        "ratio_to_thesis": None if diff is None else diff / thesis["drop"],
+    }
+
+
+def _vs_adopted(
+    v: str, adopted: str, contrasts: list[dict[str, Any]], rule: dict[str, Any], layout: Layout
+) -> dict[str, Any] | None:
+    """This variant minus the adopted one at epoch 1 on val (paired by seed), with the rule's
+    adjusted interval; None for the adopted one."""
+    if v == adopted:
+        return None
+    c = next(
+        c for c in contrasts
+        if c["a"] == adopted and c["b"] == v and c["metric"] == "map"
+        and c["split"] == "val" and c["which"] == "epoch1"
+    )  # fmt: skip
+    ci = seed_t_interval(c["diff"], c, adjusted_level(rule, len(layout.variants)))
+    s = _sign(ci)
+    return {"diff": c["diff"], "ci_adjusted": ci, "sign": s,
+            "verdict": "drop" if s < 0 else "rise" if s > 0 else "inconclusive"}  # fmt: skip
+
+
+def _mechanism(
+    drifts: dict[str, Any], group: dict[tuple[str, str], list[SetMetrics]], idx: np.ndarray
+) -> dict[str, Any]:
+    """The epoch-1 drift taken apart (val mAP): the shift before any update (epoch 0 minus
+    Phase 1: what the switch does to the very same weights, e.g. another normalisation) and
+    the adaptation of the first epoch (epoch 1 minus epoch 0, paired by seed)."""
+    shift = drifts["epoch0"]["val"]["map"]
+    adapt = hierarchical_diff(group["val", "epoch1"], group["val", "epoch0"], idx, "map")
+    keep = ("diff", "ci", "se", "seed_se", "image_se", "df")
+    return {
+        "shift_epoch0": {k: shift.get(k) for k in keep},
+        "adaptation_epoch1": {k: adapt.get(k) for k in keep},
+        "drift_epoch1": {k: drifts["epoch1"]["val"]["map"].get(k) for k in keep},
     }
 
 
 def _outcome(p2: dict[str, Any], adopted: str) -> dict[str, Any]:
-    """Which hypotheses reproduce a drop, and what the book can conclude from them."""
-    drops = [v for v in p2 if v != adopted and p2[v]["verdict"]["drop"]]
-    rises = [v for v in p2 if v != adopted and p2[v]["verdict"]["rise"]]
-    adopted_drop = bool(p2[adopted]["verdict"]["drop"])
-    # With a drop in the adopted recipe: the controls whose epoch-1 val mAP is above the
-    # adopted one's and that do not drop themselves (switching their factor removes it).
+    """What the book can conclude: the hypotheses in each branch of the rule, and whether the
+    thesis's drop is explained (only by a hypothesis that reproduces it)."""
+    others = [v for v in p2 if v != adopted]
+    by = {b: [v for v in others if p2[v]["verdict"]["branch"] == b] for b in BRANCHES}
+    adopted_branch = p2[adopted]["verdict"]["branch"]
+    adopted_drop = adopted_branch in ("reproduces", "partial")
+    # With a drop in the adopted recipe: the controls above it at epoch 1 (adjusted interval)
+    # that do not drop themselves (switching their factor removes the drop).
     removing = [
-        v for v in p2
-        if v != adopted and p2[v]["verdict"]["vs_adopted"] == "rise"
-        and not p2[v]["verdict"]["drop"]
-    ] if adopted_drop else []  # fmt: skip
-    explained = (bool(drops) and not adopted_drop) or (adopted_drop and bool(removing))
+        v for v in others
+        if adopted_drop and (p2[v]["verdict"]["vs_adopted"] or {}).get("verdict") == "rise"
+        and p2[v]["verdict"]["branch"] in ("equivalent", "opposite")
+    ]  # fmt: skip
+    # the adopted recipe reproduces the drop: explained by a control that removes it
+    explained = bool(removing) if adopted_branch == "reproduces" else bool(by["reproduces"])
     return {
+        "adopted_branch": adopted_branch,
         "adopted_drop": adopted_drop,
-        "drop_variants": drops,
-        "n_drop": len(drops),
-        "rise_variants": rises,
-        "n_rise": len(rises),
+        **{f"{b}_variants": vs for b, vs in by.items()},
+        **{f"n_{b}": len(vs) for b, vs in by.items()},
         "removing_variants": removing,
         "n_removing": len(removing),
         "explained": explained,
-        "no_drop": not drops and not adopted_drop,
+        "no_drop": not by["reproduces"] and not by["partial"] and not adopted_drop,
         "open": not explained,
     }
+
+
+# ---- effects named for the difference they measure ----------------------------------------
+
+# name -> (B, A): the effect is B - A. "phase1" is the Phase 1 model.
+EFFECTS: dict[str, tuple[str, str]] = {
+    "text": ("zero_start", "frozen0"),  # the text branch: the gate learned vs held at 0
+    "loss_switch": ("zero_start", "deimv2_loss"),  # focal loss vs Phase 1's MAL
+    "head_finetuning": ("frozen0", "phase1"),  # Phase 2's training without text vs Phase 1
+}
+EFFECT_SETS = (("best", "test"), ("epoch1", "val"), ("final", "val"))
+EFFECT_METRICS = ("map", "critical_recall", "op_recall_critical")
+
+
+def named_effects(
+    p2: dict[str, dict[tuple[str, str], list[SetMetrics]]],
+    phase1: dict[str, SetMetrics],
+    idx: np.ndarray,
+    metrics: Sequence[str],
+    adopted: str,
+) -> dict[str, Any]:
+    """Each effect of `EFFECTS` whose variants the run has: ``{name: {"b", "a",
+    which: {split: {metric: hierarchical_diff}}}}``. Zero_start - Phase 1 is none of them: it
+    holds the text, the heads' fine-tuning and the loss switch at once."""
+    out: dict[str, Any] = {}
+    for name, (b, a) in EFFECTS.items():
+        if b not in p2 or (a != "phase1" and a not in p2):
+            continue
+        entry: dict[str, Any] = {"b": b, "a": a}
+        for which, split in EFFECT_SETS:
+            group_b = p2[b][split, which]
+            group_a: Any = phase1[split] if a == "phase1" else p2[a][split, which]
+            entry.setdefault(which, {})[split] = {
+                m: hierarchical_diff(group_b, group_a, idx, m)
+                for m in EFFECT_METRICS
+                if m in metrics
+            }
+        out[name] = entry
+    return out
+
+
+# The thesis replica's three switches, each at two levels (the first: the adopted recipe's).
+FACTORS: dict[str, tuple[str, tuple[Any, Any]]] = {
+    "start": ("fusion.start", ("ema", "raw")),
+    "bn": ("fusion.bn", ("eval", "train")),
+    "normalize": ("data.normalize", ("imagenet", "clip")),
+}
+
+
+def factorial_cells(values: dict[str, Any], variants: Sequence[str]) -> dict[tuple[int, ...], str]:
+    """The variants that are cells of the 2^3 factorial over `FACTORS` (their switches touch
+    only those keys, at those levels): ``{(start, bn, normalize) as 0/1: variant}``."""
+    switches = (values.get("pipeline") or {}).get("variant_switches") or {}
+    keys = {k: levels for k, levels in FACTORS.values()}
+    cells: dict[tuple[int, ...], str] = {}
+    for v in variants:
+        sw = switches.get(v, {} if v == ADOPTED_VARIANT else None)
+        if sw is None or any(k not in keys or val not in keys[k] for k, val in sw.items()):
+            continue
+        cell = tuple(levels.index(sw.get(k, levels[0])) for k, levels in FACTORS.values())
+        cells.setdefault(cell, v)
+    return cells
+
+
+def factorial_effects(
+    p2: dict[str, dict[tuple[str, str], list[SetMetrics]]],
+    values: dict[str, Any],
+    idx: np.ndarray,
+) -> dict[str, Any] | None:
+    """Main effects and interactions of the replica's switches on val mAP (the epoch-0
+    shift, the epoch-1 value), when the run has all eight cells; None otherwise. An effect
+    is the mean over the cells at a factor's second level minus the mean at its first (for
+    an interaction, the product of the signs), paired by seed: weights +-1/4."""
+    cells = factorial_cells(values, list(p2))
+    if len(cells) < 8:
+        return None
+    names = list(FACTORS)
+    terms = [(i,) for i in range(3)] + [(0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    order = sorted(cells)
+    out: dict[str, Any] = {"cells": {cells[c]: dict(zip(names, c, strict=True)) for c in order}}
+    for which in ("epoch0", "epoch1"):
+        groups = [p2[cells[c]]["val", which] for c in order]
+        block = {}
+        for term in terms:
+            w = [float(np.prod([1 if c[i] else -1 for i in term])) / 4 for c in order]
+            label = "_".join(names[i] for i in term)  # e.g. start_bn: an interaction
+            block[label] = linear_combination(groups, w, idx, "map")
+        out[which] = block
+    return out
 
 
 def _history_check(layout: Layout, v: str, vals: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ given, best first).
 
 Preprocessing is the evaluation's (data/loader.py with ``train=False``): the image as 8-bit
 RGB, resized to the checkpoint's ``image_size`` square with torchvision's antialiased
-bilinear resize (no padding), scaled to [0, 1] and normalised with the ImageNet mean/std.
+bilinear resize (no padding), scaled to [0, 1] and normalised with the mean/std of the
+checkpoint's ``data.normalize`` (ImageNet's by default).
 Boxes come back through `evaluate.postprocess`, scaled by each image's own width and height.
 
 Images of any mode are brought to 8-bit RGB first: grey and palette images are expanded,
@@ -147,10 +148,13 @@ class Detector:
     std: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from defectfusion.data.loader import IMAGENET_MEAN, IMAGENET_STD
+        from defectfusion.checkpoint import input_mean_std
 
-        self.mean = list(self.mean or self.meta.get("mean") or IMAGENET_MEAN)
-        self.std = list(self.std or self.meta.get("std") or IMAGENET_STD)
+        # The checkpoint's data.normalize (a Phase 2 variant may change it), or the mean/std
+        # of a transformers folder's image processor.
+        mean, std = input_mean_std(self.meta)
+        self.mean = list(self.mean or mean)
+        self.std = list(self.std or std)
         # The evaluation's last two steps (loader.CocoDetection.finish), on a batch.
         self._finish = v2.Compose(
             [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]

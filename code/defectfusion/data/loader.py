@@ -57,11 +57,29 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # borrowed a vision-language model's preprocessing would feed the detector.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+# SigLIP's constants (open_clip.constants.INCEPTION_MEAN/STD, which open_clip's SigLIP models
+# use): pixels mapped to [-1, 1]. Written out, not imported: open_clip's package import costs
+# about 1.5 s in every process that reads images; tests/test_loader.py holds both sets of
+# vision-language constants equal to open_clip's.
+SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+# No normalisation: the [0, 1] pixels as they are (the dose-response's far end).
+NONE_MEAN: tuple[float, float, float] = (0.0, 0.0, 0.0)
+NONE_STD: tuple[float, float, float] = (1.0, 1.0, 1.0)
+# ``data.normalize`` names -> (mean, std). The one list of names: the config's choices, the
+# checkpoint meta check, evaluation, prediction and export all read it.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "siglip": (SIGLIP_MEAN, SIGLIP_STD),
+    "none": (NONE_MEAN, NONE_STD),
+}
 
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of a ``data.normalize`` name."""
+    """(mean, std) of a ``data.normalize`` name; an unknown name is one UserError."""
+    if name not in NORMALIZATIONS:
+        raise UserError(f"data.normalize={name!r} must be one of {list(NORMALIZATIONS)}")
     return NORMALIZATIONS[name]
 
 # DEIMv2's backbone and hybrid encoder go down to stride 32.

@@ -34,12 +34,14 @@ ADOPTED_VARIANT = "zero_start"
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 # The post-mortem's prediction sets (defectfusion.postmortem): Phase 1 per split, and per
 # Phase 2 variant and seed, (split, which checkpoint) -> file. "best" is the val-selected
-# checkpoint (test only: val chose it); "epoch1" and "final" are fixed epochs.
+# checkpoint (test only: val chose it); "epoch0" (val only: the model before any update),
+# "epoch1" and "final" are fixed epochs.
 PHASE1_PREDICTIONS: dict[str, str] = {
     "val": "val_metrics.predictions.json",
     "test": "test_metrics.predictions.json",
 }
 PHASE2_PREDICTIONS: dict[tuple[str, str], str] = {
+    ("val", "epoch0"): "val_epoch0.predictions.json",  # before any update (the shift)
     ("test", "best"): "test_metrics.predictions.json",
     ("test", "epoch1"): "test_epoch1.predictions.json",
     ("test", "final"): "test_final.predictions.json",
@@ -249,8 +251,11 @@ OUTPUTS: tuple[Output, ...] = (
     # the post-mortem (issue 13): one module for its two figures
     Output("figures", "postmortem_forest", f"{_FIG}.postmortem_intervals",
            lambda L: [L.postmortem]),
+    Output("figures", "postmortem_mechanism", f"{_FIG}.postmortem_intervals",
+           lambda L: [L.postmortem]),
     Output("figures", "postmortem_drift", f"{_FIG}.postmortem_intervals",
-           lambda L: [*L.all_phase2("history.jsonl"), THESIS_FIGURES]),
+           lambda L: [*L.all_phase2("history.jsonl"), L.phase1(L.main, "history.jsonl"),
+                      THESIS_FIGURES]),
     # the book's numbers (report/summary.py)
     Output("summary", "summary", "defectfusion.report.summary", lambda L: [
         *L.splits(), *L.presets_history_and_test(), *L.all_phase2("history.jsonl"),
@@ -326,6 +331,13 @@ VARIANT_NAMES_ES: dict[str, str] = {
     "clip_norm": "Normalización de CLIP",
     "decoder_only": "Fusión solo en el decodificador",
     "thesis_replica": "Réplica de la tesis",
+    # the mechanism profile's: the preprocessing dose-response and the replica's factorial
+    "siglip_norm": "Normalización de SigLIP",
+    "no_norm": "Sin normalización",
+    "res_256": "Resolución de 256 px",
+    "raw_bn": "Pesos sin EMA y BN en entrenamiento",
+    "raw_clip": "Pesos sin EMA y normalización de CLIP",
+    "bn_clip": "BN en entrenamiento y normalización de CLIP",
 }
 BACKBONE_NAMES_ES: dict[str, str] = {
     "dinov3": "DINOv3",
@@ -348,6 +360,13 @@ MODEL_COLORS: dict[str, str] = {
     "clip_norm": "#44AA99",
     "decoder_only": "#999933",
     "thesis_replica": "#882255",
+    # the mechanism profile's (the rest of Paul Tol's muted set, and his vibrant magenta)
+    "siglip_norm": "#88CCEE",
+    "no_norm": "#117733",
+    "res_256": "#EE3377",
+    "raw_bn": "#CC6677",
+    "raw_clip": "#AA4499",
+    "bn_clip": "#DDCC77",
     # Phase 1 backbones other than the main one (never a variant's colour)
     "resnet": "#56B4E9",
     "efficientnet": "#8C6D31",

@@ -27,6 +27,8 @@ The book reads only this file, the tables and the figures, so this schema is a c
      "phase2": {variant: {"seeds": [...], "n_seeds": how many,
                           "map", "map50", "critical_recall", "critical_recall50",
                           "composite":       test metrics, mean over seeds,
+                          "trainable_parameters": the parameters Phase 2 trained (from the
+                                             checkpoint through evaluate's metrics file),
                           "epoch0_val_map":  val mAP before any update, mean over seeds,
                           "epoch1_val_map":  val mAP after epoch 1 (null: not evaluated),
                           "best_epoch":      epoch of best.pt (median over seeds, the lower),
@@ -120,15 +122,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def best_row(history: list[dict[str, Any]], where: str = "history") -> dict[str, Any]:
-    """The row of the epoch best.pt holds: the last one flagged ``best``, else epoch 0
-    (Phase 2 saves its epoch-0 model as best before training)."""
+    """The row of the epoch best.pt holds: the last one flagged ``best``. Epoch 0 never is
+    (the trainer logs it but never selects it), so a history without one is an error."""
     flagged = [r for r in history if r.get("best")]
     if flagged:
         return flagged[-1]
-    zero = [r for r in history if r.get("epoch") == 0]
-    if zero:
-        return zero[0]
-    raise UserError(f"{where}: no epoch marked best and no epoch 0")
+    raise UserError(f"{where}: no epoch marked best (the run did not finish an evaluated epoch)")
 
 
 def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any] | None:
@@ -279,6 +278,8 @@ def phase2_entry(layout: Layout, variant: str, pm: dict[str, Any]) -> dict[str, 
         "seeds": [run["seed"] for run in runs],
         "n_seeds": len(runs),
         **{k: mean(run["test"].get(k) for run in runs) for k in TEST_KEYS if k != "map75"},
+        # what Phase 2 trained (the thesis: about 140,000); null from an older metrics file
+        "trainable_parameters": runs[0]["test"].get("trainable_parameters"),
         "epoch0_val_map": mean(epoch_row(run["history"], 0)["val_map"] for run in runs),
         "epoch1_val_map": mean((epoch_row(run["history"], 1) or {}).get("val_map") for run in runs),
         "best_epoch": int(statistics.median_low(int(run["best"]["epoch"]) for run in runs)),
@@ -426,12 +427,14 @@ def _operating_point(values: dict[str, Any], cal: dict[str, Any] | None) -> dict
 
 
 def postmortem_entry(pm: dict[str, Any], variant: str) -> dict[str, Any]:
-    """A variant's ``drift``, ``verdict``, ``vs_adopted`` and ``operating_point``."""
+    """A variant's ``drift``, ``verdict`` (the rule's branch, with its Spanish words:
+    ``verdict.texto``), ``mechanism``, ``vs_adopted`` and ``operating_point``."""
     entry = pm["phase2"][variant]
     cal = pm["calibration"]["phase2"][variant]["best"]["test"]
     out = {
         "drift": entry["drift"],
-        "verdict": entry["verdict"],
+        "verdict": {**entry["verdict"], "texto": verdict_words_es(entry["verdict"])},
+        "mechanism": entry["mechanism"],
         "operating_point": _operating_point(entry["values"]["best"]["test"], cal),
     }
     if variant != pm["adopted"]:
@@ -446,8 +449,75 @@ def postmortem_entry(pm: dict[str, Any], variant: str) -> dict[str, Any]:
     return out
 
 
+# ---- the rule's words (Spanish: the book prints them as they are) --------------------------
+
+
+def number_es(value: float, spec: str) -> str:
+    """A number as the book prints it (thesis/_ext/thesis_values.py): a true minus sign,
+    never a signed zero."""
+    text = format(value, spec)
+    if float(text.rstrip("%")) == 0:
+        text = text.lstrip("+-")
+    if text.endswith("%"):
+        text = text[:-1] + "\u202f%"
+    return text.replace("-", "\u2212")
+
+
+def _ci_es(ci: list[float | None]) -> str:
+    return f"[{number_es(ci[0], '+.4f')}, {number_es(ci[1], '+.4f')}]"  # type: ignore[arg-type]
+
+
+def verdict_words_es(vd: dict[str, Any]) -> str:
+    """The sentence the book prints for a hypothesis: its branch of the declared rule and the
+    numbers that decided it (postmortem.judge). It completes "Esta hipótesis ..."."""
+    b = vd["branch"]
+    if vd["diff"] is None:
+        return "no se puede juzgar: la ejecución no tiene su deriva en la época 1."
+    level = number_es(vd["level_adjusted"], ".2f")
+    val = f"{number_es(vd['diff'], '+.4f')} (IC ajustado al {level}\u202f%: {_ci_es(vd['ci_adjusted'])})"
+    t = vd["test"]
+    test = f"{number_es(t['diff'], '+.4f')} (IC ajustado {_ci_es(t['ci_adjusted'])})"
+    frac = number_es(vd["fraction_of_thesis"], ".0%")
+    need = number_es(vd["min_fraction"], ".0%")
+    margin = number_es(vd["equivalence_margin"], ".3f")
+    if b == "reproduces":
+        return (
+            f"reproduce la caída de la tesis: en validación, la mAP cambia {val} en la época 1, "
+            f"el {frac} de la caída relativa de la tesis (el umbral declarado es el {need}), y "
+            f"la prueba lo confirma ({test})."
+        )
+    if b == "partial":
+        return (
+            f"es un mecanismo en la dirección de la tesis, al {frac} de su tamaño: en "
+            f"validación, la mAP cambia {val} en la época 1 y la prueba lo confirma ({test}), "
+            f"pero la caída no llega al {need} de la de la tesis que la regla exige para "
+            "decir que la reproduce."
+        )
+    if b == "opposite":
+        return (
+            f"va en contra de la tesis: en validación, la mAP sube {val} en la época 1, y la "
+            f"prueba lo confirma ({test})."
+        )
+    if b == "equivalent":
+        return (
+            f"no cambia la mAP: todo su intervalo ajustado en la época 1 cae dentro del margen "
+            f"de equivalencia de ±{margin} ({val})."
+        )
+    if vd["excludes_zero"]:
+        return (
+            f"no es concluyente: en validación, la mAP cambia {val} en la época 1, pero la "
+            f"prueba no lo confirma ({test})."
+        )
+    return (
+        f"no es concluyente: en validación, el cambio de la mAP en la época 1 es {val}; el "
+        f"intervalo contiene el cero y sale del margen de equivalencia de ±{margin}, así que "
+        "estos datos no distinguen un cambio de su ausencia."
+    )
+
+
 def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
     """Top-level ``contrasts`` and ``postmortem`` (what the book's §5.4-5.5 read)."""
+    branches = ("reproduces", "partial", "opposite", "equivalent", "inconclusive", "removing")
     return {
         "contrasts": pm["contrasts"],
         "postmortem": {
@@ -458,6 +528,10 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             "seconds": pm["seconds"],
             "covers": pm["covers"],
             "thesis": pm["thesis"],
+            "rule": pm["rule"],
+            "effects": pm["effects"],
+            "factorial": pm["factorial"],
+            "has_factorial": pm["factorial"] is not None,
             "operating_point": pm["operating_point"],
             "hypotheses": (hypotheses := [v for v in pm["variants"] if v != pm["adopted"]]),
             "n_hypotheses": len(hypotheses),
@@ -466,7 +540,7 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
                 # the book prints these lists: the variants' Spanish names
                 **{
                     f"{k}_names": [variant_name_es(v) for v in pm["outcome"][f"{k}_variants"]]
-                    for k in ("drop", "rise", "removing")
+                    for k in branches
                 },
             },
             "phase1": {

@@ -7,7 +7,9 @@ The config picks the variant (each a one-switch control of the adopted zero_star
 ``fusion.init`` (zero_start | naive), ``fusion.alpha`` (learned | frozen0), ``fusion.loss``
 (focal | mal: Phase 1's loss), ``fusion.bn`` (eval | train), ``fusion.start`` (ema | raw: Phase 1's EMA
 weights, which Phase 1 reports, or its raw weights of the same epoch, ``best_raw.pt``),
-``fusion.fuse_encoder_head`` and ``data.normalize`` (imagenet | clip).
+``fusion.fuse_encoder_head``, ``data.normalize`` (imagenet | clip | siglip | none) and
+``data.image_size`` (Phase 2's input side, which may differ from Phase 1's: see
+`check_resizable`).
 
 Epoch 0 (before any update) is evaluated and logged but never selected; the eval weights of
 epoch 1 (``epoch1.pt``) and of the last epoch (``final.pt``) and the val predictions of
@@ -23,11 +25,16 @@ import torch
 from torch import nn
 
 from defectfusion.cache import phase2_inputs
-from defectfusion.checkpoint import check_compatible, load_checkpoint, load_model_state
+from defectfusion.checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    load_model_state,
+    normalize_of,
+)
 from defectfusion.config import Config
 from defectfusion.fusion import attach_fusion, set_trainable
 from defectfusion.losses import install_loss
-from defectfusion.models import build_model, count_parameters, set_train_mode
+from defectfusion.models import build_model, check_image_size, count_parameters, set_train_mode
 from defectfusion.text import embed_prompts
 from defectfusion.train.common import dataset_splits, make_evaluator, model_meta, param_groups
 from defectfusion.train.engine import Job, fit
@@ -79,6 +86,12 @@ def build_phase2_model(
     check_compatible(phase1, meta1, cfg.model.preset, class_names)
     model = build_model(meta1["preset"], class_names, init="scratch")  # Phase 1 weights follow
     load_model_state(model, ckpt["model"], phase1)
+    check_resizable(model, meta1["image_size"], cfg.data.image_size, phase1)
+    # What Phase 2 records of its start (its meta: "phase1_image_size", "phase1_normalize").
+    model._defectfusion_phase1 = {
+        "image_size": meta1["image_size"],
+        "normalize": normalize_of(meta1),
+    }
     text = text_embeddings(cfg, class_names, text_path)
     torch.manual_seed(cfg.seed)  # the projection's random init
     attach_fusion(
@@ -97,6 +110,43 @@ def build_phase2_model(
         mal_gamma=cfg.phase1.mal_gamma,  # "the Phase 1 loss" is Phase 1's MAL, its gamma too
     )
     return model, text["info"]
+
+
+def check_resizable(model: nn.Module, trained: int, size: int, path: str | Path) -> None:
+    """Phase 2 at another input side than Phase 1's (the res_256 variant) runs the Phase 1
+    weights as they are, with no resampling of any weight: nothing in the model is tied to
+    the size it was trained at (DEIMv2 itself trains one set of weights on several sizes).
+
+    - The DINOv3 ViT backbone has no learned position table to interpolate: its positions are
+      rotary (RoPE), computed each forward from the patch grid, with patch centres normalised
+      to [-1, 1] (transformers' ``DINOv3ViTRopePositionEmbedding``). At 256 px the same
+      extent holds 16 x 16 patches instead of 12 x 12. Phase 1 trained the backbone with
+      DINOv3's RoPE rescaling on (``pos_embed_rescale`` 2.0: coordinates scaled by 1/2..2 in
+      train mode), so a patch spacing of 192/256 of the one it was evaluated at is inside what
+      it saw. DEIMv2's DINOv3 adapter resizes the ViT's maps to sizes computed from the input.
+      The CNN backbones (ResNet, EfficientNet) are convolutional.
+    - The hybrid encoder's sine position embeddings and the decoder's anchors are computed
+      from each input's feature maps while ``eval_size`` and ``anchor_image_size`` are unset
+      (no preset sets them); a config that fixes either has size-bound buffers, refused here
+      rather than run at the wrong size.
+
+    What the variant changes is then the input's scale alone: defects span 256/192 times more
+    pixels and patches than Phase 1 saw, the resolution analogue of a preprocessing mismatch.
+    """
+    if size == trained:
+        return
+    fixed = {
+        k: getattr(model.config, k, None)
+        for k in ("eval_size", "anchor_image_size")
+        if getattr(model.config, k, None)
+    }
+    if fixed:
+        from defectfusion.errors import UserError
+
+        raise UserError(
+            f"{path}: the model fixes its input size ({fixed}); Phase 2 cannot run it at "
+            f"data.image_size={size} (Phase 1 trained at {trained}): use {trained}"
+        )
 
 
 def start_checkpoint(cfg: Config, phase1: str | Path) -> Path:
@@ -126,13 +176,19 @@ def train_phase2(
 ) -> dict[str, Any]:
     out = Path(out)
     train_json, val_json, names = dataset_splits(cfg)
+    check_image_size(cfg.model.preset, cfg.data.image_size, "config")
     phase1 = start_checkpoint(cfg, phase1)
     model, text_info = build_phase2_model(cfg, phase1, names, text)
     tc = cfg.phase2
+    start = model._defectfusion_phase1
+    # image_size and normalize (model_meta) are Phase 2's own, which evaluation, prediction
+    # and export use; Phase 1's are recorded beside them.
     meta = model_meta(cfg, names, 2, model)
     meta.update(
         {
             "phase1_checkpoint": str(phase1),
+            "phase1_image_size": start["image_size"],
+            "phase1_normalize": start["normalize"],
             "text": {k: v for k, v in text_info.items() if k != "cosine"},
             "text_shape": list(model.fusion.text.shape),
             "tau_init": cfg.fusion.tau_init,
@@ -140,6 +196,7 @@ def train_phase2(
             "variant": {
                 **{k: getattr(cfg.fusion, k) for k in ("init", "alpha", "loss", "bn", "start")},
                 "normalize": cfg.data.normalize,
+                "image_size": cfg.data.image_size,
             },
             "trainable_parameters": count_parameters(model, trainable_only=True),
         }
@@ -167,6 +224,8 @@ def train_phase2(
         save_val_predictions=True,
         notes=[
             f"variant: {meta['variant']}",
+            f"input: {cfg.data.image_size} px, {cfg.data.normalize} normalisation (Phase 1: "
+            f"{start['image_size']} px, {start['normalize']})",
             f"trainable parameters: {meta['trainable_parameters']:,} of {count_parameters(model):,}",
             f"text: {text_info['encoder']} ({text_info['weights']}), D_t={text_info['dim']}",
             *inputs.notes,

@@ -7,10 +7,19 @@
                        the thesis's epoch-1 change as a reference line, (b) the val-selected
                        checkpoint on test against Phase 1, (c) at epoch 1 on val against the
                        adopted zero-start; a filled marker when the interval excludes 0
-``postmortem_drift``   val mAP by epoch as the change from epoch 0 (before any update), one
-                       panel per variant: mean over seeds with a min-max band, the adopted
-                       variant's mean in grey beside it, and the thesis's epoch-1 change (a
-                       cross; its value in the title when it would flatten the data)
+``postmortem_mechanism`` the epoch-1 drift taken apart, per variant: (a) the shift before any
+                       update (epoch 0 minus Phase 1) and the first epoch's adaptation (epoch
+                       1 minus epoch 0), 95 % intervals; (b) the dose-response of the input
+                       mismatch (the variants that only change data.normalize or
+                       data.image_size, ordered by how far their input lies from Phase 1's),
+                       epoch-0 shift and epoch-1 drift (the rule's adjusted interval), beside
+                       the thesis's epoch-1 change
+``postmortem_drift``   val mAP by epoch minus Phase 1's (its best epoch, the checkpoint Phase 2
+                       starts from: the drift as the text defines it, so a switch that moves
+                       the model before any update shows at epoch 0), one panel per variant:
+                       mean over seeds with a min-max band, the adopted variant's mean in grey
+                       beside it, and the thesis's epoch-1 change (a cross; its value in the
+                       title when it would flatten the data)
 =====================  =====================================================================
 
 Each function takes the figures' context and returns a matplotlib Figure; the package
@@ -83,8 +92,13 @@ def postmortem_forest(ctx: Any) -> Figure:
     for ax, (title, which, split, against) in zip(axes, panels, strict=True):
         for y, v in zip(ys, variants, strict=True):
             color = model_color(v, order=variants)
-            if against == "phase1":
+            vd = pm["phase2"][v]["verdict"]
+            if against == "phase1" and which == "epoch1":  # the rule's adjusted interval
+                d = {"diff": vd["diff"], "ci": vd["ci_adjusted"]}
+            elif against == "phase1":
                 d = pm["phase2"][v]["drift"][which][split]["map"]
+            elif vd.get("vs_adopted"):
+                d = {"diff": vd["vs_adopted"]["diff"], "ci": vd["vs_adopted"]["ci_adjusted"]}
             else:
                 d = next(
                     (
@@ -110,16 +124,108 @@ def postmortem_forest(ctx: Any) -> Figure:
     axes[0].set_yticks(ys, [variant_name_es(v) for v in variants])
     axes[0].set_ylim(-0.7, len(variants) - 0.3)
     n = len(pm["seeds"])
+    rule = pm["rule"]
     fig.suptitle(
-        f"Intervalos del 95 % sobre imágenes y {n} semilla{'s' if n != 1 else ''} de la Fase 2 "
-        "(marcador relleno: el intervalo excluye el 0)",
+        f"Intervalos sobre imágenes y {n} semilla{'s' if n != 1 else ''} de la Fase 2; (a) y (c) "
+        f"ajustados por {rule['n_hypotheses']} hipótesis (cada uno al "
+        f"{num(rule['level_each'], '.2f')} %), (b) al 95 %. Relleno: excluye el 0",
         fontsize=7.5,
     )
     return fig
 
 
-def _deltas(layout: Layout, variant: str) -> tuple[list[int], np.ndarray]:
-    """Epochs and ``[seeds, epochs]`` val mAP minus epoch 0 (NaN where a seed stopped)."""
+# How far each input normalisation puts a pixel from Phase 1's (ImageNet's) normalised value:
+# the root mean square over pixel values uniform in [0, 1] and the three channels of
+# (x - m) / s - (x - m0) / s0 (constants of data/loader.py; none: m = 0, s = 1).
+_NORMS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+def input_dose(switches: dict[str, Any], phase1_size: int) -> tuple[str, float] | None:
+    """A variant's input mismatch: ("normalize", RMS shift of the normalised pixels) or
+    ("image_size", |log2(size / Phase 1's)|); None when it switches anything else."""
+    if set(switches) == {"data.normalize"} and switches["data.normalize"] in _NORMS:
+        (m, s), (m0, s0) = _NORMS[switches["data.normalize"]], _NORMS["imagenet"]
+        x = np.linspace(0.0, 1.0, 101)
+        d = [(x - a) / b - (x - a0) / b0 for a, b, a0, b0 in zip(m, s, m0, s0, strict=True)]
+        return "normalize", float(np.sqrt(np.mean(np.square(d))))
+    if set(switches) == {"data.image_size"}:
+        return "image_size", abs(float(np.log2(switches["data.image_size"] / phase1_size)))
+    return None
+
+
+def postmortem_mechanism(ctx: Any) -> Figure:
+    layout: Layout = ctx.layout
+    pm = _postmortem(layout)
+    variants = list(layout.variants)
+    thesis = pm["thesis"]["drop"]
+    fig = Figure(figsize=(WIDTH, 1.2 + 0.26 * len(variants)), layout="constrained")
+    ax_a, ax_b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
+    ys = np.arange(len(variants))[::-1]
+    for y, v in zip(ys, variants, strict=True):
+        mech = pm["phase2"][v]["mechanism"]
+        _interval(ax_a, y + 0.15, mech["shift_epoch0"], "#4c72b0")
+        _interval(ax_a, y - 0.15, mech["adaptation_epoch1"], "#dd8452")
+    ax_a.axvline(0.0, color=PHASE1_COLOR, lw=0.8, zorder=0)
+    ax_a.set_yticks(ys, [variant_name_es(v) for v in variants])
+    ax_a.set_ylim(-0.7, len(variants) - 0.3)
+    ax_a.set_xlabel("Δ mAP val.")
+    ax_a.set_title("(a) azul: época 0 − Fase 1 (antes de actualizar);\n"
+                   "naranja: época 1 − época 0 (la primera época)", fontsize=7.5)  # fmt: skip
+    ax_a.xaxis.set_major_locator(MaxNLocator(4))
+    ax_a.ticklabel_format(axis="x", style="plain", useOffset=False)
+    switches = ctx.values["pipeline"].get("variant_switches") or {}
+    size = int(ctx.values["data"]["image_size"])
+    doses = []
+    for v in variants:
+        dose = ("adopted", 0.0) if v == pm["adopted"] else input_dose(switches.get(v, {"x": 0}), size)
+        if dose is not None:
+            doses.append((v, dose[1]))
+    if len(doses) > 1:
+        doses.sort(key=lambda vd: vd[1])
+        xs = np.arange(len(doses))
+        for x, (v, _) in zip(xs, doses, strict=True):
+            vd = pm["phase2"][v]["verdict"]
+            shift = pm["phase2"][v]["mechanism"]["shift_epoch0"]
+            _vinterval(ax_b, x - 0.12, shift, "#4c72b0")
+            _vinterval(ax_b, x + 0.12, {"diff": vd["diff"], "ci": vd["ci_adjusted"]}, "#c44e52")
+        ax_b.axhline(thesis, color=GREY, ls=(0, (4, 2)), lw=1.0)
+        ax_b.axhline(0.0, color=PHASE1_COLOR, lw=0.8, zorder=0)
+        ax_b.annotate(f"tesis: {num(thesis, '.3f')}", xy=(0.02, thesis), xycoords=("axes fraction", "data"),
+                      va="bottom", fontsize=6.5, color=GREY)  # fmt: skip
+        ax_b.set_xticks(xs, [variant_name_es(v) for v, _ in doses], rotation=30, ha="right")
+        ax_b.set_ylabel("Δ mAP val. (− Fase 1)")
+        ax_b.yaxis.set_major_locator(MaxNLocator(5))
+        ax_b.ticklabel_format(axis="y", style="plain", useOffset=False)
+    else:
+        ax_b.set_axis_off()
+        ax_b.text(0.5, 0.5, "sin variantes de dosis en esta ejecución\n(perfil configs/mechanism.yaml)",
+                  ha="center", va="center", fontsize=7.5, transform=ax_b.transAxes)  # fmt: skip
+    ax_b.set_title("(b) dosis del desajuste de entrada: azul, época 0;\n"
+                   "rojo, época 1 (IC ajustado de la regla)", fontsize=7.5)  # fmt: skip
+    fig.suptitle("Relleno: el intervalo excluye el 0", fontsize=7.5)
+    return fig
+
+
+def _vinterval(ax: Any, x: float, d: dict[str, Any] | None, color: str) -> None:
+    """`_interval` standing up: a difference and its interval at `x`."""
+    if not d or d.get("diff") is None:
+        return
+    lo, hi = d["ci"]
+    if lo is not None:
+        ax.plot([x, x], [lo, hi], color=color, lw=1.6, solid_capstyle="butt")
+    excludes = lo is not None and (hi < 0 or lo > 0)
+    ax.plot([x], [d["diff"]], marker="o", ms=5, color=color,
+            markerfacecolor=color if excludes else "white", markeredgewidth=1.3, ls="none")  # fmt: skip
+
+
+def _deltas(layout: Layout, variant: str, phase1: float) -> tuple[list[int], np.ndarray]:
+    """Epochs and ``[seeds, epochs]`` val mAP minus Phase 1's `phase1` (NaN where a seed
+    stopped)."""
     from defectfusion.report.summary import read_jsonl
 
     rows = [read_jsonl(layout.phase2(variant, s, "history.jsonl")) for s in layout.seeds]
@@ -132,7 +238,7 @@ def _deltas(layout: Layout, variant: str) -> tuple[list[int], np.ndarray]:
             raise UserError(f"{where}: no epoch-0 val_map (the evaluation before any update)")
         for j, e in enumerate(epochs):
             if e in by:
-                out[i, j] = by[e] - by[0]
+                out[i, j] = by[e] - phase1
     return epochs, out
 
 
@@ -141,7 +247,11 @@ def postmortem_drift(ctx: Any) -> Figure:
     variants = list(layout.variants)
     adopted = layout.adopted[0]
     thesis = _thesis_drop(layout)
-    data = {v: _deltas(layout, v) for v in variants}
+    from defectfusion.report.summary import best_row, read_jsonl
+
+    p1_history = layout.phase1(layout.main, "history.jsonl")
+    phase1 = float(best_row(read_jsonl(p1_history), p1_history)["val_map"])
+    data = {v: _deltas(layout, v, phase1) for v in variants}
     cols = min(4, len(variants))
     rows = -(-len(variants) // cols)
     fig = Figure(figsize=(WIDTH, 0.4 + 1.55 * rows), layout="constrained")
@@ -183,13 +293,14 @@ def postmortem_drift(ctx: Any) -> Figure:
             ax.tick_params(labelbottom=True)
             ax.set_xlabel("época")
     for ax in axes[:, 0]:
-        ax.set_ylabel("Δ mAP val. (época 0)")
+        ax.set_ylabel("Δ mAP val. (− Fase 1)")
     n = len(layout.seeds)
     band = f"; banda: mínimo y máximo de {n} semillas" if n > 1 else ""
     where = "×" if show_thesis else f"fuera de escala, {num(thesis, '.3f')}"
     fig.suptitle(
-        f"Media de las semillas{band}; discontinua gris: «{variant_name_es(adopted).lower()}»; "
-        f"la tesis en la época 1: {where}",
+        f"Cambio respecto de la Fase 1 (época 0: antes de actualizar). Media de las "
+        f"semillas{band}; discontinua gris: «{variant_name_es(adopted).lower()}»; la tesis en "
+        f"la época 1: {where}",
         fontsize=7.5,
     )
     return fig
