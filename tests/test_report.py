@@ -293,7 +293,8 @@ def test_summary_helpers() -> None:
 
     history = [{"epoch": 0}, {"epoch": 1, "best": True}, {"epoch": 2, "best": False}]
     assert best_row(history)["epoch"] == 1
-    assert best_row([{"epoch": 0}, {"epoch": 1, "best": False}])["epoch"] == 0
+    with pytest.raises(UserError, match="no epoch marked best"):  # epoch 0 is never selected
+        best_row([{"epoch": 0}, {"epoch": 1, "best": False}])
     with pytest.raises(UserError):
         best_row([{"epoch": 1, "best": False}])
     assert ci_envelope([[-0.1, 0.2], [-0.3, 0.1]]) == [-0.3, 0.2]

@@ -452,9 +452,11 @@ def postmortem_entry(pm: dict[str, Any], variant: str) -> dict[str, Any]:
 # ---- the rule's words (Spanish: the book prints them as they are) --------------------------
 
 
-def number_es(value: float, spec: str) -> str:
+def number_es(value: float | None, spec: str) -> str:
     """A number as the book prints it (thesis/_ext/thesis_values.py): a true minus sign,
-    never a signed zero."""
+    never a signed zero; "n/d" where the run has none (an undefined metric)."""
+    if value is None:
+        return "n/d"
     text = format(value, spec)
     if float(text.rstrip("%")) == 0:
         text = text.lstrip("+-")
