@@ -99,7 +99,8 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
         "seeds", "n_seeds", "map", "map50", "critical_recall", "critical_recall50", "composite",
         "max_correction", "epoch0_val_map", "epoch1_val_map", "best_epoch", "val_map_by_epoch", "alpha_final",
         "tau_final", "diff_map", "ci_map", "diff_critical_recall", "ci_critical_recall",
-        "frac_b_gt_a_map", "drift", "verdict", "operating_point",
+        "frac_b_gt_a_map", "drift", "verdict", "operating_point", "mechanism",
+        "trainable_parameters",
     }  # fmt: skip
     assert set(s["phase2"]) == set(VARIANTS)
     for name, entry in s["phase2"].items():
@@ -117,6 +118,17 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     assert s["phase2"]["zero_start"]["epoch0_val_map"] == s["phase1_val_map_best"]
     assert s["dataset"]["n_classes"] == len(s["dataset"]["classes"])
     assert s["postmortem"]["n_hypotheses"] == len(s["postmortem"]["hypotheses"]) == len(VARIANTS) - 1
+    # the rule's branch and the numbers that decided it, per hypothesis (issue 23)
+    assert s["postmortem"]["rule"]["n_hypotheses"] == len(VARIANTS)
+    for entry in s["phase2"].values():
+        vd = entry["verdict"]
+        assert sum(vd[b] for b in ("reproduces", "partial", "opposite", "equivalent",
+                                   "inconclusive")) == 1  # fmt: skip
+        assert {"ci_adjusted", "level_adjusted", "test", "fraction_of_thesis", "within_margin",
+                "equivalence_margin", "texto"} <= set(vd)  # fmt: skip
+        assert entry["trainable_parameters"] > 0
+        assert set(entry["mechanism"]) == {"shift_epoch0", "adaptation_epoch1", "drift_epoch1"}
+    assert set(s["postmortem"]["effects"]) == {"text", "loss_switch", "head_finetuning"}
 
 
 @pytest.mark.slow
