@@ -304,6 +304,28 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "c.json").exists()
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("score", float("nan")),
+        ("score", float("inf")),
+        ("score", True),
+        ("bbox", [0, 0, float("nan"), 4]),
+    ],
+)
+def test_a_non_finite_prediction_is_refused_not_ranked(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    """A NaN score used to rank silently: rc 0 and a plausible, wrong mAP (issue 27)."""
+    from defectfusion.metrics import check_results
+
+    gt = make_gt(0, n_images=4)
+    results = noisy_predictions(gt, 0)
+    results[0][field] = value
+    with pytest.raises(UserError, match=f"record 0: {field} must"):
+        check_results(gt, results)
+
+
 def _cfg(critical: list[int]):
     from defectfusion.config import load_config
 

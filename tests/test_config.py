@@ -58,6 +58,13 @@ def test_a_section_given_in_part_keeps_its_own_defaults() -> None:
         ({"pipeline": {"seeds": []}}, "pipeline.seeds"),
         ({"pipeline": {"bootstrap": 0}}, "pipeline.bootstrap"),
         ({"pipeline": {"gpu": 2}}, "unknown key(s) ['gpu']"),
+        # names that become folders (issue 27: a preset '../../../victim' deleted a folder
+        # three levels above the checkout; a variant wrote its run outside the repository)
+        ({"pipeline": {"presets": ["../../../victim"]}}, "not a safe name"),
+        ({"pipeline": {"variants": ["../../../escape_v"],
+                       "variant_switches": {"../../../escape_v": {}}}}, "not a safe name"),
+        ({"pipeline": {"variant_switches": {"a/b": {}}}}, "not a safe name"),
+        ({"pipeline": {"preset_overrides": {".hidden": {}}}}, "not a safe name"),
     ],
 )
 def test_the_pipeline_section_is_checked_like_the_others(overlay: dict, message: str) -> None:

@@ -204,7 +204,11 @@ class PipelineSection:
     profile: str = "default"  # named in the summary and the book
     dataset: DatasetSection = field(default_factory=DatasetSection)
     presets: list[str] = field(
-        default_factory=lambda: ["deimv2-dinov3-tiny", "deimv2-resnet-tiny", "deimv2-efficientnet-tiny"]
+        default_factory=lambda: [
+            "deimv2-dinov3-tiny",
+            "deimv2-resnet-tiny",
+            "deimv2-efficientnet-tiny",
+        ]
     )
     # preset -> {dotted key: value}, variant -> {dotted key: value}: checked key by key
     preset_overrides: dict[str, Any] = field(
@@ -429,8 +433,7 @@ def variant_settings(pipeline: dict[str, Any], variant: str) -> dict[str, Any]:
     switches = pipeline.get("variant_switches") or {}
     if variant not in switches:
         raise UserError(
-            f"unknown Phase 2 variant {variant!r}; pipeline.variant_switches has "
-            f"{sorted(switches)}"
+            f"unknown Phase 2 variant {variant!r}; pipeline.variant_switches has {sorted(switches)}"
         )
     extra = (pipeline.get("variant_overrides") or {}).get(variant, {})
     return {**switches[variant], **extra}
@@ -542,6 +545,15 @@ def validate(cfg: Config, where: str) -> None:
     check_pipeline(cfg.pipeline, where)
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
+
+
+def safe_name(name: object) -> bool:
+    """Whether `name` can be one path segment: no separator, no '..', no leading dot or dash,
+    at most 100 characters."""
+    return isinstance(name, str) and len(name) <= 100 and bool(_SAFE_NAME.fullmatch(name))
+
+
 def check_pipeline(pipe: PipelineSection, where: str) -> None:
     """The pipeline section: names that exist, overrides whose keys are the config's."""
     if pipe.dataset.kind not in ("synth", "neu", "coco"):
@@ -553,6 +565,22 @@ def check_pipeline(pipe: PipelineSection, where: str) -> None:
         values = getattr(pipe, name)
         if not values or len(set(values)) != len(values):
             raise _range_error(where, f"pipeline.{name}", values, "a non-empty list, no repeats")
+    # Preset and variant names become folder names (runs/phase1/PRESET, runs/phase2/VARIANT):
+    # one rule, checked here where the config is typed, keeps them inside their folders.
+    for table, names in (
+        ("presets", pipe.presets),
+        ("variants", pipe.variants),
+        ("variant_switches", list(pipe.variant_switches)),
+        ("preset_overrides", list(pipe.preset_overrides)),
+        ("variant_overrides", list(pipe.variant_overrides)),
+    ):
+        for n in names:
+            if not safe_name(n):
+                raise UserError(
+                    f"{where}: pipeline.{table} has {n!r}, not a safe name (it becomes a folder "
+                    "name): use letters, digits, '_', '-' and single dots, starting with a "
+                    "letter or digit"
+                )
     unknown = [v for v in pipe.variants if v not in pipe.variant_switches]
     if unknown:
         raise UserError(

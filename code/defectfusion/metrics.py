@@ -109,8 +109,16 @@ def check_results(gt: dict[str, Any], results: Results) -> None:
         bbox = r.get("bbox")
         if not isinstance(bbox, list | tuple) or len(bbox) != 4:
             raise UserError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
-        if not isinstance(r.get("score"), int | float):
-            raise UserError(f"{where}: score must be a number, got {r.get('score')!r}")
+        # NaN or infinity would rank silently (a NaN score gave a plausible, wrong mAP)
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox):
+            raise UserError(f"{where}: bbox must hold finite numbers, got {bbox!r}")
+        score = r.get("score")
+        if (
+            not isinstance(score, int | float)
+            or isinstance(score, bool)
+            or not math.isfinite(score)
+        ):
+            raise UserError(f"{where}: score must be a finite number, got {score!r}")
 
 
 def area_thresholds(gt: dict[str, Any]) -> tuple[float, float, float]:
