@@ -340,3 +340,46 @@ def test_set_typo_names_the_unknown_key(capsys) -> None:
     load_config(overrides=["phase1.epochs=3", "figure_style.anything=1"])  # a free-form section
     with pytest.raises(UserError, match="unknown key .pipeline.anything."):
         load_config(overrides=["pipeline.anything=1"])  # typed since issue 11
+
+
+# ---- --out is written only inside itself, never over what predict did not make (issue 27) ----
+
+
+def test_out_holding_someone_elses_images_json_is_refused(tmp_path: Path) -> None:
+    from defectfusion.predict import WRITTEN_BY, check_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images.json").write_text('{"mine": true}', encoding="utf-8")
+    with pytest.raises(UserError, match="did not write"):
+        check_out(out, [], draw=False)
+    assert (out / "images.json").read_text(encoding="utf-8") == '{"mine": true}'
+    (out / "images.json").write_text(f'{{"written_by": "{WRITTEN_BY}"}}', encoding="utf-8")
+    check_out(out, [], draw=False)  # predict's own: a rerun may replace it
+
+
+def test_links_out_of_out_and_inputs_among_the_drawings_are_refused(tmp_path: Path) -> None:
+    from defectfusion.predict import check_out, drawn_path
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    original = photos / "a.png"
+    original.write_bytes(b"not touched")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "drawn").symlink_to(photos)  # drawings would land on the originals
+    with pytest.raises(UserError, match="a link out of --out"):
+        check_out(out, [original], draw=True)
+    (out / "drawn").unlink()
+    (out / "drawn").mkdir()
+    inside = out / "drawn" / "b.png"
+    inside.write_bytes(b"an input")
+    with pytest.raises(UserError, match="where the drawings go"):
+        check_out(out, [inside], draw=True)
+    (out / "drawn" / "sub").symlink_to(photos)
+    with pytest.raises(UserError, match="a link out of"):
+        drawn_path(out, "sub/a.png")
+    with pytest.raises(UserError, match="outside the images' folder"):
+        drawn_path(out, str(original))
+    assert drawn_path(out, "x/c.jpg") == out / "drawn" / "x" / "c.jpg"
+    assert original.read_bytes() == b"not touched"

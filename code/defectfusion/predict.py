@@ -365,6 +365,57 @@ def drawn_name(file_name: str) -> str:
     )
 
 
+WRITTEN_BY = "defectfusion predict"
+
+
+def _ours(path: Path) -> bool:
+    """Whether `path` is an images.json that predict wrote (its marker), read with bounds."""
+    from defectfusion.data.coco import load_json
+
+    try:
+        data = load_json(path)
+    except UserError:
+        return False
+    return isinstance(data, dict) and data.get("written_by") == WRITTEN_BY
+
+
+def check_out(out: Path, files: list[Path], draw: bool) -> None:
+    """`--out` is written only inside itself and never over what predict did not make: no
+    link out of it, no predictions.json/images.json of someone else's, and (with --draw) no
+    input image where the drawings go."""
+    out_r = out.resolve()
+    for p in (out / RESULTS_FILE, out / "images.json", out / DRAWN_DIR):
+        if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(out_r)):
+            raise UserError(f"{p}: a link out of --out; predict writes only inside it: remove the "
+                            "link or choose another --out")  # fmt: skip
+    info = out / "images.json"
+    if ((out / RESULTS_FILE).exists() or info.exists()) and not _ours(info):
+        raise UserError(
+            f"{out}: holds {RESULTS_FILE} or images.json that `defectfusion predict` did not "
+            "write; choose another --out (nothing was changed)"
+        )
+    if draw:
+        drawn = (out / DRAWN_DIR).resolve()
+        for f in files:
+            if f.resolve().is_relative_to(drawn):
+                raise UserError(
+                    f"{f}: an input image inside {out / DRAWN_DIR}, where the drawings go; "
+                    "choose another --out"
+                )
+
+
+def drawn_path(out: Path, name: str) -> Path:
+    """Where `name`'s drawing goes, refused unless it stays inside OUT/drawn and is not a
+    link (a name outside the images' root, or a linked sub-folder, would write elsewhere)."""
+    drawn = out / DRAWN_DIR
+    path = drawn / drawn_name(name)
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UserError(f"{name}: outside the images' folder; --draw writes only under {drawn}")
+    if path.is_symlink() or not path.parent.resolve().is_relative_to(drawn.resolve()):
+        raise UserError(f"{path}: a link out of {drawn}; remove it or choose another --out")
+    return path
+
+
 def _save_image(path: Path, image: Image.Image) -> None:
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
     kwargs = {"quality": 95} if fmt == "JPEG" else {}
@@ -386,8 +437,9 @@ def predict_files(
     if not 0.0 <= threshold <= 1.0:
         raise UserError(f"--threshold {threshold}: must be between 0 and 1")
     files, root = find_images(images)
-    detector = load(checkpoint, device)
     out = Path(out)
+    check_out(out, files, draw)  # before minutes of loading and inference
+    detector = load(checkpoint, device)
     records: list[dict[str, Any]] = []
     image_list: list[dict[str, Any]] = []
     per_class = dict.fromkeys(detector.class_names, 0)
@@ -408,7 +460,7 @@ def predict_files(
                 for d in det:
                     per_class[d["label"]] += 1
                 if draw:
-                    _save_image(out / DRAWN_DIR / drawn_name(name), draw_detections(im, det))
+                    _save_image(drawn_path(out, name), draw_detections(im, det))
             bar.update(len(batch))
     atomic_write_json(out / RESULTS_FILE, records, indent=None)
     # The image list (COCO "images" records) lets the ids be mapped back to files, including
@@ -420,6 +472,7 @@ def predict_files(
             "categories": [{"id": i, "name": n} for i, n in enumerate(detector.class_names)],
             "threshold": threshold,
             "checkpoint": str(checkpoint),
+            "written_by": WRITTEN_BY,  # a later predict into this folder may replace it
         },
     )
     return {
