@@ -289,3 +289,30 @@ def test_use_profile_with_a_missing_or_malformed_params_file_is_one_line(tmp_pat
         assert r.returncode == 2 and message in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert bad.read_text() == "a: [1\n"  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "profile, message",
+    [
+        ("phase1: {epochs: -3}\n", "phase1.epochs=-3"),
+        ("phase2: {lr: abc}\n", "phase2.lr"),
+        ("nonsense: 1\n", "nonsense"),
+        ("pipeline: 3\n", "pipeline"),
+    ],
+)
+def test_use_profile_refuses_a_profile_the_pipeline_would_refuse(
+    tmp_path: Path, profile: str, message: str
+) -> None:
+    """Invalid values used to be written into params.yaml with a success message (issue 27)."""
+    import shutil
+
+    from defectfusion.errors import UserError
+    from defectfusion.pipeline import use_profile
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text(encoding="utf-8")
+    (tmp_path / "bad.yaml").write_text(profile, encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        use_profile(tmp_path / "bad.yaml", params)
+    assert params.read_text(encoding="utf-8") == before

@@ -383,3 +383,22 @@ def test_links_out_of_out_and_inputs_among_the_drawings_are_refused(tmp_path: Pa
         drawn_path(out, str(original))
     assert drawn_path(out, "x/c.jpg") == out / "drawn" / "x" / "c.jpg"
     assert original.read_bytes() == b"not touched"
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dataset loader's 50 Mpx cap holds for predict too: the size comes from the header
+    (eight 12000x12000 PNGs once reached 5 GB before the out-of-memory message)."""
+    from PIL import Image
+
+    from defectfusion.data import coco
+    from defectfusion.predict import read_image
+
+    path = tmp_path / "big.png"
+    Image.new("L", (300, 200)).save(path)
+    monkeypatch.setattr(coco, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    with pytest.raises(UserError, match="pixel cap"):
+        read_image(path)
+    monkeypatch.setattr(coco, "MAX_IMAGE_PIXELS", 300 * 200)
+    assert read_image(path).size == (300, 200)

@@ -147,7 +147,14 @@ def use_profile(profile: str | Path, params: str | Path = "params.yaml") -> list
     from ruamel.yaml import YAML
 
     overlay = read_yaml(profile)
-    read_yaml(params)  # a missing or malformed params.yaml: one line, before anything is written
+    base = read_yaml(params)  # a missing or malformed params.yaml: one line, before any write
+    if not isinstance(overlay, dict) or not isinstance(overlay.get("pipeline", {}), dict):
+        raise UserError(f"{profile}: a profile is a mapping of sections (its pipeline too)")
+    # The merged values must be a config the pipeline accepts (types, ranges, known keys):
+    # checked before params.yaml is touched, so a bad profile writes nothing.
+    from defectfusion.config import checked_config, deep_merge
+
+    checked_config(deep_merge(base, overlay), f"{profile} over {params}")
     rt = YAML()  # round-trip: comments and key order of params.yaml survive
     rt.preserve_quotes = True
     params = Path(params)

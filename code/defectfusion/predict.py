@@ -71,13 +71,23 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 
 def read_image(path: str | Path) -> Image.Image:
     """Open an image file as 8-bit RGB; an unreadable file is the user's error, in one line."""
+    from defectfusion.data.coco import MAX_IMAGE_PIXELS
+
     path = Path(path)
     try:
         with Image.open(path) as im:
+            # the size from the header, before a pixel is decoded (the dataset loader's cap)
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise UserError(
+                    f"{path}: {im.width}x{im.height} is over the {MAX_IMAGE_PIXELS:,}-pixel cap; "
+                    "downscale or tile it first"
+                )
             im.load()
             return to_rgb8(im)
     except FileNotFoundError:
         raise UserError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as e:  # PIL's own guard (its error is an Exception)
+        raise UserError(f"{path}: refused by Pillow as a decompression bomb ({e})") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UserError(f"{path}: cannot read image ({e.__class__.__name__}: {e})") from None
 
