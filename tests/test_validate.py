@@ -361,3 +361,15 @@ def test_cli_exit_codes_and_no_traceback(dataset: Path, capsys) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_split_with_no_images_is_not_ok(dataset: Path) -> None:
+    """`data validate` of a dataset with zero images once said "OK: no problems found"."""
+
+    def empty(d: dict[str, Any]) -> None:
+        d["images"], d["annotations"] = [], []
+
+    _edit(dataset, "val", empty)
+    report = validate_path(dataset)
+    assert not report.ok and any("holds no images" in e for e in report.errors)
+    assert "OK: no problems found" not in report.summary()

@@ -116,6 +116,8 @@ def validate_path(path: str | Path, check_images: bool = True) -> ValidationRepo
         if stats is not None:
             report.splits[split] = stats
             loaded[split] = data
+            if data.get("images") == []:  # nothing to train or evaluate on: not "OK"
+                report.errors.append(f"{file}: holds no images; a split needs at least one")
     report.errors += _cross_split_errors(loaded, files)
     return report
 
