@@ -262,3 +262,27 @@ def test_epoch_lines_reach_stdout(tiny_cfg, tmp_path: Path, capsys: pytest.Captu
         "epoch 2/2",
     ]
     assert "\r" not in out and "done: best val map" in out
+
+
+def test_a_val_split_that_cannot_score_the_selection_is_one_line(tmp_path) -> None:
+    """No boxes in val (which `data validate` accepts), or none of a critical class when
+    selecting on critical recall, used to end in a TypeError after an epoch (issue 27)."""
+    import json
+
+    import pytest
+
+    from defectfusion.errors import UserError
+    from defectfusion.train.engine import check_selectable
+
+    path = tmp_path / "val.json"
+    base = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+            "categories": [{"id": i, "name": str(i)} for i in range(6)]}  # fmt: skip
+    path.write_text(json.dumps({**base, "annotations": []}))
+    with pytest.raises(UserError, match="no boxes in the val split"):
+        check_selectable(path, "map", [2, 3, 5])
+    box = {"id": 1, "image_id": 1, "category_id": 0, "bbox": [1, 1, 2, 2], "area": 4, "iscrowd": 0}
+    path.write_text(json.dumps({**base, "annotations": [box]}))
+    check_selectable(path, "map", [2, 3, 5])
+    with pytest.raises(UserError, match="no box of a critical class"):
+        check_selectable(path, "critical_recall", [2, 3, 5])
+    check_selectable(path, "composite", [0])

@@ -269,10 +269,32 @@ def fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any]
             torch.set_flush_denormal(False)  # process-wide state: give it back
 
 
+def check_selectable(val_json: Path, select: str, critical: list[int]) -> None:
+    """The val split can score the selection metric: it has boxes, and of a critical class
+    when the metric reads critical recall (an undefined score used to end in a TypeError
+    after the first epoch's training)."""
+    from defectfusion.data.coco import load_json
+
+    anns = load_json(val_json).get("annotations") or []
+    if not anns:
+        raise UserError(
+            f"{val_json}: no boxes in the val split, so no epoch can be scored or selected; "
+            "add labelled images to val"
+        )
+    if select in ("critical_recall", "composite") and not any(
+        a.get("category_id") in set(critical) for a in anns
+    ):
+        raise UserError(
+            f"{val_json}: no box of a critical class {sorted(critical)} in val, so "
+            f"select_metric={select} is undefined; choose select_metric=map or label them"
+        )
+
+
 def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any]:
     out = job.out
-    out.mkdir(parents=True, exist_ok=True)
     tc = job.train
+    check_selectable(job.val_json, tc.select_metric, list(job.cfg.data.critical_classes))
+    out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=not cuda,
