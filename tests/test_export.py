@@ -233,3 +233,34 @@ def test_phase2_export_round_trip(tiny_run: Path, tiny_data: Path, tmp_path: Pat
     p1 = defectfusion.load(tiny_run / "best.pt").predict(images, threshold=0.0)
     assert loaded.predict(images, threshold=0.0) != p1
     assert "Phase 2" in (out / "README.md").read_text()
+
+
+def test_a_re_export_never_deletes_what_the_export_did_not_write(tmp_path: Path) -> None:
+    """Re-exporting into an earlier export removed the user's NOTES.txt and eval/report.txt,
+    and a user's folder named like the old fixed backup name was deleted (issue 27)."""
+    from defectfusion.errors import UserError
+    from defectfusion.export import META_FILE, _into_folder
+
+    def write(folder: Path) -> dict:
+        (folder / META_FILE).write_text("{}", encoding="utf-8")
+        (folder / "model.safetensors").write_bytes(b"w")
+        return {}
+
+    out = tmp_path / "export"
+    backup = tmp_path / ".export.old"  # the user's, named like the old backup
+    backup.mkdir()
+    (backup / "keep.txt").write_text("mine", encoding="utf-8")
+    _into_folder(out, write)
+    _into_folder(out, write)  # an export replaces its own
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".defectfusion-files.json", META_FILE, "model.safetensors"
+    ]
+    (out / "eval").mkdir()
+    (out / "eval" / "report.txt").write_text("mine", encoding="utf-8")
+    (out / "NOTES.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(UserError, match="did not write .*NOTES.txt"):
+        _into_folder(out, write)
+    assert (out / "NOTES.txt").read_text(encoding="utf-8") == "mine"
+    assert (out / "eval" / "report.txt").is_file()
+    assert (backup / "keep.txt").read_text(encoding="utf-8") == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.old", "export"]

@@ -579,30 +579,59 @@ def _val(meta: dict[str, Any]) -> str:
 # ---- writing a folder atomically ----------------------------------------------------------
 
 
-def _into_folder(out: Path, write: Any) -> dict[str, Any]:
-    """Write into a fresh folder beside `out`, then put it in place of `out`.
+MANIFEST = ".defectfusion-files.json"  # what an export wrote: all that a re-export replaces
 
-    An existing `out` is replaced only if it is empty or an earlier export (it has
-    ``defectfusion.json``): never a folder of the user's other files.
-    """
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
+
+
+def _replaceable(out: Path) -> None:
+    """An existing `out` is replaced only when it is empty or an earlier export holding
+    nothing but the files its manifest lists: never a user's file put beside them."""
+    if out.is_symlink():
+        raise UserError(f"--out {out}: is a link; choose a real folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / META_FILE).is_file() or not (out / MANIFEST).is_file():
         raise UserError(f"--out {out}: folder exists and is not an earlier export; choose another")
+    from defectfusion.data.coco import load_json
+
+    listed = load_json(out / MANIFEST)
+    if not isinstance(listed, list) or not all(isinstance(x, str) for x in listed):
+        raise UserError(f"{out / MANIFEST}: not a list of file names; choose another --out")
+    extra = sorted(set(_files(out)) - set(listed) - {MANIFEST})
+    if extra:
+        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise UserError(
+            f"--out {out}: holds files the export did not write ({shown}); move them or "
+            "choose another --out (nothing was changed)"
+        )
+
+
+def _into_folder(out: Path, write: Any) -> dict[str, Any]:
+    """Write into a fresh folder beside `out`, then put it in place of `out` (`_replaceable`
+    says when an existing one may go). The old export is moved to a fresh name of our own,
+    never to a fixed one a user's folder could have."""
+    _replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old: Path | None = None
     try:
         info = write(tmp)
+        atomic_write_json(tmp / MANIFEST, _files(tmp))
         tmp.chmod(0o755)  # mkdtemp makes it private
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            out.rename(old / "export")  # into a folder we just made: nobody else's name
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and out.exists():
+            shutil.rmtree(old, ignore_errors=True)
     return info
