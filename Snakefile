@@ -382,7 +382,7 @@ rule postmortem:
         pipe=canonical({k: P[k] for k in ("variants", "seeds", "bootstrap")}),
         switches=canonical({v: P["variant_switches"][v] for v in VARIANTS}),
         config=resolved,
-    threads: workflow.cores
+    threads: lambda w: workflow.cores  # a lambda: --report and --rulegraph set no --cores
     log:
         "logs/postmortem.log",
     benchmark:
