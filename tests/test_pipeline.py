@@ -195,9 +195,8 @@ def test_snakemake_report_holds_every_figure_and_table(micro_run: Path, tmp_path
     """`snakemake --report` (offline): each figure and table, with its caption."""
     import re
 
-    from defectfusion.report import FIGURES, TABLES
-
     from conftest import MICRO
+    from defectfusion.report import FIGURES, TABLES
 
     # as the README writes it: no --cores (a rule's `threads: workflow.cores` once failed it)
     out = subprocess.run(
