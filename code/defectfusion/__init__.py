@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+import typing as _typing
 
-if TYPE_CHECKING:  # torch is imported lazily, by `load`
+if _typing.TYPE_CHECKING:  # torch is imported lazily, by `load`
+    from pathlib import Path
+
     import torch
 
     from defectfusion.predict import Detector
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "load"]
+
+
+def __dir__() -> list[str]:
+    """The public names (``dir(defectfusion)`` listed Path, TYPE_CHECKING and annotations)."""
+    return sorted(__all__)
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> Detector:
