@@ -557,7 +557,7 @@ def paired_bootstrap(
     counts = image_replicates(len(gt["images"]), n_boot, np.random.default_rng(seed))
     diffs = {k: np.full(n_boot, np.nan) for k in keys}
     step = 128
-    for i in tqdm(range(0, n_boot, step), desc="bootstrap", unit="chunk", disable=not progress):
+    for i in tqdm(range(0, n_boot, step), desc="bootstrap", unit="chunk", disable=None if progress else True):
         ma = ev_a.metrics_many(counts[i : i + step], critical_classes, weights)
         mb = ev_b.metrics_many(counts[i : i + step], critical_classes, weights)
         for k in keys:

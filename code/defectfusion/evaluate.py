@@ -111,7 +111,7 @@ def predict(
     try:
         with torch.no_grad():
             for pixel_values, targets in tqdm(
-                loader, desc="predict", unit="batch", disable=not progress
+                loader, desc="predict", unit="batch", disable=None if progress else True
             ):
                 out = model(pixel_values=pixel_values.to(device))
                 sizes = [t["orig_size"] for t in targets]

@@ -248,7 +248,7 @@ class Detector:
         items = [images] if single else list(images)  # type: ignore[list-item]
         out: list[list[Detection]] = []
         for batch in tqdm(
-            list(_chunks(items, batch_size)), desc="predict", unit="batch", disable=not progress
+            list(_chunks(items, batch_size)), desc="predict", unit="batch", disable=None if progress else True
         ):
             out += self.predict_rgb([as_rgb8(x) for x in batch], threshold, max_dets)
         return out[0] if single else out
@@ -455,7 +455,7 @@ def predict_files(
     per_class = dict.fromkeys(detector.class_names, 0)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    with tqdm(total=len(files), desc="predict", unit="image", disable=not progress) as bar:
+    with tqdm(total=len(files), desc="predict", unit="image", disable=None if progress else True) as bar:
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
             rgb = [read_image(p) for p in batch]

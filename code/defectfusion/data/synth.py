@@ -560,7 +560,7 @@ def _generate_into(
     results = pool.map(_make, jobs, chunksize=16) if pool else map(_make, jobs)
     summary: dict[str, Any] = {}
     try:
-        with tqdm(total=len(jobs), desc="synth", unit="img") as bar:
+        with tqdm(total=len(jobs), desc="synth", unit="img", disable=None) as bar:
             for split in coco.SPLITS:
                 summary[split] = _write_split(out, spec, split, sizes[split], results, bar)
     finally:
