@@ -143,10 +143,17 @@ def drift_of(diff: float, se: float, df: float | None = None) -> dict[str, Any]:
     ],
 )
 def test_each_branch_of_the_rule(val: dict, test: dict, branch: str) -> None:
+    from defectfusion.report.summary import verdict_words_es
+
     got = judge(val, test, 0.7, THESIS, RULE, n_hypotheses=9)
     assert got["branch"] == branch and got[branch]
     assert sum(got[b] for b in BRANCHES) == 1
     assert got["level_adjusted"] == pytest.approx(100 - 5 / 9)
+    words = {"reproduces": "reproduce la caída de la tesis", "partial": "es un mecanismo en la "
+             "dirección de la tesis", "opposite": "va en contra de la tesis",
+             "equivalent": "no cambia la mAP", "inconclusive": "no es concluyente"}  # fmt: skip
+    texto = verdict_words_es(got)
+    assert texto.startswith(words[branch]) and "99.44\u202f%" in texto  # the adjusted level
 
 
 def test_the_adjustment_and_the_declared_values_decide() -> None:
