@@ -133,6 +133,11 @@ def thesis_drop(path: Path = THESIS_FIGURES) -> dict[str, Any]:
             f"{path}: needs numeric map_phase1.value and map_epoch1_zero_start.value "
             "(the thesis's epoch-1 drop, quoted beside each verdict)"
         ) from None
+    if not (p1 > 0 and e1 < p1):
+        raise UserError(
+            f"{path}: map_phase1.value must be > 0 and map_epoch1_zero_start.value below it "
+            "(the thesis's drop, which every verdict is sized against)"
+        )
     return {"phase1": p1, "epoch1": e1, "drop": round(e1 - p1, 6), "source": source}
 
 
@@ -507,11 +512,12 @@ def judge(
     - ``reproduces``: (a) the val interval, adjusted for the H hypotheses, lies below 0; (b)
       the test interval, adjusted alike, lies below 0 too (``test_agrees``); (c) the drop
       relative to Phase 1 reaches ``min_fraction`` of the thesis's relative drop;
-    - ``partial``: (a) and (b) but not (c): a mechanism in the thesis's direction at a
-      fraction of its size;
-    - ``opposite``: (a) and (b) with both intervals above 0;
-    - ``equivalent`` ("no change"): not the above, and the whole adjusted val interval lies
-      inside +-``equivalence_margin``;
+    - ``equivalent`` ("no change" in practice): not the above, and the whole adjusted val
+      interval lies inside +-``equivalence_margin`` (a significant change that small counts
+      as none);
+    - ``partial``: (a) and (b) but not (c), beyond the margin: a drop in the thesis's
+      direction at a fraction of its size;
+    - ``opposite``: (a) and (b) with both intervals above 0, beyond the margin;
     - ``inconclusive``: anything else (an interval too wide to say either, or val and test
       that disagree).
     """
@@ -526,13 +532,13 @@ def judge(
     fraction = None if relative is None else relative / t_rel  # > 0: the thesis's direction
     margin = float(rule["equivalence_margin"])
     within = ci_val[0] is not None and -margin <= ci_val[0] and ci_val[1] <= margin
-    if sign != 0 and test_ok:
-        if sign < 0:
-            branch = "reproduces" if fraction >= rule["min_fraction"] else "partial"
-        else:
-            branch = "opposite"
-    elif within:
+    big_enough = fraction is not None and fraction >= rule["min_fraction"]
+    if sign < 0 and test_ok and big_enough:
+        branch = "reproduces"
+    elif within:  # inside the margin: practically no change, significant or not
         branch = "equivalent"
+    elif sign != 0 and test_ok:
+        branch = "partial" if sign < 0 else "opposite"
     else:
         branch = "inconclusive"
     p = t_p_value(diff, val)
@@ -617,25 +623,30 @@ def _mechanism(
 
 def _outcome(p2: dict[str, Any], adopted: str) -> dict[str, Any]:
     """What the book can conclude: the hypotheses in each branch of the rule, and whether the
-    thesis's drop is explained (only by a hypothesis that reproduces it)."""
+    thesis's drop is explained. It is only by a hypothesis that reproduces it: a control,
+    when the adopted recipe does not; when the adopted recipe reproduces it itself, a
+    control that removes it (above the adopted recipe at epoch 1, adjusted interval, and no
+    drop of its own against Phase 1)."""
     others = [v for v in p2 if v != adopted]
     by = {b: [v for v in others if p2[v]["verdict"]["branch"] == b] for b in BRANCHES}
     adopted_branch = p2[adopted]["verdict"]["branch"]
     adopted_drop = adopted_branch in ("reproduces", "partial")
-    # With a drop in the adopted recipe: the controls above it at epoch 1 (adjusted interval)
-    # that do not drop themselves (switching their factor removes the drop).
     removing = [
         v for v in others
         if adopted_drop and (p2[v]["verdict"]["vs_adopted"] or {}).get("verdict") == "rise"
         and p2[v]["verdict"]["branch"] in ("equivalent", "opposite")
     ]  # fmt: skip
-    # the adopted recipe reproduces the drop: explained by a control that removes it
-    explained = bool(removing) if adopted_branch == "reproduces" else bool(by["reproduces"])
+    adopted_reproduces = adopted_branch == "reproduces"
+    explained = bool(removing) if adopted_reproduces else bool(by["reproduces"])
     return {
         "adopted_branch": adopted_branch,
         "adopted_drop": adopted_drop,
+        "adopted_reproduces": adopted_reproduces,
+        "adopted_partial": adopted_branch == "partial",
         **{f"{b}_variants": vs for b, vs in by.items()},
         **{f"n_{b}": len(vs) for b, vs in by.items()},
+        # a drop in the thesis's direction below its size, the adopted recipe's included
+        "any_partial": bool(by["partial"]) or adopted_branch == "partial",
         "removing_variants": removing,
         "n_removing": len(removing),
         "explained": explained,

@@ -474,46 +474,46 @@ def verdict_words_es(vd: dict[str, Any]) -> str:
     numbers that decided it (postmortem.judge). It completes "Esta hipótesis ..."."""
     b = vd["branch"]
     if vd["diff"] is None:
-        return "no se puede juzgar: la ejecución no tiene su deriva en la época 1."
+        return "no se puede juzgar: esta ejecución no tiene deriva medida en la época 1."
     level = number_es(vd["level_adjusted"], ".2f")
-    val = f"{number_es(vd['diff'], '+.4f')} (IC ajustado al {level}\u202f%: {_ci_es(vd['ci_adjusted'])})"
+    val = f"{number_es(vd['diff'], '+.4f')}; IC ajustado al {level}\u202f%: {_ci_es(vd['ci_adjusted'])}"
     t = vd["test"]
-    test = f"{number_es(t['diff'], '+.4f')} (IC ajustado {_ci_es(t['ci_adjusted'])})"
+    test = f"{number_es(t['diff'], '+.4f')}; IC ajustado: {_ci_es(t['ci_adjusted'])}"
     frac = number_es(vd["fraction_of_thesis"], ".0%")
     need = number_es(vd["min_fraction"], ".0%")
     margin = number_es(vd["equivalence_margin"], ".3f")
     if b == "reproduces":
         return (
-            f"reproduce la caída de la tesis: en validación, la mAP cambia {val} en la época 1, "
-            f"el {frac} de la caída relativa de la tesis (el umbral declarado es el {need}), y "
-            f"la prueba lo confirma ({test})."
+            f"reproduce la caída de la tesis: en validación, la mAP cambia en la época 1 "
+            f"({val}), el {frac} de la caída relativa de la tesis (la regla exige al menos el "
+            f"{need}), y la partición de prueba lo confirma ({test})."
         )
     if b == "partial":
         return (
-            f"es un mecanismo en la dirección de la tesis, al {frac} de su tamaño: en "
-            f"validación, la mAP cambia {val} en la época 1 y la prueba lo confirma ({test}), "
-            f"pero la caída no llega al {need} de la de la tesis que la regla exige para "
-            "decir que la reproduce."
+            f"baja la mAP en la dirección de la tesis, pero solo al {frac} de su tamaño "
+            f"relativo: en validación, la mAP cambia en la época 1 ({val}) y la partición de "
+            f"prueba lo confirma ({test}), pero la caída no llega al {need} de la de la tesis, "
+            "el mínimo que la regla exige para decir que la reproduce."
         )
     if b == "opposite":
         return (
-            f"va en contra de la tesis: en validación, la mAP sube {val} en la época 1, y la "
-            f"prueba lo confirma ({test})."
+            f"va en contra de la tesis: en validación, la mAP sube en la época 1 ({val}), y la "
+            f"partición de prueba lo confirma ({test})."
         )
     if b == "equivalent":
         return (
-            f"no cambia la mAP: todo su intervalo ajustado en la época 1 cae dentro del margen "
-            f"de equivalencia de ±{margin} ({val})."
+            f"no mueve la mAP a efectos prácticos: su cambio en la época 1 ({val}) cabe entero "
+            f"en el margen de equivalencia de ±{margin}."
         )
     if vd["excludes_zero"]:
         return (
-            f"no es concluyente: en validación, la mAP cambia {val} en la época 1, pero la "
-            f"prueba no lo confirma ({test})."
+            f"no es concluyente: en validación, la mAP cambia en la época 1 ({val}), pero la "
+            f"partición de prueba no lo confirma ({test})."
         )
     return (
-        f"no es concluyente: en validación, el cambio de la mAP en la época 1 es {val}; el "
-        f"intervalo contiene el cero y sale del margen de equivalencia de ±{margin}, así que "
-        "estos datos no distinguen un cambio de su ausencia."
+        f"no es concluyente: en validación, el cambio de la mAP en la época 1 ({val}) "
+        f"contiene el cero y sale del margen de equivalencia de ±{margin}, así que estos "
+        "datos no distinguen un cambio de su ausencia."
     )
 
 
