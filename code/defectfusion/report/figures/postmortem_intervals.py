@@ -28,6 +28,7 @@ applies the style and saves it.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -174,15 +175,16 @@ def postmortem_mechanism(ctx: Any) -> Figure:
     ax_a.set_yticks(ys, [variant_name_es(v) for v in variants])
     ax_a.set_ylim(-0.7, len(variants) - 0.3)
     ax_a.set_xlabel("Δ mAP val.")
-    ax_a.set_title("(a) azul: época 0 − Fase 1 (antes de actualizar);\n"
-                   "naranja: época 1 − época 0 (la primera época)", fontsize=7.5)  # fmt: skip
+    ax_a.set_title("(a) azul: época 0 − Fase 1;\nnaranja: época 1 − época 0", fontsize=7.5)
     ax_a.xaxis.set_major_locator(MaxNLocator(4))
     ax_a.ticklabel_format(axis="x", style="plain", useOffset=False)
     switches = ctx.values["pipeline"].get("variant_switches") or {}
     size = int(ctx.values["data"]["image_size"])
     doses = []
     for v in variants:
-        dose = ("adopted", 0.0) if v == pm["adopted"] else input_dose(switches.get(v, {"x": 0}), size)
+        dose = (
+            ("adopted", 0.0) if v == pm["adopted"] else input_dose(switches.get(v, {"x": 0}), size)
+        )
         if dose is not None:
             doses.append((v, dose[1]))
     if len(doses) > 1:
@@ -205,8 +207,10 @@ def postmortem_mechanism(ctx: Any) -> Figure:
         ax_b.set_axis_off()
         ax_b.text(0.5, 0.5, "sin variantes de dosis en esta ejecución\n(perfil configs/mechanism.yaml)",
                   ha="center", va="center", fontsize=7.5, transform=ax_b.transAxes)  # fmt: skip
-    ax_b.set_title("(b) dosis del desajuste de entrada: azul, época 0;\n"
-                   "rojo, época 1 (IC ajustado de la regla)", fontsize=7.5)  # fmt: skip
+    ax_b.set_title(
+        "(b) dosis del desajuste de la entrada;\nazul: época 0; rojo: época 1 (IC ajustado)",
+        fontsize=7.5,
+    )
     fig.suptitle("Relleno: el intervalo excluye el 0", fontsize=7.5)
     return fig
 
@@ -284,7 +288,7 @@ def postmortem_drift(ctx: Any) -> Figure:
         ax.axhline(0.0, color=PHASE1_COLOR, lw=0.7, zorder=0)
         if show_thesis:
             ax.plot([1], [thesis], marker="x", ms=6, color=PHASE1_COLOR, ls="none")
-        ax.set_title(variant_name_es(v), fontsize=7.5)
+        ax.set_title(textwrap.fill(variant_name_es(v), 24), fontsize=7.5)  # long names wrap
         ax.set_ylim(lo, hi)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
@@ -299,7 +303,7 @@ def postmortem_drift(ctx: Any) -> Figure:
     where = "×" if show_thesis else f"fuera de escala, {num(thesis, '.3f')}"
     fig.suptitle(
         f"Cambio respecto de la Fase 1 (época 0: antes de actualizar). Media de las "
-        f"semillas{band}; discontinua gris: «{variant_name_es(adopted).lower()}»; la tesis en "
+        f"semillas{band};\ndiscontinua gris: «{variant_name_es(adopted).lower()}»; la tesis en "
         f"la época 1: {where}",
         fontsize=7.5,
     )
