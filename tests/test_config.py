@@ -64,6 +64,7 @@ def test_a_section_given_in_part_keeps_its_own_defaults() -> None:
         ({"pipeline": {"variants": ["../../../escape_v"],
                        "variant_switches": {"../../../escape_v": {}}}}, "not a safe name"),
         ({"pipeline": {"variant_switches": {"a/b": {}}}}, "not a safe name"),
+        ({"pipeline": {"variants": ["naive", "frozen0"]}}, "must include zero_start"),
         ({"pipeline": {"preset_overrides": {".hidden": {}}}}, "not a safe name"),
     ],
 )

@@ -581,6 +581,11 @@ def check_pipeline(pipe: PipelineSection, where: str) -> None:
                     "name): use letters, digits, '_', '-' and single dots, starting with a "
                     "letter or digit"
                 )
+    if "zero_start" not in pipe.variants:  # report.ADOPTED_VARIANT (config imports no report)
+        raise UserError(
+            f"{where}: pipeline.variants {pipe.variants} must include zero_start, the adopted "
+            "recipe every other variant is compared with"
+        )
     unknown = [v for v in pipe.variants if v not in pipe.variant_switches]
     if unknown:
         raise UserError(

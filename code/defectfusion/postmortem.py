@@ -314,7 +314,12 @@ def run_postmortem(
     seed = int(values.get("seed", 0) if seed is None else seed)
     rule = rule_of(values)
     sets = _Sets(values, layout, n_boot, seed)
-    adopted = ADOPTED_VARIANT if ADOPTED_VARIANT in layout.variants else layout.variants[0]
+    if ADOPTED_VARIANT not in layout.variants:  # the reference of every contrast and effect
+        raise UserError(
+            f"pipeline.variants {list(layout.variants)}: the post-mortem compares every "
+            f"variant with the adopted {ADOPTED_VARIANT}; add it to the list"
+        )
+    adopted = ADOPTED_VARIANT
     covers = _covers(len(layout.seeds))
     metrics = sets.metrics
 

@@ -120,6 +120,8 @@ class Layout:
     @property
     def adopted(self) -> tuple[str, int]:
         """(variant, seed) of the Phase 2 model the figures compare with Phase 1."""
+        # the config requires the adopted variant (config.check_pipeline); a hand-made layout
+        # without it still names one, the first, for the figures that need a Phase 2 model
         variant = ADOPTED_VARIANT if ADOPTED_VARIANT in self.variants else self.variants[0]
         return variant, self.seeds[0]
 
