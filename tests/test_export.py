@@ -212,6 +212,7 @@ def test_phase2_export_round_trip(tiny_run: Path, tiny_data: Path, tmp_path: Pat
         "model.safetensors",
         "defectfusion.json",
         "README.md",
+        ".defectfusion-files.json",  # what a re-export may replace (export.MANIFEST)
     }
     record = json.loads((out / "defectfusion.json").read_text())
     assert record["format"] == "defectfusion-phase2-v1"

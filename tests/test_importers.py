@@ -429,3 +429,13 @@ def test_import_coco_rejects_bad_input_in_one_line(tmp_path: Path, case: str) ->
     assert "\n" not in str(exc.value)
     assert expect in str(exc.value), str(exc.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_import_coco_of_zero_images_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    """Importing a COCO file with zero images used to exit 0 and print nothing (issue 27)."""
+    images, ann_file = _coco_source(tmp_path)
+    empty = {**json.loads(ann_file.read_text()), "images": [], "annotations": []}
+    ann_file.write_text(json.dumps(empty))
+    with pytest.raises(UserError, match="no images"):
+        import_coco(images, [ann_file], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

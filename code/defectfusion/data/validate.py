@@ -116,9 +116,11 @@ def validate_path(path: str | Path, check_images: bool = True) -> ValidationRepo
         if stats is not None:
             report.splits[split] = stats
             loaded[split] = data
-            if data.get("images") == []:  # nothing to train or evaluate on: not "OK"
-                report.errors.append(f"{file}: holds no images; a split needs at least one")
     report.errors += _cross_split_errors(loaded, files)
+    # Nothing to train or evaluate on is not "OK" (a tiny import may leave one split empty;
+    # training and evaluation refuse an empty split they read).
+    if loaded and all(d.get("images") == [] for d in loaded.values()):
+        report.errors.append(f"{path}: holds no images in any split")
     return report
 
 
