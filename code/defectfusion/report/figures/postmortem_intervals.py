@@ -61,16 +61,23 @@ def _postmortem(layout: Layout) -> dict[str, Any]:
     return pm
 
 
-def _interval(ax: Any, y: float, d: dict[str, Any] | None, color: str) -> None:
-    """One row of a forest plot: the difference and its interval; hollow when it contains 0."""
+def _interval(
+    ax: Any, at: float, d: dict[str, Any] | None, color: str, vertical: bool = False
+) -> None:
+    """One row of a forest plot (a column with `vertical`): the difference and its interval at
+    `at`; hollow when the interval contains 0."""
     if not d or d.get("diff") is None:
         return
     lo, hi = d["ci"]
+
+    def xy(values: list[float], pos: list[float]) -> tuple[list[float], list[float]]:
+        return (pos, values) if vertical else (values, pos)
+
     if lo is not None:
-        ax.plot([lo, hi], [y, y], color=color, lw=1.6, solid_capstyle="butt")
+        ax.plot(*xy([lo, hi], [at, at]), color=color, lw=1.6, solid_capstyle="butt")
     excludes = lo is not None and (hi < 0 or lo > 0)
     ax.plot(
-        [d["diff"]], [y], marker="o", ms=5, color=color,
+        *xy([d["diff"]], [at]), marker="o", ms=5, color=color,
         markerfacecolor=color if excludes else "white", markeredgewidth=1.3, ls="none",
     )  # fmt: skip
 
@@ -85,9 +92,9 @@ def postmortem_forest(ctx: Any) -> Figure:
     axes = fig.subplots(1, 3, sharey=True, squeeze=False)[0]
     ys = np.arange(len(variants))[::-1]  # the first variant on top
     panels = [
-        ("(a) época 1, validación,\nmenos la Fase 1", "epoch1", "val", "phase1"),
-        ("(b) mejor época, prueba,\nmenos la Fase 1", "best", "test", "phase1"),
-        (f"(c) época 1, validación, menos\n«{variant_name_es(adopted).lower()}»",
+        ("(a) época 1, val.\n− Fase 1", "epoch1", "val", "phase1"),
+        ("(b) mejor época, prueba\n− Fase 1", "best", "test", "phase1"),
+        (f"(c) época 1, val.\n− «{variant_name_es(adopted).lower()}»",
          "epoch1", "val", "adopted"),
     ]  # fmt: skip
     for ax, (title, which, split, against) in zip(axes, panels, strict=True):
@@ -120,14 +127,14 @@ def postmortem_forest(ctx: Any) -> Figure:
         ax.set_title(title, fontsize=7.5)
         ax.set_xlabel("Δ mAP@[.50:.95]")
         ax.grid(axis="y", visible=False)
-        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.xaxis.set_major_locator(MaxNLocator(3))
         ax.ticklabel_format(axis="x", style="plain", useOffset=False)  # U+2212 minus, decimal point
     axes[0].set_yticks(ys, [variant_name_es(v) for v in variants])
     axes[0].set_ylim(-0.7, len(variants) - 0.3)
     n = len(pm["seeds"])
     rule = pm["rule"]
     fig.suptitle(
-        f"Intervalos sobre imágenes y {n} semilla{'s' if n != 1 else ''} de la Fase 2; (a) y (c) "
+        f"Intervalos sobre imágenes y {n} semilla{'s' if n != 1 else ''} de la Fase 2;\n(a) y (c) "
         f"ajustados por {rule['n_hypotheses']} hipótesis (cada uno al "
         f"{num(rule['level_each'], '.2f')} %), (b) al 95 %. Relleno: excluye el 0",
         fontsize=7.5,
@@ -193,8 +200,10 @@ def postmortem_mechanism(ctx: Any) -> Figure:
         for x, (v, _) in zip(xs, doses, strict=True):
             vd = pm["phase2"][v]["verdict"]
             shift = pm["phase2"][v]["mechanism"]["shift_epoch0"]
-            _vinterval(ax_b, x - 0.12, shift, "#4c72b0")
-            _vinterval(ax_b, x + 0.12, {"diff": vd["diff"], "ci": vd["ci_adjusted"]}, "#c44e52")
+            _interval(ax_b, x - 0.12, shift, "#4c72b0", vertical=True)
+            _interval(
+                ax_b, x + 0.12, {"diff": vd["diff"], "ci": vd["ci_adjusted"]}, "#c44e52", True
+            )
         ax_b.axhline(thesis, color=GREY, ls=(0, (4, 2)), lw=1.0)
         ax_b.axhline(0.0, color=PHASE1_COLOR, lw=0.8, zorder=0)
         ax_b.annotate(f"tesis: {num(thesis, '.3f')}", xy=(0.02, thesis), xycoords=("axes fraction", "data"),
@@ -213,18 +222,6 @@ def postmortem_mechanism(ctx: Any) -> Figure:
     )
     fig.suptitle("Relleno: el intervalo excluye el 0", fontsize=7.5)
     return fig
-
-
-def _vinterval(ax: Any, x: float, d: dict[str, Any] | None, color: str) -> None:
-    """`_interval` standing up: a difference and its interval at `x`."""
-    if not d or d.get("diff") is None:
-        return
-    lo, hi = d["ci"]
-    if lo is not None:
-        ax.plot([x, x], [lo, hi], color=color, lw=1.6, solid_capstyle="butt")
-    excludes = lo is not None and (hi < 0 or lo > 0)
-    ax.plot([x], [d["diff"]], marker="o", ms=5, color=color,
-            markerfacecolor=color if excludes else "white", markeredgewidth=1.3, ls="none")  # fmt: skip
 
 
 def _deltas(layout: Layout, variant: str, phase1: float) -> tuple[list[int], np.ndarray]:
