@@ -348,11 +348,13 @@ def _without_code_blocks(text: str) -> str:
     (```{si}, a caption) is prose and stays."""
     kept, code, fence = [], False, False
     for line in text.splitlines():
-        if line.startswith("```"):
+        # a fence, also inside a list item ("2. ```{si} ...", then indented)
+        bare = re.sub(r"^\s*(?:\d+\.|[-*])\s+(?=```)", "", line).strip()
+        if bare.startswith("```"):
             if fence:
                 fence = code = False
             else:
-                fence, code = True, line.strip() in ("```", "```bash", "```text")
+                fence, code = True, bare in ("```", "```bash", "```text")
             continue
         if not code:
             kept.append(line)
@@ -589,3 +591,17 @@ def test_the_micro_pipeline_book_is_spanish_and_has_its_pdf(micro_run: Path) -> 
     assert not hyphen_minus_in(site)
     pdf = micro_run / "thesis/_build/libro.pdf"
     assert pdf.is_file() and pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 100_000
+
+
+def test_the_book_builds_without_the_optional_controls(tmp_path: Path) -> None:
+    """A profile may run a subset of the variants: without frozen0, deimv2_loss and
+    thesis_replica the pages that name them say what was not measured, and the book builds."""
+    summary = complete(fake_summary())
+    gone = ("frozen0", "deimv2_loss", "thesis_replica")
+    summary["variants_run"] = {**summary.get("variants_run", {}), **dict.fromkeys(gone, False)}
+    for v in gone:
+        summary["phase2"].pop(v, None)
+    summary["postmortem"].pop("effects", None)
+    site = build(tmp_path, summary, fill=False).parent
+    assert "no se midió" in _text(site / "conclusiones.html")
+    assert "no se juzga aquí" in _text(site / "resultados.html")
