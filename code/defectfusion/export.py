@@ -24,8 +24,6 @@ half-written folder.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from torch import nn
 
 from defectfusion import __version__
 from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_json, atomic_write_text
+from defectfusion.fsutil import atomic_write_json, atomic_write_text, staged_dir, swap_dir
 
 FORMATS = ("hf", "onnx")
 FORMAT_HF = "defectfusion-hf-v1"
@@ -579,30 +577,21 @@ def _val(meta: dict[str, Any]) -> str:
 # ---- writing a folder atomically ----------------------------------------------------------
 
 
-MANIFEST = ".defectfusion-files.json"  # what an export wrote: all that a re-export replaces
-
-
-def _files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
-
-
 def _replaceable(out: Path) -> None:
     """An existing `out` is replaced only when it is empty or an earlier export holding
-    nothing but the files its manifest lists: never a user's file put beside them."""
+    nothing but the files its manifest lists (`coco.foreign_files`, the datasets' own rule):
+    never a user's file put beside them."""
+    from defectfusion.data.coco import foreign_files, manifest_writer
+
     if out.is_symlink():
         raise UserError(f"--out {out}: is a link; choose a real folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not (out / META_FILE).is_file() or not (out / MANIFEST).is_file():
+    if not (out / META_FILE).is_file() or manifest_writer(out) != EXPORT_WRITER:
         raise UserError(f"--out {out}: folder exists and is not an earlier export; choose another")
-    from defectfusion.data.coco import load_json
-
-    listed = load_json(out / MANIFEST)
-    if not isinstance(listed, list) or not all(isinstance(x, str) for x in listed):
-        raise UserError(f"{out / MANIFEST}: not a list of file names; choose another --out")
-    extra = sorted(set(_files(out)) - set(listed) - {MANIFEST})
+    extra = [p.relative_to(out).as_posix() for p in foreign_files(out)]
     if extra:
         shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
         raise UserError(
@@ -611,27 +600,19 @@ def _replaceable(out: Path) -> None:
         )
 
 
+EXPORT_WRITER = "export"  # the writer its manifest names (coco.write_manifest)
+
+
 def _into_folder(out: Path, write: Any) -> dict[str, Any]:
-    """Write into a fresh folder beside `out`, then put it in place of `out` (`_replaceable`
-    says when an existing one may go). The old export is moved to a fresh name of our own,
-    never to a fixed one a user's folder could have."""
+    """Write into a staging folder beside `out`, list what it wrote (the manifest), then swap
+    it in (`fsutil.staged_dir`/`swap_dir`: the earlier export goes to a temporary named by
+    this process, never to a fixed name a user's folder could have); `_replaceable` says when
+    an existing `out` may go."""
+    from defectfusion.data.coco import write_manifest
+
     _replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    old: Path | None = None
-    try:
+    with staged_dir(out) as tmp:
         info = write(tmp)
-        atomic_write_json(tmp / MANIFEST, _files(tmp))
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            out.rename(old / "export")  # into a folder we just made: nobody else's name
-            tmp.rename(out)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and out.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        write_manifest(tmp, EXPORT_WRITER)
+        swap_dir(tmp, out)
     return info
