@@ -380,6 +380,20 @@ def class_name_es(name: str) -> str:
     return CLASS_NAMES_ES.get(name, name)
 
 
+def number_es(value: float | None, spec: str = ".2f") -> str:
+    """A number as the book prints it (thesis/_ext/thesis_values.py), for the figures' text and
+    the summary's sentences: decimal point, a true minus sign (U+2212), never a signed zero,
+    a narrow space before %; "n/d" where the run has none (an undefined metric)."""
+    if value is None:
+        return "n/d"
+    text = format(value, spec)
+    if float(text.rstrip("%")) == 0:
+        text = text.lstrip("+-")
+    if text.endswith("%"):
+        text = text[:-1] + "\u202f%"
+    return text.replace("-", "\u2212")
+
+
 def variant_name_es(variant: str) -> str:
     return VARIANT_NAMES_ES.get(variant, variant)
 

@@ -98,6 +98,7 @@ from defectfusion.report import (
     PARAM_SECTIONS,
     SPLIT_NAMES,
     Layout,
+    number_es,
     variant_name_es,
 )
 from defectfusion.report import provenance as prov
@@ -450,19 +451,6 @@ def postmortem_entry(pm: dict[str, Any], variant: str) -> dict[str, Any]:
 
 
 # ---- the rule's words (Spanish: the book prints them as they are) --------------------------
-
-
-def number_es(value: float | None, spec: str) -> str:
-    """A number as the book prints it (thesis/_ext/thesis_values.py): a true minus sign,
-    never a signed zero; "n/d" where the run has none (an undefined metric)."""
-    if value is None:
-        return "n/d"
-    text = format(value, spec)
-    if float(text.rstrip("%")) == 0:
-        text = text.lstrip("+-")
-    if text.endswith("%"):
-        text = text[:-1] + "\u202f%"
-    return text.replace("-", "\u2212")
 
 
 def _ci_es(ci: list[float | None]) -> str:

@@ -46,6 +46,7 @@ from defectfusion.report import (
     chosen,
     class_name_es,
     model_color,
+    number_es,
     output,
     variant_name_es,
 )
@@ -85,12 +86,8 @@ def variant_color(layout: Layout, variant: str) -> str:
     return model_color(variant, order=layout.variants)
 
 
-def num(value: float, spec: str = ".2f") -> str:
-    """A number in a figure's text as in the book: decimal point, U+2212 minus, no -0.00."""
-    text = format(value, spec)
-    if float(text) == 0:
-        text = text.lstrip("+-")
-    return text.replace("-", "\u2212")
+# A number in a figure's text as in the book (and the summary's sentences): one function.
+num = number_es
 
 
 def cls(name: str) -> str:
