@@ -75,6 +75,7 @@ benchmarks/bench_coverage.py measures its coverage).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -313,13 +314,13 @@ def run_postmortem(
         raise UserError(f"n_boot={n_boot}: need at least 1 bootstrap replicate")
     seed = int(values.get("seed", 0) if seed is None else seed)
     rule = rule_of(values)
-    sets = _Sets(values, layout, n_boot, seed)
     if ADOPTED_VARIANT not in layout.variants:  # the reference of every contrast and effect
         raise UserError(
             f"pipeline.variants {list(layout.variants)}: the post-mortem compares every "
             f"variant with the adopted {ADOPTED_VARIANT}; add it to the list"
         )
     adopted = ADOPTED_VARIANT
+    sets = _Sets(values, layout, n_boot, seed)
     covers = _covers(len(layout.seeds))
     metrics = sets.metrics
 
@@ -389,11 +390,13 @@ def run_postmortem(
             "mechanism": _mechanism(drifts, p2[v], idx),
             "history": _history_check(layout, v, vals),
         }
-        out_p2[v]["verdict"]["vs_adopted"] = _vs_adopted(v, adopted, contrasts, rule, layout)
+        out_p2[v]["verdict"]["vs_adopted"] = _vs_adopted(
+            v, adopted, contrasts, rule, len(layout.variants)
+        )
         out_p2[v]["verdict"]["final"] = verdict(drifts["final"]["val"]["map"]["ci"])
 
     outcome = _outcome(out_p2, adopted)
-    effects = named_effects(p2, phase1, idx, metrics, adopted)
+    effects = named_effects(p2, phase1, idx, metrics)
     factorial = factorial_effects(p2, values, idx)
     seconds = time.perf_counter() - start
     # on a shared machine, what the stage itself used (its workers' sets included)
@@ -477,18 +480,20 @@ BRANCHES = ("reproduces", "partial", "opposite", "equivalent", "inconclusive")
 def rule_of(values: dict[str, Any]) -> dict[str, Any]:
     """The run's decision rule: params.yaml's ``postmortem`` section (its defaults are the
     dataclass's, params.yaml's own values)."""
-    import dataclasses
-
     given = values.get("postmortem") or {}
     return {**dataclasses.asdict(PostmortemSection()), **given}
+
+
+def family_size(rule: dict[str, Any], n_hypotheses: int) -> int:
+    """H, what the rule divides the error rate by: the hypotheses, with `adjust: bonferroni`."""
+    return max(1, n_hypotheses) if rule["adjust"] == "bonferroni" else 1
 
 
 def adjusted_level(rule: dict[str, Any], n_hypotheses: int) -> float:
     """The confidence of each hypothesis's interval: Bonferroni's 1 - (1 - level) / H, so that
     the H intervals hold together at `level` (simultaneous intervals; Holm's step-down would
     reject a little more but gives no intervals, and the book reports intervals)."""
-    h = max(1, n_hypotheses) if rule["adjust"] == "bonferroni" else 1
-    return 100.0 - (100.0 - float(rule["level"])) / h
+    return 100.0 - (100.0 - float(rule["level"])) / family_size(rule, n_hypotheses)
 
 
 def thesis_relative(thesis: dict[str, Any]) -> float:
@@ -547,7 +552,6 @@ def judge(
     else:
         branch = "inconclusive"
     p = t_p_value(diff, val)
-    h = max(1, n_hypotheses) if rule["adjust"] == "bonferroni" else 1
     why = {
         "reproduces": "the adjusted val and test intervals lie below 0 and the drop reaches "
         f"{rule['min_fraction']:.0%} of the thesis's relative drop",
@@ -573,7 +577,7 @@ def judge(
         "ci_adjusted": ci_val,
         "level_adjusted": level,
         "p": p,
-        "p_adjusted": None if p is None else min(1.0, p * h),
+        "p_adjusted": None if p is None else min(1.0, p * family_size(rule, n_hypotheses)),
         "excludes_zero": sign != 0,
         "test": {
             "diff": test["diff"],
@@ -593,7 +597,7 @@ def judge(
 
 
 def _vs_adopted(
-    v: str, adopted: str, contrasts: list[dict[str, Any]], rule: dict[str, Any], layout: Layout
+    v: str, adopted: str, contrasts: list[dict[str, Any]], rule: dict[str, Any], n_hypotheses: int
 ) -> dict[str, Any] | None:
     """This variant minus the adopted one at epoch 1 on val (paired by seed), with the rule's
     adjusted interval; None for the adopted one."""
@@ -604,7 +608,7 @@ def _vs_adopted(
         if c["a"] == adopted and c["b"] == v and c["metric"] == "map"
         and c["split"] == "val" and c["which"] == "epoch1"
     )  # fmt: skip
-    ci = seed_t_interval(c["diff"], c, adjusted_level(rule, len(layout.variants)))
+    ci = seed_t_interval(c["diff"], c, adjusted_level(rule, n_hypotheses))
     s = _sign(ci)
     return {"diff": c["diff"], "ci_adjusted": ci, "sign": s,
             "verdict": "drop" if s < 0 else "rise" if s > 0 else "inconclusive"}  # fmt: skip
@@ -677,7 +681,6 @@ def named_effects(
     phase1: dict[str, SetMetrics],
     idx: np.ndarray,
     metrics: Sequence[str],
-    adopted: str,
 ) -> dict[str, Any]:
     """Each effect of `EFFECTS` whose variants the run has: ``{name: {"b", "a",
     which: {split: {metric: hierarchical_diff}}}}``. Zero_start - Phase 1 is none of them: it

@@ -507,7 +507,6 @@ def verdict_words_es(vd: dict[str, Any]) -> str:
 
 def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
     """Top-level ``contrasts`` and ``postmortem`` (what the book's §5.4-5.5 read)."""
-    branches = ("reproduces", "partial", "opposite", "equivalent", "inconclusive", "removing")
     return {
         "contrasts": pm["contrasts"],
         "postmortem": {
@@ -527,10 +526,12 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             "n_hypotheses": len(hypotheses),
             "outcome": {
                 **pm["outcome"],
-                # the book prints these lists: the variants' Spanish names
+                # the book prints these lists (each "<branch>_variants" of the outcome, and
+                # "removing_variants"): the variants' Spanish names
                 **{
-                    f"{k}_names": [variant_name_es(v) for v in pm["outcome"][f"{k}_variants"]]
-                    for k in branches
+                    k.removesuffix("_variants") + "_names": [variant_name_es(v) for v in vs]
+                    for k, vs in pm["outcome"].items()
+                    if k.endswith("_variants")
                 },
             },
             "phase1": {
