@@ -32,9 +32,32 @@ class AugmentSection:
     photometric: float = 0.5
 
 
-# The `data.normalize` names; their (mean, std) are data/loader.py's NORMALIZATIONS (torch
-# lives there, and the Snakefile reads this module: tests/test_loader.py holds the two equal).
-NORMALIZE_CHOICES: tuple[str, ...] = ("imagenet", "clip", "siglip", "none")
+# DINOv3 (like most ImageNet-pretrained backbones) was trained on these statistics.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# OpenAI CLIP's constants (open_clip.constants.OPENAI_DATASET_MEAN/STD): what a script that
+# borrowed a vision-language model's preprocessing would feed the detector.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP's constants (open_clip.constants.INCEPTION_MEAN/STD, which open_clip's SigLIP models
+# use): pixels mapped to [-1, 1]. Written out, not imported: open_clip's package import costs
+# about 1.5 s in every process that reads images; tests/test_loader.py holds both sets of
+# vision-language constants equal to open_clip's.
+SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+# No normalisation: the [0, 1] pixels as they are (the dose-response's far end).
+NONE_MEAN: tuple[float, float, float] = (0.0, 0.0, 0.0)
+NONE_STD: tuple[float, float, float] = (1.0, 1.0, 1.0)
+# ``data.normalize`` names -> (mean, std). The one list of names: the config's choices, the
+# checkpoint meta check, evaluation, prediction, export and the report's dose-response read it
+# (here, not in data/loader.py: this module imports no torch).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "siglip": (SIGLIP_MEAN, SIGLIP_STD),
+    "none": (NONE_MEAN, NONE_STD),
+}
+NORMALIZE_CHOICES: tuple[str, ...] = tuple(NORMALIZATIONS)  # the `data.normalize` names
 
 
 @dataclass

@@ -46,34 +46,16 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import get_bounding_boxes, query_size
 
+# The normalisation constants live in config.py (torch-free: the config's choices and the
+# report's dose-response read them too); named here for the loader and its importers.
+from defectfusion.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALIZATIONS,
+)
 from defectfusion.data import coco
 from defectfusion.data.validate import check_loadable, image_too_large
 from defectfusion.errors import UserError
-
-# DINOv3 (like most ImageNet-pretrained backbones) was trained on these statistics.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# OpenAI CLIP's constants (open_clip.constants.OPENAI_DATASET_MEAN/STD): what a script that
-# borrowed a vision-language model's preprocessing would feed the detector.
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-# SigLIP's constants (open_clip.constants.INCEPTION_MEAN/STD, which open_clip's SigLIP models
-# use): pixels mapped to [-1, 1]. Written out, not imported: open_clip's package import costs
-# about 1.5 s in every process that reads images; tests/test_loader.py holds both sets of
-# vision-language constants equal to open_clip's.
-SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-# No normalisation: the [0, 1] pixels as they are (the dose-response's far end).
-NONE_MEAN: tuple[float, float, float] = (0.0, 0.0, 0.0)
-NONE_STD: tuple[float, float, float] = (1.0, 1.0, 1.0)
-# ``data.normalize`` names -> (mean, std). The one list of names: the config's choices, the
-# checkpoint meta check, evaluation, prediction and export all read it.
-NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "clip": (CLIP_MEAN, CLIP_STD),
-    "siglip": (SIGLIP_MEAN, SIGLIP_STD),
-    "none": (NONE_MEAN, NONE_STD),
-}
 
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -81,6 +63,7 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if name not in NORMALIZATIONS:
         raise UserError(f"data.normalize={name!r} must be one of {list(NORMALIZATIONS)}")
     return NORMALIZATIONS[name]
+
 
 # DEIMv2's backbone and hybrid encoder go down to stride 32.
 STRIDE = 32
@@ -244,8 +227,10 @@ def geometric_transform(aug: AugmentConfig, fill: Sequence[int] = (0, 0, 0)) -> 
 
 def is_grey(image: torch.Tensor) -> bool:
     """An RGB ``[3,H,W]`` image whose three channels are equal (NEU-DET's, for instance)."""
-    return image.ndim == 3 and image.shape[0] == 3 and bool(
-        torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    return (
+        image.ndim == 3
+        and image.shape[0] == 3
+        and bool(torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]))
     )
 
 

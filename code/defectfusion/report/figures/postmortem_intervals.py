@@ -36,6 +36,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from defectfusion.config import NORMALIZATIONS
 from defectfusion.data.coco import load_json
 from defectfusion.errors import UserError
 from defectfusion.report import (
@@ -144,20 +145,14 @@ def postmortem_forest(ctx: Any) -> Figure:
 
 # How far each input normalisation puts a pixel from Phase 1's (ImageNet's) normalised value:
 # the root mean square over pixel values uniform in [0, 1] and the three channels of
-# (x - m) / s - (x - m0) / s0 (constants of data/loader.py; none: m = 0, s = 1).
-_NORMS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
+# (x - m) / s - (x - m0) / s0 (the constants of config.NORMALIZATIONS; none: m = 0, s = 1).
 
 
 def input_dose(switches: dict[str, Any], phase1_size: int) -> tuple[str, float] | None:
     """A variant's input mismatch: ("normalize", RMS shift of the normalised pixels) or
     ("image_size", |log2(size / Phase 1's)|); None when it switches anything else."""
-    if set(switches) == {"data.normalize"} and switches["data.normalize"] in _NORMS:
-        (m, s), (m0, s0) = _NORMS[switches["data.normalize"]], _NORMS["imagenet"]
+    if set(switches) == {"data.normalize"} and switches["data.normalize"] in NORMALIZATIONS:
+        (m, s), (m0, s0) = NORMALIZATIONS[switches["data.normalize"]], NORMALIZATIONS["imagenet"]
         x = np.linspace(0.0, 1.0, 101)
         d = [(x - a) / b - (x - a0) / b0 for a, b, a0, b0 in zip(m, s, m0, s0, strict=True)]
         return "normalize", float(np.sqrt(np.mean(np.square(d))))
