@@ -40,6 +40,7 @@ from defectfusion.fsutil import atomic_write, atomic_write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
 RESULTS_FILE = "predictions.json"
+IMAGES_FILE = "images.json"  # the image list: ids to files, and what predict wrote it with
 DRAWN_DIR = "drawn"
 
 Detection = dict[str, Any]
@@ -71,23 +72,20 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 
 def read_image(path: str | Path) -> Image.Image:
     """Open an image file as 8-bit RGB; an unreadable file is the user's error, in one line."""
-    from defectfusion.data.coco import MAX_IMAGE_PIXELS
+    from defectfusion.data.validate import image_too_large  # the dataset loader's cap
 
     path = Path(path)
     try:
         with Image.open(path) as im:
-            # the size from the header, before a pixel is decoded (the dataset loader's cap)
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise UserError(
-                    f"{path}: {im.width}x{im.height} is over the {MAX_IMAGE_PIXELS:,}-pixel cap; "
-                    "downscale or tile it first"
-                )
+            # the size from the header, before a pixel is decoded
+            if why := image_too_large(im.width, im.height):
+                raise UserError(f"{path}: {why}")
             im.load()
             return to_rgb8(im)
     except FileNotFoundError:
         raise UserError(f"{path}: image file not found") from None
-    except Image.DecompressionBombError as e:  # PIL's own guard (its error is an Exception)
-        raise UserError(f"{path}: refused by Pillow as a decompression bomb ({e})") from None
+    except Image.DecompressionBombError:  # PIL's own guard (its error is an Exception)
+        raise UserError(f"{path}: {image_too_large(None, None)}") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UserError(f"{path}: cannot read image ({e.__class__.__name__}: {e})") from None
 
@@ -394,14 +392,14 @@ def check_out(out: Path, files: list[Path], draw: bool) -> None:
     link out of it, no predictions.json/images.json of someone else's, and (with --draw) no
     input image where the drawings go."""
     out_r = out.resolve()
-    for p in (out / RESULTS_FILE, out / "images.json", out / DRAWN_DIR):
+    for p in (out / RESULTS_FILE, out / IMAGES_FILE, out / DRAWN_DIR):
         if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(out_r)):
             raise UserError(f"{p}: a link out of --out; predict writes only inside it: remove the "
                             "link or choose another --out")  # fmt: skip
-    info = out / "images.json"
+    info = out / IMAGES_FILE
     if ((out / RESULTS_FILE).exists() or info.exists()) and not _ours(info):
         raise UserError(
-            f"{out}: holds {RESULTS_FILE} or images.json that `defectfusion predict` did not "
+            f"{out}: holds {RESULTS_FILE} or {IMAGES_FILE} that `defectfusion predict` did not "
             "write; choose another --out (nothing was changed)"
         )
     if draw:
@@ -476,7 +474,7 @@ def predict_files(
     # The image list (COCO "images" records) lets the ids be mapped back to files, including
     # images with no detection.
     atomic_write_json(
-        out / "images.json",
+        out / IMAGES_FILE,
         {
             "images": image_list,
             "categories": [{"id": i, "name": n} for i, n in enumerate(detector.class_names)],

@@ -274,15 +274,18 @@ def check_selectable(val_json: Path, select: str, critical: list[int]) -> None:
     when the metric reads critical recall (an undefined score used to end in a TypeError
     after the first epoch's training)."""
     from defectfusion.data.coco import load_json
+    from defectfusion.data.validate import check_loadable
 
-    anns = load_json(val_json).get("annotations") or []
+    data = load_json(val_json)
+    check_loadable(data, val_json)  # a malformed split: the loader's one line, first
+    anns = data["annotations"]
     if not anns:
         raise UserError(
             f"{val_json}: no boxes in the val split, so no epoch can be scored or selected; "
             "add labelled images to val"
         )
     if select in ("critical_recall", "composite") and not any(
-        a.get("category_id") in set(critical) for a in anns
+        a["category_id"] in critical for a in anns
     ):
         raise UserError(
             f"{val_json}: no box of a critical class {sorted(critical)} in val, so "
