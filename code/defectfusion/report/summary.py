@@ -480,7 +480,7 @@ def verdict_words_es(vd: dict[str, Any]) -> str:
         return (
             f"baja la mAP en la dirección de la tesis, pero solo al {frac} de su tamaño "
             f"relativo: en validación, la mAP cambia en la época 1 ({val}) y la partición de "
-            f"prueba lo confirma ({test}), pero la caída no llega al {need} de la de la tesis, "
+            f"prueba lo confirma ({test}), pero la caída no llega al {need} de la caída de la tesis, "
             "el mínimo que la regla exige para decir que la reproduce."
         )
     if b == "opposite":
