@@ -76,7 +76,7 @@ TRAIN = (
 TRAIN_SPLITS = SPLITS[:2]  # training never reads the test split
 
 # The report stage's outputs and the results files each one reads (defectfusion/report).
-from defectfusion.report import FIGURES, PARAM_SECTIONS, TABLES, Layout, output
+from defectfusion.report import CAPTIONS, FIGURES, PARAM_SECTIONS, TABLES, Layout, output
 
 REPORT = Layout.from_config(config)
 
@@ -134,9 +134,26 @@ def section(*keys):
 # Targets only: on a cluster they run where Snakemake runs, not as jobs.
 localrules: all, trained
 
+# The trained state: data, text embeddings, checkpoints and training histories. Targets of
+# `all` too: Snakemake does not remake a deleted file whose consumers are up to date, and DVC
+# versions these, so a checkpoint deleted by hand must be a missing target (remade, and
+# dvc.lock never records the run without it), not a silently absent intermediate.
+TRAINED = [
+    *SPLITS,
+    "results/text/embeddings.pt",
+    *expand("runs/phase1/{preset}/best.pt", preset=PRESETS),
+    *expand("results/phase1/{preset}/history.jsonl", preset=PRESETS),
+    *expand("runs/phase2/{variant}/seed{seed}/best.pt", variant=VARIANTS, seed=SEEDS),
+    *expand(
+        "results/phase2/{variant}/seed{seed}/{f}.jsonl",
+        variant=VARIANTS, seed=SEEDS, f=("history", "steps"),
+    ),
+]
+
 
 rule all:
     input:
+        TRAINED,
         expand("results/phase1/{preset}/test_metrics.json", preset=PRESETS),
         f"results/phase1/{MAIN}/val_metrics.json",
         expand(
@@ -156,15 +173,7 @@ rule all:
 # (`snakemake --touch trained`), so a rebuild from pulled checkpoints trains nothing.
 rule trained:
     input:
-        SPLITS,
-        "results/text/embeddings.pt",
-        expand("runs/phase1/{preset}/best.pt", preset=PRESETS),
-        expand("results/phase1/{preset}/history.jsonl", preset=PRESETS),
-        expand("runs/phase2/{variant}/seed{seed}/best.pt", variant=VARIANTS, seed=SEEDS),
-        expand(
-            "results/phase2/{variant}/seed{seed}/{f}.jsonl",
-            variant=VARIANTS, seed=SEEDS, f=("history", "steps"),
-        ),
+        TRAINED,
 
 
 # After a successful run, record it in dvc.lock so `dvc repro` does not redo it
@@ -440,6 +449,7 @@ rule table:
     params:
         section(*PARAM_SECTIONS),
         config=resolved,
+        caption=lambda w: CAPTIONS[w.table],  # the report's caption (report/table.rst)
     wildcard_constraints:
         table="|".join(TABLES),
     log:
@@ -465,6 +475,7 @@ rule figure:
         # this figure's style only: restyling one figure redraws that figure alone
         style=lambda w: canonical(config.get("figure_style", {}).get(w.figure, {})),
         config=resolved,
+        caption=lambda w: CAPTIONS[w.figure],  # the report's caption (report/figure.rst)
     wildcard_constraints:
         figure="|".join(FIGURES),
     log:

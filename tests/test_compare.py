@@ -330,3 +330,27 @@ def _cfg(critical: list[int]):
     from defectfusion.config import load_config
 
     return load_config(None, [f"data.critical_classes={critical}"])
+
+
+@pytest.mark.parametrize(
+    "field, value, word",
+    [
+        ("predictions", 7, "'predictions' is 7"),
+        ("predictions", ["a.json"], "'predictions' is"),
+        ("critical_classes", 3, "critical_classes 3"),
+        ("composite_weights", {"map": "high"}, "composite_weights"),
+    ],
+)
+def test_a_metrics_file_with_values_of_the_wrong_type_is_one_line(
+    tmp_path: Path, field: str, value: object, word: str
+) -> None:
+    """An integer where a path is expected ended in `TypeError` (issue 27); its neighbours,
+    a metrics file's critical classes and weights, are held to the checkpoint meta's rule."""
+    a, _, data = write_case(tmp_path)
+    metrics = {"predictions": a.name, "critical_classes": [2], "composite_weights": {"map": 1}}
+    metrics[field] = value
+    atomic_write_json(tmp_path / "m.json", metrics)
+    with pytest.raises(UserError, match=word) as e:
+        compare_files(tmp_path / "m.json", a, data, tmp_path / "c.json", n_boot=5)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "c.json").exists()

@@ -213,6 +213,31 @@ def test_a_run_of_some_targets_only_is_not_recorded(repo: Path) -> None:
         (repo / "params.yaml").write_text(backup)
 
 
+def test_a_deleted_checkpoint_is_never_vouched_for(repo: Path) -> None:
+    """`rm` of a baseline's best.pt and a figure, then `dvc repro`, rebuilt the figure only
+    and recorded the lock without the checkpoint: `dvc status` then said "up to date" while
+    Snakemake still planned the Phase 1 job (issue 27). The lock must never vouch for a
+    missing output: DVC sees the change, and `dvc repro` rebuilds both."""
+    ckpt = repo / "runs/phase1/deimv2-resnet-tiny/best.pt"
+    figure = repo / "figures/per_class.png"
+    if not clean(repo):  # the test before forced a job: bring the lock up to date first
+        sh(repo, "dvc", "repro")
+    assert clean(repo)
+    ckpt.unlink()
+    figure.unlink()
+    assert not clean(repo)
+    r = sh(repo, "dvc", "repro")
+    assert ckpt.is_file() and figure.is_file(), (r.stdout + r.stderr)[-3000:]
+    assert "phase1" in jobs_run(r), (r.stdout + r.stderr)[-3000:]
+    assert clean(repo) and planned_rules(repo) == []
+    # the same through `pipeline record`: with the checkpoint gone it records nothing
+    ckpt.unlink()
+    out = sh(repo, "defectfusion", "pipeline", "record").stdout
+    assert "dvc.lock not updated" in out and not clean(repo)
+    sh(repo, "dvc", "repro")
+    assert ckpt.is_file() and clean(repo)
+
+
 def test_rebuild_without_a_lock_is_one_line(tmp_path: Path) -> None:
     r = sh(tmp_path, "defectfusion", "pipeline", "rebuild", check=False)
     assert r.returncode == 2 and "dvc.lock" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -4,6 +4,7 @@ card against transformers' own pipeline, ONNX against PyTorch, the Phase 2 round
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -92,6 +93,14 @@ def test_hf_export_files_and_model_card(hf_dir: Path, metrics: Path) -> None:
         assert text in card, text
     assert f"`{record['meta']['config']['data']['dir']}`" in card  # what it was trained on
     assert record["test_metrics"]["map"] == m["map"]
+    # The metadata, read back by huggingface_hub: the dataset and a model-index with the
+    # test metrics (issue 28); the card names the one default threshold and the box format.
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(hf_dir / "README.md").data
+    assert data.datasets == ["synth"] and data.pipeline_tag == "object-detection"
+    assert {r.metric_type: r.metric_value for r in data.eval_results}["map"] == round(m["map"], 4)
+    assert "threshold=0.3" in card and "[x0, y0, x1, y1]" in card and "16-bit" in card
 
 
 def test_hf_export_in_transformers_pipeline_matches_predict(
@@ -254,7 +263,9 @@ def test_a_re_export_never_deletes_what_the_export_did_not_write(tmp_path: Path)
     _into_folder(out, write)
     _into_folder(out, write)  # an export replaces its own
     assert sorted(p.name for p in out.iterdir()) == [
-        ".defectfusion-files.json", META_FILE, "model.safetensors"
+        ".defectfusion-files.json",
+        META_FILE,
+        "model.safetensors",
     ]
     (out / "eval").mkdir()
     (out / "eval" / "report.txt").write_text("mine", encoding="utf-8")
@@ -265,3 +276,166 @@ def test_a_re_export_never_deletes_what_the_export_did_not_write(tmp_path: Path)
     assert (out / "eval" / "report.txt").is_file()
     assert (backup / "keep.txt").read_text(encoding="utf-8") == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".export.old", "export"]
+
+
+# ---- tampered export folders (issue 27) ---------------------------------------------------
+
+
+def _edit_json(name: str, change) -> object:
+    def edit(folder: Path) -> None:
+        p = folder / name
+        data = json.loads(p.read_text(encoding="utf-8"))
+        change(data)
+        p.write_text(json.dumps(data), encoding="utf-8")
+
+    return edit
+
+
+def _set(*keys: str, value: object):
+    def change(data: dict) -> None:
+        for k in keys[:-1]:
+            data = data[k]
+        data[keys[-1]] = value
+
+    return change
+
+
+def _write(name: str, content: bytes):
+    return lambda folder: (folder / name).write_bytes(content)
+
+
+def _pickle_weights(folder: Path) -> None:
+    """A pickle named like safetensors, as large as the real file (so only its format is
+    wrong)."""
+    import io
+
+    weights = folder / "model.safetensors"
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(weights.stat().st_size // 4)}, buf)
+    weights.write_bytes(buf.getvalue())
+
+
+def _plain(edit):
+    """The same edit on a plain transformers folder (its defectfusion.json removed)."""
+
+    def both(folder: Path) -> None:
+        (folder / "defectfusion.json").unlink()
+        edit(folder)
+
+    return both
+
+
+# Each: how a Phase 1 hf export is damaged, and a word of the one-line refusal.
+TAMPERED_EXPORTS = {
+    "image_size as a string": (
+        _edit_json("defectfusion.json", _set("meta", "image_size", value="96")),
+        "image_size",
+    ),
+    "image_size 32768": (
+        _edit_json("defectfusion.json", _set("meta", "image_size", value=32768)),
+        "image_size",
+    ),
+    "short class list": (
+        _edit_json("defectfusion.json", lambda d: d["meta"]["class_names"].pop()),
+        "classes",
+    ),
+    "class names of the wrong type": (
+        _edit_json("defectfusion.json", _set("meta", "class_names", value=[1, 2, 3])),
+        "class_names",
+    ),
+    "deep JSON": (_write("defectfusion.json", b"[" * 100_000 + b"]" * 100_000), "nested"),
+    "meta not a mapping": (
+        _write("defectfusion.json", b'{"meta": 7, "format": "defectfusion-hf-v1"}'),
+        "meta",
+    ),
+    "pickle named .safetensors": (_pickle_weights, "cannot load"),
+    "huge config value": (_edit_json("config.json", _set("d_model", value=10**9)), "above"),
+    "inflated config within bounds": (
+        _edit_json("config.json", _set("decoder_ffn_dim", value=16384)),
+        "parameters",
+    ),
+    "config of another model": (
+        _edit_json("config.json", _set("model_type", value="bert")),
+        "DEIMv2",
+    ),
+    "zero std (plain folder)": (
+        _plain(_edit_json("preprocessor_config.json", _set("image_std", value=[0, 0, 0]))),
+        "std",
+    ),
+    "std of strings (plain folder)": (
+        _plain(_edit_json("preprocessor_config.json", _set("image_std", value="abc"))),
+        "std",
+    ),
+    "input size 100000 (plain folder)": (
+        _plain(
+            _edit_json(
+                "preprocessor_config.json", _set("size", value={"height": 100000, "width": 100000})
+            )
+        ),
+        "input size",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED_EXPORTS))
+def test_a_tampered_export_folder_is_one_line(
+    case: str, hf_dir: Path, tiny_data: Path, tmp_path: Path, capsys
+) -> None:
+    """Nine forms of a hand-edited export gave ValueError, TypeError, IndexError,
+    RecursionError, SafetensorError or RuntimeError tracebacks, and image_size 32768 allocated
+    3.2 GB, in `predict` and `defectfusion.load` alike (issue 27): each is one line now, before
+    anything is allocated."""
+    from defectfusion.errors import UserError
+
+    edit, word = TAMPERED_EXPORTS[case]
+    folder = tmp_path / "export"
+    shutil.copytree(hf_dir, folder)
+    edit(folder)
+    with pytest.raises(UserError, match=word) as e:
+        defectfusion.load(folder)
+    assert "\n" not in str(e.value)
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(_test_images(tiny_data)[0], images)
+    capsys.readouterr()
+    args = ["predict", "--checkpoint", str(folder), "--images", str(images)]
+    assert main([*args, "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("defectfusion: error:") and "\n" not in err, err
+    assert word.lower() in err.lower() or re.search(word, err)
+    assert not (tmp_path / "p").exists()  # nothing written
+
+
+def _phase2_folder(tiny_run: Path, tmp_path: Path) -> Path:
+    ckpt = phase2_checkpoint(tiny_run, tmp_path / "p2.pt")
+    out = tmp_path / "p2"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "hf"]) == 0
+    return out
+
+
+TAMPERED_PHASE2 = {
+    "text rows missing": (lambda d: d["text_embeddings"].pop(), "text_embeddings"),
+    "text of strings": (lambda d: d["text_embeddings"][0].__setitem__(0, "x"), "text_embeddings"),
+    "text NaN": (lambda d: d["text_embeddings"][0].__setitem__(0, float("nan")), "text_embeddings"),
+    "short class list": (lambda d: d["meta"]["class_names"].pop(), "critical_classes|text_shape"),
+    "huge text_shape": (_set("meta", "text_shape", value=[6, 10**9]), "text_shape"),
+    "unknown preset": (_set("meta", "preset", value="../x"), "preset"),
+}
+
+
+def test_a_tampered_phase2_export_is_one_line(tiny_run: Path, tmp_path: Path) -> None:
+    from defectfusion.errors import UserError
+
+    good = _phase2_folder(tiny_run, tmp_path)
+    for case, (change, word) in TAMPERED_PHASE2.items():
+        folder = tmp_path / case.replace(" ", "_")
+        shutil.copytree(good, folder)
+        _edit_json("defectfusion.json", change)(folder)
+        with pytest.raises(UserError, match=word) as e:
+            defectfusion.load(folder)
+        assert "\n" not in str(e.value), case
+    folder = tmp_path / "pickle"
+    shutil.copytree(good, folder)
+    _pickle_weights(folder)
+    with pytest.raises(UserError, match="weights do not fit"):
+        defectfusion.load(folder)

@@ -229,6 +229,64 @@ def test_a_killed_synth_run_s_staging_folder_is_removed_by_the_next_run(tmp_path
     assert not stale.exists() and validate_path(out).ok
 
 
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc; zombies count as gone)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+def _wait_for(condition, limit_s: float) -> bool:
+    """Poll `condition` until it holds or `limit_s` passes (a generous bound on a slow or
+    loaded machine, not a timing claim: the test asserts that it happens, not how fast)."""
+    import time
+
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_synth_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """After `kill -9` of `data synth`, its workers and the resource tracker stayed alive for
+    ten minutes (issue 27): they now die with it."""
+    import sys
+
+    code = (
+        "from defectfusion.data.synth import SynthSpec, generate; "
+        f"generate({str(tmp_path / 'ds')!r}, "
+        "SynthSpec(seed=0, n_train=100000, n_val=2, n_test=2, image_size=64), workers=2)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        # the two workers (and the resource tracker) are running
+        assert _wait_for(lambda: len(_children(parent.pid)) >= 3, 120), _children(parent.pid)
+        kids = _children(parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert _wait_for(lambda: not any(_alive(k) for k in kids), 60), [
+        k for k in kids if _alive(k)
+    ]
+
+
 def test_stale_checkpoint_temporaries_are_removed_live_ones_kept(tmp_path: Path) -> None:
     dead = tmp_path / f"{fsutil.temp_prefix('last.pt', dead_pid())}k3j2.tmp"
     old_style = tmp_path / ".last.pt.x8f2q1.tmp"  # mkstemp's name before host-pid names

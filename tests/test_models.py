@@ -131,6 +131,42 @@ def test_input_too_small_for_the_query_count_is_refused(tiny_cfg, tmp_path: Path
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def _norms_and_activations(preset: str) -> tuple[dict[str, int], int, int]:
+    backbone = backbone_module(build_model(preset, NAMES))
+    norms: dict[str, int] = {}
+    for m in backbone.modules():
+        if "Norm" in type(m).__name__:
+            norms[type(m).__name__] = norms.get(type(m).__name__, 0) + 1
+    acts = sum(isinstance(m, torch.nn.SiLU | torch.nn.ReLU) for m in backbone.modules())
+    trainable = sum(
+        p.numel()
+        for m in backbone.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for p in m.parameters(recurse=False)
+        if p.requires_grad
+    )
+    return norms, acts, trainable
+
+
+@pytest.mark.parametrize("preset", ["deimv2-resnet-tiny", "deimv2-efficientnet-tiny"])
+def test_scratch_cnn_baselines_train_their_batchnorm(preset: str) -> None:
+    """The tiny CNN baselines start from random weights: their BatchNorm layers were frozen
+    identities (12 in ResNet-tiny, 30 in EfficientNet-tiny, issue 24); now they learn."""
+    norms, _, trainable = _norms_and_activations(preset)
+    assert not any("Frozen" in n for n in norms) and trainable > 0, norms
+
+
+def test_frozen_efficientnet_keeps_its_activations() -> None:
+    """transformers' BatchNorm freezing swapped timm's BatchNormAct2d (norm + SiLU) for a
+    plain frozen norm, dropping 30 of EfficientNet-tiny's 40 activations; timm's own
+    converter keeps them (FrozenBatchNormAct2d)."""
+    norms, acts, trainable = _norms_and_activations("deimv2-efficientnet")
+    assert set(norms) == {"FrozenBatchNormAct2d"} and trainable == 0
+    fresh = timm.create_model("efficientnet_b0", features_only=True, out_indices=(2, 3, 4))
+    assert acts == sum(isinstance(m, torch.nn.SiLU | torch.nn.ReLU) for m in fresh.modules())
+    assert _norms_and_activations("deimv2-resnet")[0] == {"Deimv2FrozenBatchNorm2d": 20}
+
+
 # ---- pretrained weights ----------------------------------------------------------------
 
 

@@ -219,6 +219,30 @@ def test_plateau_gain_over_the_last_fraction() -> None:
     assert plateau_gain(h[:2], 0.2)["gain"] is None
 
 
+def test_lr_schedule_warms_up_stays_flat_decays_then_holds_the_minimum() -> None:
+    """DEIM's flat-cosine with its final stretch at the minimum lr (phase1.final_fraction)."""
+    from types import SimpleNamespace
+
+    from defectfusion.train.schedule import lr_lambda
+
+    tc = SimpleNamespace(warmup_steps=10, flat_fraction=0.5, min_lr_fraction=0.05, final_fraction=0.2)
+    f = lr_lambda(100, tc)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # warm-up
+    assert f(10) == f(49) == 1.0  # flat
+    assert f(65) == pytest.approx(0.05 + 0.95 * 0.5)  # half-way down the cosine (50 -> 80)
+    assert f(80) == pytest.approx(0.05) and f(99) == pytest.approx(0.05)  # the final 20 %
+    assert all(f(i) >= f(i + 1) for i in range(10, 99))  # never rises after warm-up
+    no_final = lr_lambda(100, SimpleNamespace(**{**vars(tc), "final_fraction": 0.0}))
+    assert no_final(99) > 0.05 and no_final(75) == pytest.approx(0.05 + 0.95 * 0.5)
+
+
+def test_flat_and_final_stretches_cannot_overlap() -> None:
+    from defectfusion.errors import UserError
+
+    with pytest.raises(UserError, match="final_fraction"):
+        load_config(None, ["phase1.flat_fraction=0.9", "phase1.final_fraction=0.2"])
+
+
 def test_phase2_reads_the_text_stage_embeddings_and_refuses_others(
     tiny_data: Path, tmp_path: Path
 ) -> None:

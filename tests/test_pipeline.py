@@ -207,6 +207,14 @@ def test_snakemake_report_holds_every_figure_and_table(micro_run: Path, tmp_path
     html = (tmp_path / "report.html").read_text(encoding="utf-8", errors="replace")
     for name in (*FIGURES, *TABLES):
         assert f"{name}." in html, name
+    # each output under its category, with its own caption (all sat under "Other", with one
+    # generic caption, issue 28)
+    from defectfusion.report import CAPTIONS
+
+    assert set(CAPTIONS) == {*FIGURES, *TABLES}
+    assert "Figures" in html and "Tables" in html
+    for name in ("postmortem_mechanism", "runtime"):
+        assert CAPTIONS[name].split(",")[0][:40] in html, name
     assert not re.search(r"<script[^>]+src=[\"']https?://", html)  # no remote scripts
 
 

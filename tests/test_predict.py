@@ -115,7 +115,7 @@ def test_preprocessing_and_predictions_match_evaluation(tiny_run: Path, tiny_dat
     model, _ = load_detector(tiny_run / "best.pt")
     # Same batches: CPU kernels may round differently at another batch size.
     want = ev.predict(model, make_loader(split, SIZE, 4, train=False), progress=False)
-    got = det.predict([ds.root / im["file_name"] for im in ds.images], batch_size=4)
+    got = det.predict([ds.root / im["file_name"] for im in ds.images], threshold=0.0, batch_size=4)
     flat = [
         {
             "image_id": im["id"],
@@ -277,7 +277,7 @@ def test_user_errors(tiny_run: Path, mixed: Path, tmp_path: Path, capsys) -> Non
         (["--images", str(tmp_path / "nope")], "no such file or folder"),
         (["--images", str(tmp_path / "*.png")], "no image files matched"),
         (["--images", str(bad)], "broken.png: cannot read image"),
-        (["--images", str(mixed), "--threshold", "1.5"], "--threshold 1.5"),
+        (["--images", str(mixed), "--threshold", "1.5"], "threshold 1.5"),
     ]
     for extra, message in cases:
         code = main(["predict", "--checkpoint", ckpt, "--out", str(tmp_path / "o"), *extra])
@@ -287,6 +287,55 @@ def test_user_errors(tiny_run: Path, mixed: Path, tmp_path: Path, capsys) -> Non
     code = main(["predict", "--checkpoint", str(tmp_path / "x.pt"), "--images", str(mixed),
                  "--out", str(tmp_path / "o")])  # fmt: skip
     assert code == 2 and "checkpoint not found" in capsys.readouterr().err
+
+
+def test_one_unreadable_image_is_skipped_with_a_warning(
+    tiny_run: Path, mixed: Path, tmp_path: Path, capsys
+) -> None:
+    """One unreadable image stopped a whole batch (rc 2, issue 28): it is skipped, warned
+    about in one line, counted in the summary and listed in images.json."""
+    images = tmp_path / "in"
+    shutil.copytree(mixed, images)
+    (images / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "preds"
+    args = ["predict", "--checkpoint", str(tiny_run / "best.pt"), "--images", str(images)]
+    assert main([*args, "--out", str(out), "--threshold", "0"]) == 0
+    captured = capsys.readouterr()
+    warnings = [ln for ln in captured.err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "broken.png: cannot read image" in warnings[0]
+    assert "6 images (1 unreadable, skipped)" in captured.out
+    index = json.loads((out / "images.json").read_text())
+    assert len(index["images"]) == 6 and [s["file_name"] for s in index["skipped"]] == ["broken.png"]
+    ids = {r["image_id"] for r in json.loads((out / "predictions.json").read_text())}
+    assert ids == {im["id"] for im in index["images"]}  # no id for the skipped image
+
+
+def test_one_default_threshold_the_model_s_operating_point(
+    tiny_run: Path, mixed: Path, tmp_path: Path, capsys
+) -> None:
+    """predict 0.3, the API none, the exported pipeline 0.5 (issue 28): the CLI and the API
+    now default to the model's eval.score_threshold, and the model card names it."""
+    det = defectfusion.load(tiny_run / "best.pt")
+    _, meta = load_detector(tiny_run / "best.pt")
+    assert det.threshold == meta["config"]["eval"]["score_threshold"] == 0.3
+    every = det.predict(mixed / "rgb.png", threshold=0.0)
+    assert det.predict(mixed / "rgb.png") == [d for d in every if d["score"] >= 0.3]
+    out = tmp_path / "preds"
+    args = ["predict", "--checkpoint", str(tiny_run / "best.pt"), "--images", str(mixed)]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "score >= 0.3" in capsys.readouterr().out
+    assert json.loads((out / "images.json").read_text())["threshold"] == 0.3
+    # A checkpoint evaluated at another operating point keeps it.
+    meta2 = {**meta, "config": {**meta["config"], "eval": {**meta["config"]["eval"], "score_threshold": 0.5}}}
+    state = load_checkpoint_model(tiny_run / "best.pt")
+    save_checkpoint(tmp_path / "op.pt", state, meta2)
+    assert defectfusion.load(tmp_path / "op.pt").threshold == 0.5
+
+
+def load_checkpoint_model(path: Path) -> dict:
+    from defectfusion.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)["model"]
 
 
 # ---- the command line around it -------------------------------------------------------------
@@ -302,7 +351,7 @@ def test_cli_version_help_defaults_and_examples(capsys) -> None:
         and capsys.readouterr().out.strip() == f"defectfusion {defectfusion.__version__}"
     )
     for argv, wanted in (
-        (["predict"], ["(default: 0.3)", "(default: 8)", "example: defectfusion predict"]),
+        (["predict"], ["operating point", "(default: 8)", "example: defectfusion predict"]),
         (["export"], ["(default: hf)", "example: defectfusion export"]),
         (["compare"], ["metrics JSON written by evaluate", "(default: 1000)", "(default: 0)"]),
         (["data", "synth"], ["(default: 800)", "example:"]),

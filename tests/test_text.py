@@ -141,6 +141,27 @@ def test_load_embeddings_errors(tmp_path: Path) -> None:
         load_embeddings(tmp_path / "junk.pt")
 
 
+@pytest.mark.parametrize(
+    "embeddings",
+    [
+        torch.full((6, 8), float("nan")),
+        torch.zeros(6),
+        torch.zeros(6, 9000),
+        torch.zeros(6, 8, dtype=torch.long),
+    ],
+    ids=["nan", "1-d", "too-wide", "integer"],
+)
+def test_embeddings_from_a_remote_are_checked_like_a_checkpoint(
+    embeddings: torch.Tensor, tmp_path: Path
+) -> None:
+    """results/text/embeddings.pt is a DVC output: its tensor is held to the checkpoint's
+    limits before Phase 2 builds a fusion from it (issue 27's neighbours)."""
+    path = save_embeddings(tmp_path / "e.pt", {"embeddings": embeddings, "info": {"encoder": "x"}})
+    with pytest.raises(UserError, match="remake them") as e:
+        load_embeddings(path)
+    assert "\n" not in str(e.value)
+
+
 # ---- the command -------------------------------------------------------------------------
 
 

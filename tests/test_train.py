@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import defectfusion.train.engine as engine
 from defectfusion import evaluate as ev
@@ -69,6 +70,13 @@ def test_two_epoch_run_writes_its_outputs(tiny_run: Path) -> None:
 
     log = (tiny_run / "experiment_log.txt").read_text()
     assert "phase1: deimv2-dinov3-tiny" in log and "epoch 2/2:" in log and "done:" in log
+    # The config in its own file, not a log line; each epoch but the last says what is left.
+    assert max(len(line) for line in log.splitlines()) < 400
+    config = yaml.safe_load((tiny_run / "run_config.yaml").read_text())
+    assert config["model"]["preset"] == "deimv2-dinov3-tiny" and config["phase1"]["epochs"] == 2
+    lines = [ln.split("] ", 1)[-1] for ln in log.splitlines()]  # after the time stamp
+    epochs = {ln.split(":")[0]: ln for ln in lines if ln.startswith("epoch ")}
+    assert "left)" in epochs["epoch 1/2"] and "left)" not in epochs["epoch 2/2"]
 
     last, best = load_checkpoint(tiny_run / "last.pt"), load_checkpoint(tiny_run / "best.pt")
     assert last["epoch"] == 2 and last["step"] == 4 and last["finished"] is True
@@ -172,6 +180,61 @@ def test_resume_with_other_classes_is_refused(tiny_cfg, tiny_run: Path, tmp_path
     msg = str(e.value)
     assert "\n" not in msg and str(tiny_run / "last.pt") in msg
     assert "6 classes" in msg and "4 classes" in msg
+
+
+def _damaged_last(tiny_run: Path, tmp_path: Path, damage) -> Path:
+    import shutil
+
+    from defectfusion.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpt = load_checkpoint(run / "last.pt")
+    ckpt["finished"] = False  # so the resume restores it instead of returning
+    damage(ckpt)
+    model, meta = ckpt.pop("model"), ckpt.pop("meta")
+    ckpt.pop("format")
+    save_checkpoint(run / "last.pt", model, meta, **ckpt)
+    return run
+
+
+def _reshape_one(ckpt: dict) -> None:
+    key = "model.decoder.query_pos_head.layers.0.weight"
+    w = ckpt["model"][key]
+    ckpt["model"][key] = torch.zeros(w.shape[0] + 1, *w.shape[1:])
+
+
+LAST_PT_DAMAGE = {
+    "a tensor of another shape": (_reshape_one, "has shape"),
+    "an optimiser state of another run": (
+        lambda c: c["optimizer"]["param_groups"].pop(),
+        "optimiser state",
+    ),
+    "a kept name that leaves the folder": (
+        lambda c: c["kept"].__setitem__("../../escape.pt", c["kept"]["best.pt"]),
+        "under the name",
+    ),
+    "an epoch that is not a count": (lambda c: c.__setitem__("epoch", "3"), "not counts"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAST_PT_DAMAGE))
+def test_resume_from_a_last_pt_that_does_not_fit_is_one_line(
+    case: str, tiny_cfg, tiny_run: Path, tmp_path: Path
+) -> None:
+    """--resume with a last.pt whose one tensor had another shape ended in a size-mismatch
+    traceback (issue 27); its neighbours too. Nothing in the run folder is written."""
+    damage, word = LAST_PT_DAMAGE[case]
+    run = _damaged_last(tiny_run, tmp_path, damage)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    (run / "best.pt").unlink()  # a kept file the restore would otherwise write back
+    del before["best.pt"]
+    with pytest.raises(UserError, match=word) as e:
+        train_phase1(tiny_cfg(), run, resume=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot resume" in msg and "--restart" in msg
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "escape.pt").exists()
 
 
 def four_class_copy(src: Path, dst: Path) -> Path:

@@ -10,14 +10,13 @@ names, input size, phase, the run's config.
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from defectfusion.errors import UserError
+from defectfusion.errors import UserError, is_int, is_number
 from defectfusion.fsutil import atomic_write_bytes, os_error_message
 
 FORMAT = "defectfusion-checkpoint-v1"
@@ -63,31 +62,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def _bad(path: str | Path, what: str) -> UserError:
+_FIX = {
+    "checkpoint": "restore it (e.g. `dvc checkout`) or retrain",
+    "export": "restore it or export the checkpoint again",
+}
+
+
+def _bad(path: str | Path, what: str, kind: str = "checkpoint") -> UserError:
     return UserError(
-        f"{path}: malformed checkpoint meta: {what}; the file is corrupt or was not written "
-        "by defectfusion: restore it (e.g. `dvc checkout`) or retrain"
+        f"{path}: malformed {kind} meta: {what}; the file is corrupt or was not written "
+        f"by defectfusion: {_FIX[kind]}"
     )
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_meta(path: str | Path, meta: Any) -> None:
-    """Types and sane limits of every ``meta`` value that sizes or drives something."""
+def check_meta(path: str | Path, meta: Any, kind: str = "checkpoint") -> None:
+    """Types and sane limits of every ``meta`` value that sizes or drives something (a
+    checkpoint's, or an export folder's record: ``kind`` only changes the advice)."""
     from defectfusion.models import PRESETS
 
+    def bad(path: str | Path, what: str) -> UserError:
+        return _bad(path, what, kind)
+
     if not isinstance(meta, dict):
-        raise _bad(path, f"meta is {type(meta).__name__}, expected a mapping")
+        raise bad(path, f"meta is {type(meta).__name__}, expected a mapping")
     if meta.get("phase") not in (1, 2) or isinstance(meta.get("phase"), bool):
-        raise _bad(path, f"phase {meta.get('phase')!r} is not 1 or 2")
+        raise bad(path, f"phase {meta.get('phase')!r} is not 1 or 2")
     if not isinstance(meta.get("preset"), str) or meta["preset"] not in PRESETS:
-        raise _bad(path, f"preset {meta.get('preset')!r} is not one of {sorted(PRESETS)}")
+        raise bad(path, f"preset {meta.get('preset')!r} is not one of {sorted(PRESETS)}")
     names = meta.get("class_names")
     if (
         not isinstance(names, list)
@@ -96,50 +97,64 @@ def check_meta(path: str | Path, meta: Any) -> None:
         or len(set(names)) != len(names)
     ):
         shown = f"{len(names)} entries" if isinstance(names, list) else repr(names)[:60]
-        raise _bad(
+        raise bad(
             path, f"class_names ({shown}) must be 1..{MAX_CLASSES} distinct non-empty strings"
         )
     size = meta.get("image_size")
-    if not _is_int(size) or not 32 <= size <= MAX_IMAGE_SIZE or size % 32:
-        raise _bad(path, f"image_size {size!r} is not a multiple of 32 in 32..{MAX_IMAGE_SIZE}")
-    check_normalize(path, meta)
+    if not is_int(size) or not 32 <= size <= MAX_IMAGE_SIZE or size % 32:
+        raise bad(path, f"image_size {size!r} is not a multiple of 32 in 32..{MAX_IMAGE_SIZE}")
+    check_normalize(path, meta, kind)
+    check_mean_std(path, meta, kind)
     if "critical_classes" in meta:
         crit = meta["critical_classes"]
         if not (
             isinstance(crit, list)
             and crit
-            and all(_is_int(c) and 0 <= c < len(names) for c in crit)
+            and all(is_int(c) and 0 <= c < len(names) for c in crit)
         ):
-            raise _bad(path, f"critical_classes {crit!r} are not class indices 0..{len(names) - 1}")
+            raise bad(path, f"critical_classes {crit!r} are not class indices 0..{len(names) - 1}")
     if "composite_weights" in meta:
         w = meta["composite_weights"]
         if not (
             isinstance(w, dict)
             and w
-            and all(isinstance(k, str) and _is_finite(v) and v >= 0 for k, v in w.items())
+            and all(isinstance(k, str) and is_number(v) and v >= 0 for k, v in w.items())
         ):
-            raise _bad(path, f"composite_weights {w!r} are not non-negative numbers by name")
+            raise bad(path, f"composite_weights {w!r} are not non-negative numbers by name")
     if meta["phase"] == 2:
         shape = meta.get("text_shape")
         if not (
             isinstance(shape, list | tuple)
             and len(shape) == 2
-            and all(_is_int(v) for v in shape)
+            and all(is_int(v) for v in shape)
             and shape[0] == len(names)
             and 1 <= shape[1] <= MAX_TEXT_DIM
         ):
-            raise _bad(
+            raise bad(
                 path,
                 f"text_shape {shape!r} is not [{len(names)} classes, 1..{MAX_TEXT_DIM} dims]",
             )
         tau = meta.get("tau_init", 0.07)
-        if not _is_finite(tau) or tau <= 0:
-            raise _bad(path, f"tau_init {tau!r} is not a positive number")
+        if not is_number(tau) or tau <= 0:
+            raise bad(path, f"tau_init {tau!r} is not a positive number")
         if not isinstance(meta.get("fuse_encoder_head", True), bool):
-            raise _bad(path, f"fuse_encoder_head {meta.get('fuse_encoder_head')!r} is not a bool")
+            raise bad(path, f"fuse_encoder_head {meta.get('fuse_encoder_head')!r} is not a bool")
 
 
-def check_normalize(path: str | Path, meta: dict[str, Any]) -> None:
+def check_mean_std(path: str | Path, meta: dict[str, Any], kind: str = "checkpoint") -> None:
+    """``mean``/``std`` (a transformers folder's image processor): three finite numbers each,
+    every std positive (a zero divides the image into infinities)."""
+    if "mean" not in meta and "std" not in meta:
+        return
+    mean, std = meta.get("mean"), meta.get("std")
+    for name, v in (("mean", mean), ("std", std)):
+        if not (isinstance(v, list) and len(v) == 3 and all(is_number(x) for x in v)):
+            raise _bad(path, f"{name} {v!r} is not three finite numbers", kind)
+    if not all(x > 0 for x in std):  # type: ignore[union-attr]
+        raise _bad(path, f"std {std!r} has a value that is not positive", kind)
+
+
+def check_normalize(path: str | Path, meta: dict[str, Any], kind: str = "checkpoint") -> None:
     """``normalize``: a `data.normalize` name; absent only in a checkpoint that predates it.
 
     The key came after the format (``defectfusion-checkpoint-v1`` did not change): the first
@@ -152,9 +167,11 @@ def check_normalize(path: str | Path, meta: dict[str, Any]) -> None:
     from defectfusion.config import NORMALIZE_CHOICES
 
     if "normalize" in meta:
-        if meta["normalize"] not in NORMALIZE_CHOICES:
+        if not isinstance(meta["normalize"], str) or meta["normalize"] not in NORMALIZE_CHOICES:
             raise _bad(
-                path, f"normalize {meta['normalize']!r} is not one of {list(NORMALIZE_CHOICES)}"
+                path,
+                f"normalize {meta['normalize']!r} is not one of {list(NORMALIZE_CHOICES)}",
+                kind,
             )
         return
     config = meta.get("config")
@@ -163,6 +180,7 @@ def check_normalize(path: str | Path, meta: dict[str, Any]) -> None:
         raise _bad(
             path,
             f"no normalize, though its config has data.normalize={data['normalize']!r}",
+            kind,
         )
 
 
@@ -181,6 +199,18 @@ def input_mean_std(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
         return [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
     mean, std = normalization(normalize_of(meta))
     return list(mean), list(std)
+
+
+def operating_point(meta: dict[str, Any]) -> float:
+    """The score threshold a model was evaluated at (its config's ``eval.score_threshold``),
+    else the evaluation's default (a plain transformers folder records none): the one default
+    of ``defectfusion predict``, ``Detector.predict`` and the model card."""
+    from defectfusion.config import EvalSection
+
+    config = meta.get("config")
+    ev = config.get("eval") if isinstance(config, dict) else None
+    t = ev.get("score_threshold") if isinstance(ev, dict) else None
+    return float(t) if is_number(t) and 0.0 <= t <= 1.0 else EvalSection.score_threshold
 
 
 def check_state(path: str | Path, state: Any, meta: dict[str, Any]) -> None:

@@ -85,9 +85,7 @@ def _train_phase1(a: argparse.Namespace) -> None:
 def _train_phase2(a: argparse.Namespace) -> None:
     from defectfusion.train.phase2 import train_phase2
 
-    train_phase2(
-        _load_config(a), a.phase1, a.out, resume=a.resume, restart=a.restart, text=a.text
-    )
+    train_phase2(_load_config(a), a.phase1, a.out, resume=a.resume, restart=a.restart, text=a.text)
 
 
 def _evaluate(a: argparse.Namespace) -> None:
@@ -149,7 +147,7 @@ def _predict(a: argparse.Namespace) -> None:
         batch_size=a.batch_size,
         device=a.device,
     )
-    print_summary(summary, a.threshold)
+    print_summary(summary)
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -242,6 +240,34 @@ def _pipeline_touch(a: argparse.Namespace) -> None:
     print(f"up to date for Snakemake: the outputs of {' '.join(a.targets) or 'all'}")
 
 
+def _pipeline_verify(a: argparse.Namespace) -> int:
+    from defectfusion.verify import (
+        compare_postmortems,
+        format_report,
+        read_postmortem,
+        recorded_from_dvc,
+    )
+
+    recorded = read_postmortem(a.recorded) if a.recorded else recorded_from_dvc(".", a.rev)
+    report = compare_postmortems(recorded, read_postmortem(a.results))
+    print("\n".join(format_report(report)))
+    return 0 if report.reproduced else 1
+
+
+def _pipeline_remake_missing(a: argparse.Namespace) -> None:
+    from defectfusion.pipeline import remake_missing
+
+    missing = remake_missing(".", a.cores)
+    print(f"remade {len(missing)} missing output(s)" if missing else "no output is missing")
+
+
+def _env_lock(a: argparse.Namespace) -> None:
+    from defectfusion.environment import closure, write_lock
+
+    lock, conda = write_lock(a.root)
+    print(f"wrote {lock} ({len(closure())} packages) and {conda}")
+
+
 def _pipeline_rulegraph(a: argparse.Namespace) -> None:
     from defectfusion.pipeline import write_rulegraph
 
@@ -308,6 +334,9 @@ EXAMPLES: dict[str, str] = {
     "pipeline rebuild": "defectfusion pipeline rebuild --cores 4",
     "pipeline touch": "defectfusion pipeline touch trained",
     "pipeline rulegraph": "defectfusion pipeline rulegraph --out docs/rulegraph.png",
+    "pipeline verify": "defectfusion pipeline verify --recorded recorded/postmortem.json",
+    "env lock": "defectfusion env lock",
+    "pipeline remake-missing": "defectfusion pipeline remake-missing --cores 4",
 }
 
 
@@ -519,7 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="folder for predictions.json (and drawn/)"
     )
     p.add_argument(
-        "--threshold", type=float, default=0.3, help="keep detections with at least this score"
+        "--threshold",
+        type=float,
+        help="keep detections with at least this score (default: the model's operating point, "
+        "its eval.score_threshold: 0.3 unless its profile set another)",
     )
     p.add_argument(
         "--draw", action="store_true", help="also write each image with its boxes to OUT/drawn/"
@@ -584,6 +616,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the index to write")
     p.set_defaults(func=_report_provenance)
 
+    # env
+    env = sub.add_parser("env", help="the locked environment: requirements.lock, environment.yml")
+    esub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
+    p = esub.add_parser(
+        "lock", help="pin every package defectfusion[dev] pulled in, at its installed version"
+    )
+    p.add_argument("--root", type=Path, default=Path("."), help="where to write the two files")
+    p.set_defaults(func=_env_lock)
+
     # pipeline
     pipe = sub.add_parser("pipeline", help="Snakemake and DVC together: profiles, rebuild, graph")
     psub = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
@@ -611,6 +652,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("targets", nargs="*", help="Snakemake targets (default: all)")
     p.set_defaults(func=_pipeline_touch)
+    p = psub.add_parser(
+        "remake-missing",
+        help="remake the workflow outputs deleted by hand (Snakemake alone does not when "
+        "what reads them is up to date); `dvc repro` runs it",
+    )
+    p.add_argument("--cores", default="all", help="Snakemake --cores (default: all)")
+    p.set_defaults(func=_pipeline_remake_missing)
+    p = psub.add_parser(
+        "verify",
+        help="did this run reproduce the recorded one? every number within its tolerance, "
+        "every verdict the same (exit 0), or the list of those that are not (exit 1)",
+    )
+    p.add_argument(
+        "--recorded",
+        type=Path,
+        help="the recorded postmortem.json (or its results folder); default: the one the "
+        "commit --rev's dvc.lock records, from the DVC cache or remote",
+    )
+    p.add_argument("--rev", default="HEAD", help="git revision of the recorded run (default HEAD)")
+    p.add_argument(
+        "--results", type=Path, default=Path("results"), help="this run's results folder"
+    )
+    p.set_defaults(func=_pipeline_verify)
     p = psub.add_parser("rulegraph", help="draw `snakemake --rulegraph` (for the README)")
     p.add_argument(
         "--out", type=Path, default=Path("docs/rulegraph.png"), help="PNG (the .dot beside it)"

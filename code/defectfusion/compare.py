@@ -25,7 +25,7 @@ from defectfusion.bootstrap import (  # noqa: F401  (re-exported: the historical
     resample,
 )
 from defectfusion.data.coco import load_json, load_split
-from defectfusion.errors import UserError
+from defectfusion.errors import UserError, is_int, is_number
 from defectfusion.fsutil import atomic_write_json
 from defectfusion.metrics import DEFAULT_WEIGHTS
 
@@ -38,6 +38,11 @@ def _read_predictions(path: Path) -> tuple[Results, dict[str, Any] | None]:
     if isinstance(data, list):
         return data, None
     if isinstance(data, dict) and "predictions" in data:
+        if not isinstance(data["predictions"], str) or not data["predictions"]:
+            raise UserError(
+                f"{path}: 'predictions' is {data['predictions']!r}, not the path of a COCO "
+                "results file; pass the metrics file evaluate wrote, or the results JSON itself"
+            )
         pred = Path(data["predictions"])
         if not pred.is_absolute() and not pred.is_file():
             pred = path.parent / pred.name  # written beside the metrics file
@@ -61,11 +66,18 @@ def _settings(
         values = {p: m.get(key) for p, m in found if key in m}
         if len(set(map(str, values.values()))) > 1:
             raise UserError(f"{' and '.join(map(str, values))}: different {key}; pass --config")
-    meta = found[0][1] if found else {}
-    return (
-        list(meta.get("critical_classes", DEFAULT_CRITICAL)),
-        dict(meta.get("composite_weights", DEFAULT_WEIGHTS)),
-    )
+    path, meta = found[0] if found else (None, {})
+    critical = meta.get("critical_classes", DEFAULT_CRITICAL)
+    weights = meta.get("composite_weights", DEFAULT_WEIGHTS)
+    # The same rule as a checkpoint's meta (a metrics file is as untrusted as one).
+    if not (isinstance(critical, list) and all(is_int(c) for c in critical)):
+        raise UserError(f"{path}: critical_classes {critical!r} is not a list of class ids")
+    if not (
+        isinstance(weights, dict)
+        and all(isinstance(k, str) and is_number(v) and v >= 0 for k, v in weights.items())
+    ):
+        raise UserError(f"{path}: composite_weights {weights!r} are not non-negative numbers")
+    return list(critical), dict(weights)
 
 
 def compare_files(

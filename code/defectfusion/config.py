@@ -94,6 +94,9 @@ class TrainSection:
     warmup_steps: int = 100
     flat_fraction: float = 0.5  # flat-cosine: constant lr for this fraction, then cosine
     min_lr_fraction: float = 0.05
+    # The last fraction of the steps at the minimum lr (DEIMv2's final epochs): the run ends
+    # on a stretch of nearly fixed weights, where the plateau criterion below is judged.
+    final_fraction: float = 0.2
     clip_grad: float = 0.1
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_warmup_steps: int = 2000  # DEIMv2's ramp: decay_t = ema_decay * (1 - exp(-t / this))
@@ -118,6 +121,7 @@ class Phase2Section(TrainSection):
     warmup_steps: int = 0
     flat_fraction: float = 1.0
     min_lr_fraction: float = 1.0
+    final_fraction: float = 0.0
     ema_decay: float = 0.0
     select_metric: str = "composite"
     # Phase 2 trains on a frozen backbone + encoder: their output is cached per image and
@@ -684,8 +688,16 @@ def check_ranges(cfg: Config, where: str) -> None:
             at_least(f"{section}.{key}", getattr(t, key), 1)
         for key in ("warmup_steps", "patience", "weight_decay", "backbone_lr_mult", "clip_grad"):
             at_least(f"{section}.{key}", getattr(t, key), 0)
-        for key in ("flat_fraction", "min_lr_fraction"):
+        for key in ("flat_fraction", "min_lr_fraction", "final_fraction"):
             fraction(f"{section}.{key}", getattr(t, key))
+        if t.flat_fraction + t.final_fraction > 1.0:
+            raise _range_error(
+                where,
+                f"{section}.final_fraction",
+                t.final_fraction,
+                f"at most 1 - flat_fraction ({1.0 - t.flat_fraction:g}): the flat and final "
+                "stretches cannot overlap",
+            )
         if not 0.0 <= t.ema_decay < 1.0:
             raise _range_error(where, f"{section}.ema_decay", t.ema_decay, "in [0, 1) (0: off)")
     at_least("eval.batch_size", cfg.eval.batch_size, 1)

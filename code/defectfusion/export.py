@@ -23,7 +23,6 @@ half-written folder.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from defectfusion import __version__
-from defectfusion.errors import UserError
+from defectfusion.errors import UserError, is_int, is_number
 from defectfusion.fsutil import atomic_write_json, atomic_write_text, staged_dir, swap_dir
 
 FORMATS = ("hf", "onnx")
@@ -140,17 +139,114 @@ def load_exported(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     )
 
 
+# An export folder is as untrusted as a checkpoint (it may come from a shared remote or a
+# colleague): every value that sizes an allocation is held to the checkpoint's limits
+# (`checkpoint.check_meta`) before anything is built from it.
+MAX_RECORD_BYTES = 256 * 2**20  # defectfusion.json: 1000 classes x 8192 dims of text, in JSON
+MAX_CONFIG_INT = 16384  # no DEIMv2 or backbone config size comes near (DINOv3-7B: 8192)
+
+
+def _read_json_file(path: Path, limit: int = MAX_RECORD_BYTES) -> Any:
+    """A JSON file of an export folder: size and nesting capped, each failure one line."""
+    from defectfusion.data.coco import parse_json
+
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise UserError(f"{path}: {size} bytes, more than any export writes ({limit})")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
+    return parse_json(text, path)
+
+
 def _read_record(folder: Path) -> dict[str, Any] | None:
+    from defectfusion.checkpoint import check_meta
+
     p = folder / META_FILE
     if not p.is_file():
         return None
-    try:
-        record = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{p}: unreadable ({e.__class__.__name__}: {e})") from None
+    record = _read_json_file(p)
     if not isinstance(record, dict) or "meta" not in record:
         raise UserError(f"{p}: not a defectfusion export record (no 'meta')")
+    if record.get("format") in (FORMAT_HF, FORMAT_PHASE2):
+        check_meta(p, record["meta"], kind="export")
+    if record.get("format") == FORMAT_PHASE2:
+        _check_text_embeddings(p, record.get("text_embeddings"), record["meta"]["text_shape"])
     return record
+
+
+def _check_text_embeddings(path: Path, text: Any, shape: list[int]) -> None:
+    """The record's text anchors: exactly the [K, D] finite numbers its meta announces."""
+    rows, dims = shape
+    ok = (
+        isinstance(text, list)
+        and len(text) == rows
+        and all(isinstance(r, list) and len(r) == dims for r in text)
+        and all(is_number(v) for r in text for v in r)
+    )
+    if not ok:
+        raise UserError(
+            f"{path}: text_embeddings are not {rows} x {dims} finite numbers (its meta's "
+            "text_shape): the folder is corrupt or was not written by defectfusion; re-export it"
+        )
+
+
+def _check_model_config(folder: Path) -> None:
+    """config.json may not ask for more than the folder's weights hold.
+
+    Checked before transformers builds the model: every integer is bounded, and the model it
+    describes, built on the meta device (no memory), may have at most as many parameters as
+    the safetensors files can hold at 2 bytes each; a config inflated by hand is refused
+    instead of allocating gigabytes of randomly initialised weights.
+    """
+    from transformers import Deimv2Config, Deimv2ForObjectDetection
+
+    path = folder / "config.json"
+    config = _read_json_file(path, limit=2**20)
+    if not isinstance(config, dict) or config.get("model_type") != "deimv2":
+        raise UserError(f"{path}: not a DEIMv2 config (model_type {_model_type(config)!r})")
+    stack: list[Any] = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif is_int(node) and abs(node) > MAX_CONFIG_INT:
+            raise UserError(
+                f"{path}: holds the value {node}, above any DEIMv2 size ({MAX_CONFIG_INT}); "
+                "the file was edited or corrupted: re-export the model"
+            )
+    labels = config.get("id2label")
+    if isinstance(labels, dict) and len(labels) > _max_classes():
+        raise UserError(f"{path}: {len(labels)} classes, more than {_max_classes()}")
+    try:
+        cfg = Deimv2Config.from_dict(config)
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in Deimv2ForObjectDetection(cfg).parameters())
+    except Exception as e:  # noqa: BLE001 - JSON only (nothing executed): a bad value is bad input
+        raise UserError(
+            f"{path}: not a config transformers can build ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    held = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    if n_params * 2 > held + 2**20:
+        raise UserError(
+            f"{path}: describes a model of {n_params:,} parameters, more than the folder's "
+            f"safetensors files ({held:,} bytes) hold; the config was edited or the weights "
+            "are missing: re-export the model"
+        )
+
+
+def _model_type(config: Any) -> Any:
+    return config.get("model_type") if isinstance(config, dict) else type(config).__name__
+
+
+def _max_classes() -> int:
+    from defectfusion.checkpoint import MAX_CLASSES
+
+    return MAX_CLASSES
 
 
 def _load_transformers(
@@ -158,45 +254,72 @@ def _load_transformers(
 ) -> tuple[nn.Module, dict[str, Any]]:
     from transformers import Deimv2ForObjectDetection
 
+    from defectfusion.models import bars_on_terminal_only
+
+    _check_model_config(folder)
     try:
         # use_safetensors: never unpickle weights; no trust_remote_code: DEIMv2 is built in.
-        model = Deimv2ForObjectDetection.from_pretrained(folder, use_safetensors=True)
-    except (OSError, ValueError) as e:
+        with bars_on_terminal_only():
+            model = Deimv2ForObjectDetection.from_pretrained(folder, use_safetensors=True)
+    except Exception as e:  # noqa: BLE001 - safetensors and JSON only: nothing is executed,
+        # and any failure (a pickle named .safetensors, a truncated file) is the folder's
         raise UserError(
-            f"{folder}: cannot load the DEIMv2 model ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            f"{folder}: cannot load the DEIMv2 model ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from None
     meta = dict(record["meta"]) if record is not None else _meta_from_transformers(folder, model)
+    names = meta["class_names"]
+    if model.config.num_labels != len(names):
+        raise UserError(
+            f"{folder}: {META_FILE} lists {len(names)} classes, config.json "
+            f"{model.config.num_labels}; the folder was edited: re-export the model"
+        )
     return model.eval(), meta
 
 
 def _meta_from_transformers(folder: Path, model: nn.Module) -> dict[str, Any]:
+    from defectfusion.checkpoint import MAX_IMAGE_SIZE, check_mean_std
+
     proc_file = folder / "preprocessor_config.json"
-    proc = json.loads(proc_file.read_text(encoding="utf-8")) if proc_file.is_file() else {}
+    proc = _read_json_file(proc_file, limit=2**20) if proc_file.is_file() else {}
+    if not isinstance(proc, dict):
+        raise UserError(f"{proc_file}: not an image processor config (a JSON object)")
     size = proc.get("size") or {}
-    if size.get("height") != size.get("width") or not size.get("height"):
+    side = size.get("height") if isinstance(size, dict) else None
+    if (
+        not isinstance(size, dict)
+        or side != size.get("width")
+        or not isinstance(side, int)
+        or isinstance(side, bool)
+        or not 32 <= side <= MAX_IMAGE_SIZE
+        or side % 32
+    ):
         raise UserError(
-            f"{folder}: needs a square input size in preprocessor_config.json (got {size or 'none'})"
+            f"{folder}: needs a square input size, a multiple of 32 in 32..{MAX_IMAGE_SIZE}, in "
+            f"preprocessor_config.json (got {size or 'none'})"
         )
     id2label = model.config.id2label
     meta: dict[str, Any] = {
         "phase": 1,
-        "class_names": [id2label[i] for i in range(len(id2label))],
-        "image_size": int(size["height"]),
+        "class_names": [str(id2label[i]) for i in range(len(id2label))],
+        "image_size": side,
     }
     if proc.get("do_normalize"):
-        meta.update(mean=proc["image_mean"], std=proc["image_std"])
+        meta.update(mean=proc.get("image_mean"), std=proc.get("image_std"))
     else:  # what the processor does: rescale only
         meta.update(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    check_mean_std(proc_file, meta, kind="export")
     return meta
 
 
 def _load_phase2(folder: Path, record: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     from defectfusion.fusion import attach_fusion
     from defectfusion.models import build_model
 
-    meta = dict(record["meta"])
+    meta = dict(record["meta"])  # checked by _read_record, with the text embeddings
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{weights}: weights file not found")
@@ -207,7 +330,7 @@ def _load_phase2(folder: Path, record: dict[str, Any]) -> tuple[nn.Module, dict[
     )
     try:
         load_model(model, str(weights), strict=True)
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, SafetensorError) as e:
         raise UserError(
             f"{weights}: weights do not fit the model ({e.__class__.__name__}: {str(e).splitlines()[0]})"
         ) from None
@@ -389,6 +512,8 @@ def _fmt(x: Any) -> str:
 
 def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str) -> str:
     """README.md of an export: what the model is, its data, its test metrics, limits, citation."""
+    from defectfusion.checkpoint import operating_point
+
     cfg = meta.get("config") or {}
     data = cfg.get("data") or {}
     dataset = (cfg.get("pipeline") or {}).get("dataset") or {}
@@ -396,13 +521,11 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str) -
     names = list(meta["class_names"])
     critical = [names[i] for i in meta.get("critical_classes", []) if 0 <= i < len(names)]
     s = meta["image_size"]
+    op = operating_point(meta)
     title = f"defectfusion {meta.get('preset', 'DEIMv2')} (Phase {phase})"
     lines = [
         "---",
-        "license: mit",
-        "library_name: " + ("transformers" if phase == 1 and fmt == "hf" else "defectfusion"),
-        "pipeline_tag: object-detection",
-        "tags: [object-detection, deimv2, defect-detection, defectfusion]",
+        _card_yaml(meta, metrics, fmt, title).strip(),
         "---",
         "",
         f"# {title}",
@@ -489,18 +612,22 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str) -
             "```python",
             "from transformers import pipeline",
             "detector = pipeline('object-detection', model='PATH/TO/THIS/FOLDER')",
-            "detector('image.png', threshold=0.3)",
+            f"detector('image.png', threshold={op:g})  # the pipeline's own default is 0.5",
             "```",
             "",
             "or `defectfusion predict --checkpoint PATH/TO/THIS/FOLDER --images DIR --out OUT --draw`, "
             "or `defectfusion.load('PATH/TO/THIS/FOLDER').predict(['image.png'])`.",
+            "",
+            "transformers' pipeline reads a 16-bit image by clipping it to 8 bits (most pixels "
+            "become white, and it finds nothing): convert such images to 8-bit first, or use "
+            "defectfusion, which scales them.",
         ]
     else:
         lines += [
             "```python",
             "import defectfusion",
             "detector = defectfusion.load('PATH/TO/THIS/FOLDER')",
-            "detector.predict(['image.png'], threshold=0.3)",
+            "detector.predict(['image.png'])",
             "```",
             "",
             "The fusion is defectfusion's module (forward hooks on DEIMv2's class heads), so this "
@@ -516,6 +643,10 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str) -
         f"- The input is resized to {s} x {s}: defects a few pixels wide in large images may "
         "vanish; non-square images are stretched.",
         "- Images are read as 8-bit RGB (16-bit images are scaled down, alpha is dropped).",
+        f"- The default score threshold is {op:g}, the operating point the model was evaluated "
+        "at (defectfusion's predict and API use it; transformers' pipeline needs it passed). "
+        "defectfusion returns boxes as [x0, y0, x1, y1] pixels (its predictions.json as COCO's "
+        "[x, y, w, h]); the pipeline as {xmin, ymin, xmax, ymax}.",
         "- Scores are not calibrated probabilities; pick the threshold on validation data. "
         "A missed defect can be costly: it is an aid to inspection, not a replacement for it.",
     ]
@@ -548,6 +679,51 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str) -
 
 
 _NORMALISATION_NAMES = {"imagenet": "ImageNet", "clip": "OpenAI CLIP", "siglip": "SigLIP"}
+
+
+def _card_yaml(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str, title: str) -> str:
+    """The card's metadata with huggingface_hub's own writer (`ModelCardData`): licence,
+    library, task, tags, the dataset, the pretrained weights it started from (``base_model``,
+    when a hub id), and the test metrics as a ``model-index`` (`EvalResult`)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    cfg = meta.get("config") or {}
+    dataset = ((cfg.get("pipeline") or {}).get("dataset") or {}).get("kind") or "unknown"
+    weights = (cfg.get("model") or {}).get("weights")
+    base = (
+        weights
+        if isinstance(weights, str) and weights.count("/") == 1 and not Path(weights).exists()
+        else None
+    )
+    results = [
+        EvalResult(
+            task_type="object-detection",
+            dataset_type=dataset,
+            dataset_name=f"{dataset} (test split)",
+            dataset_split="test",
+            metric_type=key,
+            metric_name=name,
+            metric_value=round(float(metrics[key]), 4),
+        )
+        for key, name in (
+            ("map", "mAP@[.5:.95]"),
+            ("map50", "mAP@.5"),
+            ("critical_recall", "critical recall"),
+        )
+        if metrics is not None and is_number(metrics.get(key))
+    ]
+    phase = int(meta.get("phase", 1))
+    data = ModelCardData(
+        license="mit",
+        library_name="transformers" if phase == 1 and fmt == "hf" else "defectfusion",
+        pipeline_tag="object-detection",
+        tags=["object-detection", "deimv2", "defect-detection", "defectfusion"],
+        datasets=[dataset],
+        base_model=base,
+        model_name=title if results else None,
+        eval_results=results or None,
+    )
+    return data.to_yaml()
 
 
 def _normalisation_text(meta: dict[str, Any]) -> str:

@@ -18,6 +18,9 @@ Pretrained weights a user with internet can name (``model.init`` / ``model.weigh
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,10 @@ class Preset:
     image_size: int  # default input side
     backbone: dict[str, Any]  # {"kind": "dinov3" | "resnet" | "timm", ...config kwargs}
     detector: dict[str, Any]  # Deimv2Config kwargs (besides backbone and labels)
+    # A CNN backbone's BatchNorm: "frozen" (DEIMv2's choice for pretrained backbones: fixed
+    # statistics and affine) or "trainable" (a backbone trained from random weights, whose
+    # statistics and affine nobody has learned yet: frozen, they are identity layers).
+    norm: str = "frozen"
 
 
 def _dinov3(hidden: int, layers: int, heads: int, mlp: int, out: list[int]) -> dict[str, Any]:
@@ -142,6 +149,7 @@ PRESETS: dict[str, Preset] = {
                 num_denoising=50,
                 encoder_has_trailing_conv=True,
             ),
+            norm="trainable",  # trained from scratch (the default profile)
         ),
         Preset(
             "deimv2-efficientnet",
@@ -165,6 +173,7 @@ PRESETS: dict[str, Preset] = {
                 num_denoising=50,
                 encoder_has_trailing_conv=True,
             ),
+            norm="trainable",  # trained from scratch (the default profile)
         ),
     ]
 }
@@ -209,8 +218,23 @@ def build_config(preset: str | Preset, class_names: list[str]) -> Deimv2Config:
         num_labels=len(class_names),
         id2label=dict(enumerate(class_names)),
         label2id={n: i for i, n in enumerate(class_names)},
+        # transformers' freezing swaps every BatchNorm2d for a frozen copy; timm's
+        # BatchNormAct2d (EfficientNet) is a BatchNorm2d that also holds the activation, which
+        # that swap silently drops. timm backbones are frozen by timm instead (freeze_norms).
+        freeze_backbone_batch_norms=p.norm == "frozen" and p.backbone["kind"] != "timm",
         **p.detector,
     )
+
+
+def freeze_norms(model: Deimv2ForObjectDetection, preset: Preset) -> Deimv2ForObjectDetection:
+    """A timm backbone's frozen BatchNorm, by timm's own converter (`freeze_batch_norm_2d`
+    keeps BatchNormAct2d's activation: FrozenBatchNormAct2d); others are done by the config."""
+    if preset.norm == "frozen" and preset.backbone["kind"] == "timm":
+        from timm.utils.model import freeze_batch_norm_2d
+
+        target = backbone_module(model)
+        target._backbone = freeze_batch_norm_2d(target._backbone)
+    return model
 
 
 def check_image_size(preset: str, image_size: int, where: str) -> None:
@@ -237,13 +261,29 @@ def build_model(
     """Build a detector from a preset. Random weights only for ``init='scratch'``."""
     config = build_config(preset, class_names)
     if init == "detector":
-        return _load_detector(weights, config, preset)
+        return freeze_norms(_load_detector(weights, config, preset), get_preset(preset))
     model = Deimv2ForObjectDetection(config)
     if init == "backbone":
-        _load_backbone(model, weights, get_preset(preset))
+        _load_backbone(model, weights, get_preset(preset))  # before freezing: real statistics
     elif init != "scratch":
         raise UserError(f"model.init={init!r} must be scratch, backbone or detector")
-    return model
+    return freeze_norms(model, get_preset(preset))
+
+
+@contextmanager
+def bars_on_terminal_only() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") only on a terminal, as ours
+    (tqdm's ``disable=None``): off a terminal each frame is a line of a log file."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _weights_error(what: str, weights: str | None, err: Exception) -> UserError:
@@ -270,13 +310,14 @@ def _load_detector(
     try:
         # config=: the preset decides the architecture (checkpoints record the preset and are
         # rebuilt from it), and weights of another architecture are refused below.
-        model, info = Deimv2ForObjectDetection.from_pretrained(
-            weights,
-            config=config,
-            ignore_mismatched_sizes=True,
-            use_safetensors=True,  # never unpickle weights from a remote
-            output_loading_info=True,
-        )
+        with bars_on_terminal_only():
+            model, info = Deimv2ForObjectDetection.from_pretrained(
+                weights,
+                config=config,
+                ignore_mismatched_sizes=True,
+                use_safetensors=True,  # never unpickle weights from a remote
+                output_loading_info=True,
+            )
     except (OSError, ValueError, SafetensorError) as e:  # a corrupt file: one line
         raise _weights_error("detector", weights, e) from None
     mismatched = sorted(
@@ -314,9 +355,10 @@ def _load_backbone(model: Deimv2ForObjectDetection, weights: str | None, preset:
         else:
             # The concrete class, not AutoBackbone: in transformers 5.23 AutoBackbone asks the
             # hub whether the name exists first, so it rejects local folders and fails offline.
-            src = type(target).from_pretrained(
-                weights, out_indices=target.config.out_indices, use_safetensors=True
-            )
+            with bars_on_terminal_only():
+                src = type(target).from_pretrained(
+                    weights, out_indices=target.config.out_indices, use_safetensors=True
+                )
             state = src.state_dict()
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise _weights_error("backbone", weights, e) from None

@@ -105,6 +105,12 @@ def record_in_dvc_lock(config: dict[str, Any], root: str | Path = ".") -> str:
             "dvc.lock not updated: the workflow still has jobs to run (a run of some targets "
             "only?); `snakemake --cores all` records it when everything is up to date"
         )
+    missing = missing_outputs(root)
+    if missing:  # never vouch for an output that is not there
+        return (
+            f"dvc.lock not updated: {len(missing)} output(s) missing, e.g. {missing[0]}; "
+            "`defectfusion pipeline remake-missing` (or `dvc repro`) remakes them"
+        )
     r = subprocess.run(
         ["dvc", "commit", "--force", "--quiet"], cwd=root, capture_output=True, text=True
     )
@@ -112,6 +118,31 @@ def record_in_dvc_lock(config: dict[str, Any], root: str | Path = ".") -> str:
         last = (r.stderr.strip().splitlines() or ["?"])[-1]
         return f"dvc.lock not updated (some stage's outputs are missing?): {last}"
     return "dvc.lock updated: `dvc repro` will not redo this run's work"
+
+
+def missing_outputs(root: str | Path = ".") -> list[str]:
+    """Outputs of the workflow's jobs that are not on disk (`snakemake --summary`'s status
+    "missing"), benchmark files aside (a job's timing record: missing, it is not a reason to
+    retrain). Snakemake does not remake a deleted file whose consumers are up to date, so
+    neither it nor DVC would otherwise notice, and dvc.lock would record the run without it."""
+    r = _run(["snakemake", "--cores", "1", "--summary"], Path(root), "listing the outputs")
+    missing = []
+    for line in r.stdout.splitlines()[1:]:
+        cols = line.split("\t")
+        if len(cols) >= 5 and cols[4] == "missing" and not cols[0].startswith("benchmarks/"):
+            missing.append(cols[0])
+    return missing
+
+
+def remake_missing(root: str | Path = ".", cores: str = "all") -> list[str]:
+    """Ask Snakemake for every missing output by name (a missing target is remade; what
+    reads it then reruns in the next full run, its input being newer). The DVC stage runs
+    this between its two passes. Returns what was missing."""
+    missing = missing_outputs(root)
+    if missing:
+        print(f"remaking {len(missing)} missing output(s), e.g. {missing[0]}", flush=True)
+        _stream(["snakemake", "--cores", cores, "--quiet", "rules", "--", *missing], Path(root))
+    return missing
 
 
 def job_counts(output: str) -> dict[str, int]:

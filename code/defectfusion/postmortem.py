@@ -224,14 +224,9 @@ class _Sets:
         """`evaluate` of each (path, split), in order; with ``workers > 1``, in that many
         processes (each set is independent: the replicates are drawn here, once)."""
         if workers > 1 and len(jobs) > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from defectfusion.pool import spawn_pool
 
-            # spawn: no fork of a process that may hold BLAS or torch threads
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(self,)
-            ) as pool:
+            with spawn_pool(min(workers, len(jobs)), _init_worker, (self,)) as pool:
                 done = list(pool.map(_evaluate_job, jobs))
         else:
             done = [self.evaluate(path, split) for path, split in jobs]

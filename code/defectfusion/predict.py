@@ -22,6 +22,7 @@ match the image as a viewer shows it (transformers' pipeline does the same).
 from __future__ import annotations
 
 import glob as globlib
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from defectfusion.errors import UserError
+from defectfusion.errors import UserError, is_number
 from defectfusion.fsutil import atomic_write, atomic_write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
@@ -174,6 +175,14 @@ class Detector:
             p.requires_grad_(False)
 
     @property
+    def threshold(self) -> float:
+        """The default score threshold: the operating point the model was evaluated at
+        (`checkpoint.operating_point`), for ``predict``, the API and the model card alike."""
+        from defectfusion.checkpoint import operating_point
+
+        return operating_point(self.meta)
+
+    @property
     def class_names(self) -> list[str]:
         return list(self.meta["class_names"])
 
@@ -193,13 +202,15 @@ class Detector:
 
     @torch.no_grad()
     def predict_rgb(
-        self, images: Sequence[Image.Image], threshold: float = 0.0, max_dets: int = 300
+        self, images: Sequence[Image.Image], threshold: float | None = None, max_dets: int = 300
     ) -> list[list[Detection]]:
-        """One batch of 8-bit RGB images -> their detections with ``score >= threshold``."""
+        """One batch of 8-bit RGB images -> their detections with ``score >= threshold``
+        (None: `threshold`, the model's operating point); boxes ``[x0, y0, x1, y1]`` pixels."""
         from defectfusion.evaluate import postprocess
 
         if not images:
             return []
+        threshold = self.threshold if threshold is None else check_threshold(threshold)
         pixel_values = self.preprocess(images).to(self.device)
         out = self.model(pixel_values=pixel_values)
         sizes = [(im.height, im.width) for im in images]
@@ -229,12 +240,16 @@ class Detector:
     def predict(
         self,
         images: ImageInput | Sequence[ImageInput],
-        threshold: float = 0.0,
+        threshold: float | None = None,
         batch_size: int = 8,
         max_dets: int = 300,
         progress: bool = False,
     ) -> list[Detection] | list[list[Detection]]:
-        """Detections of one image (a list) or of several (a list of lists), best first.
+        """Detections of one image (a list) or of several (a list of lists), best first:
+        ``{"category_id", "label", "score", "box"}`` with ``box`` = ``[x0, y0, x1, y1]`` in
+        pixels of the original image (``predictions.json`` has COCO's ``[x, y, w, h]``).
+        ``threshold`` None keeps the scores at or above the model's operating point
+        (`Detector.threshold`, what ``defectfusion predict`` uses); 0 keeps all.
 
         An image is a file path, a PIL image or an array (HxW or HxWx3/4, uint8 or uint16).
         A folder or a glob pattern stands for its image files (sorted by name).
@@ -246,10 +261,19 @@ class Detector:
         items = [images] if single else list(images)  # type: ignore[list-item]
         out: list[list[Detection]] = []
         for batch in tqdm(
-            list(_chunks(items, batch_size)), desc="predict", unit="batch", disable=None if progress else True
+            list(_chunks(items, batch_size)),
+            desc="predict",
+            unit="batch",
+            disable=None if progress else True,
         ):
             out += self.predict_rgb([as_rgb8(x) for x in batch], threshold, max_dets)
         return out[0] if single else out
+
+
+def check_threshold(threshold: float) -> float:
+    if not (is_number(threshold) and 0.0 <= threshold <= 1.0):
+        raise UserError(f"threshold {threshold!r}: must be a number between 0 and 1")
+    return float(threshold)
 
 
 def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
@@ -434,32 +458,49 @@ def predict_files(
     checkpoint: str | Path,
     images: str | Path,
     out: str | Path,
-    threshold: float = 0.3,
+    threshold: float | None = None,
     draw: bool = False,
     batch_size: int = 8,
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """`defectfusion predict`: write ``OUT/predictions.json`` (COCO results, with file names)
-    and, with `draw`, ``OUT/drawn/NAME``; return a summary."""
-    if not 0.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold {threshold}: must be between 0 and 1")
+    and, with `draw`, ``OUT/drawn/NAME``; return a summary.
+
+    ``threshold`` None: the model's operating point (`Detector.threshold`). An image that
+    cannot be read is skipped with a one-line warning on stderr, counted in the summary and
+    listed in ``images.json`` (``skipped``); a batch with no readable image is an error.
+    """
+    if threshold is not None:
+        check_threshold(threshold)
     files, root = find_images(images)
     out = Path(out)
     check_out(out, files, draw)  # before minutes of loading and inference
     detector = load(checkpoint, device)
+    threshold = detector.threshold if threshold is None else threshold
     records: list[dict[str, Any]] = []
     image_list: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     per_class = dict.fromkeys(detector.class_names, 0)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    with tqdm(total=len(files), desc="predict", unit="image", disable=None if progress else True) as bar:
+    image_id = 0
+    with tqdm(
+        total=len(files), desc="predict", unit="image", disable=None if progress else True
+    ) as bar:
         for start in range(0, len(files), batch_size):
-            batch = files[start : start + batch_size]
-            rgb = [read_image(p) for p in batch]
+            batch, rgb = [], []
+            for p in files[start : start + batch_size]:
+                try:
+                    rgb.append(read_image(p))
+                except UserError as e:
+                    skipped.append({"file_name": _relative_name(p, root), "why": str(e)})
+                    print(f"defectfusion: warning: skipped {e}", file=sys.stderr)
+                    continue
+                batch.append(p)
             dets = detector.predict_rgb(rgb, threshold)
-            for i, (path, im, det) in enumerate(zip(batch, rgb, dets, strict=True)):
-                image_id = start + i + 1
+            for path, im, det in zip(batch, rgb, dets, strict=True):
+                image_id += 1
                 name = _relative_name(path, root)
                 image_list.append(
                     {"id": image_id, "file_name": name, "width": im.width, "height": im.height}
@@ -469,7 +510,11 @@ def predict_files(
                     per_class[d["label"]] += 1
                 if draw:
                     _save_image(drawn_path(out, name), draw_detections(im, det))
-            bar.update(len(batch))
+            bar.update(len(files[start : start + batch_size]))
+    if not image_list:
+        raise UserError(
+            f"{images}: none of its {len(files)} image(s) could be read, e.g. {skipped[0]['why']}"
+        )
     atomic_write_json(out / RESULTS_FILE, records, indent=None)
     # The image list (COCO "images" records) lets the ids be mapped back to files, including
     # images with no detection.
@@ -479,12 +524,15 @@ def predict_files(
             "images": image_list,
             "categories": [{"id": i, "name": n} for i, n in enumerate(detector.class_names)],
             "threshold": threshold,
+            "skipped": skipped,
             "checkpoint": str(checkpoint),
             "written_by": WRITTEN_BY,  # a later predict into this folder may replace it
         },
     )
     return {
-        "images": len(files),
+        "images": len(image_list),
+        "skipped": len(skipped),
+        "threshold": threshold,
         "detections": len(records),
         "per_class": per_class,
         "results": str(out / RESULTS_FILE),
@@ -499,10 +547,11 @@ def _relative_name(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def print_summary(summary: dict[str, Any], threshold: float) -> None:
+def print_summary(summary: dict[str, Any]) -> None:
     found = ", ".join(f"{k} {v}" for k, v in summary["per_class"].items() if v) or "none"
+    skipped = f" ({summary['skipped']} unreadable, skipped)" if summary["skipped"] else ""
     print(
-        f"{summary['images']} images, {summary['detections']} detections with score >= "
-        f"{threshold:g} ({found})"
+        f"{summary['images']} images{skipped}, {summary['detections']} detections with score "
+        f">= {summary['threshold']:g} ({found})"
     )
     print(f"wrote {summary['results']}" + (f" and {summary['drawn']}/" if summary["drawn"] else ""))

@@ -176,9 +176,30 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
         data = torch.load(path, map_location="cpu", weights_only=True)
         from defectfusion.data.coco import parse_json
 
-        return data["embeddings"], parse_json(data["info"], path)
+        emb, info = data["embeddings"], parse_json(data["info"], path)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: not a text-embeddings file ({e.__class__.__name__})") from None
+    # A DVC output, so as untrusted as a checkpoint: the checkpoint's limits on the text.
+    from defectfusion.checkpoint import MAX_CLASSES, MAX_TEXT_DIM
+
+    if not (
+        isinstance(emb, torch.Tensor)
+        and emb.is_floating_point()
+        and emb.dim() == 2
+        and 1 <= emb.shape[0] <= MAX_CLASSES
+        and 1 <= emb.shape[1] <= MAX_TEXT_DIM
+        and bool(torch.isfinite(emb).all())
+    ):
+        shown = list(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise UserError(
+            f"{path}: embeddings ({shown}) are not a finite [classes <= {MAX_CLASSES}, dims <= "
+            f"{MAX_TEXT_DIM}] float tensor; remake them with `defectfusion text embed`"
+        )
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: its info is not a JSON object; remake the file")
+    return emb, info
 
 
 def embed_from_config(cfg: Any, out: str | Path) -> dict[str, Any]:

@@ -17,10 +17,8 @@ gives byte-identical PNG and JSON files, whatever the order the images are made 
 from __future__ import annotations
 
 import io
-import multiprocessing as mp
 import os
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from tqdm import tqdm
 from defectfusion.data import coco
 from defectfusion.errors import UserError
 from defectfusion.fsutil import staged_dir, swap_dir
+from defectfusion.pool import spawn_pool
 
 CLASS_NAMES: tuple[str, ...] = (
     "normal",
@@ -555,8 +554,8 @@ def generate(out: str | Path, spec: SynthSpec, workers: int | None = None) -> di
 def _generate_into(
     out: Path, spec: SynthSpec, sizes: dict[str, int], jobs: list, workers: int
 ) -> dict[str, Any]:
-    # Spawned, not forked: the caller may hold threads (torch, BLAS) that a fork would copy.
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
+    # Spawned, not forked, and killed with this process (defectfusion/pool.py).
+    pool = spawn_pool(workers) if workers > 1 else None
     results = pool.map(_make, jobs, chunksize=16) if pool else map(_make, jobs)
     summary: dict[str, Any] = {}
     try:

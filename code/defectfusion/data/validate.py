@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from defectfusion.data import coco
-from defectfusion.errors import UserError
+from defectfusion.errors import UserError, is_int, is_number
 
 # A box may stick out of its image by this much (pixels, or a fraction of the side when
 # larger): annotation tools round corners, and 200.0004 on a 200-px image is not a bug.
@@ -202,7 +202,7 @@ def check_loadable(data: Any, file: str | Path) -> None:
     names = [c.get("name") if isinstance(c, dict) else None for c in data["categories"]]
     if not ids:
         err("categories", "empty list, expected at least one category")
-    elif not all(_is_int(i) for i in ids) or sorted(ids) != list(range(len(ids))):
+    elif not all(is_int(i) for i in ids) or sorted(ids) != list(range(len(ids))):
         err("categories", f"ids {ids[:10]} are not the integers 0..{len(ids) - 1}")
     elif not all(isinstance(n, str) and n for n in names):
         err("categories", "every category needs a non-empty string name")
@@ -212,7 +212,7 @@ def check_loadable(data: Any, file: str | Path) -> None:
     sizes: dict[int, tuple[float, float]] = {}
     for i, im in enumerate(data["images"]):
         rec = _record("image", im, i, "images")
-        if not isinstance(im, dict) or not _is_int(im.get("id")):
+        if not isinstance(im, dict) or not is_int(im.get("id")):
             err(rec, "not an object with an integer id")
             continue
         name, w, h = im.get("file_name"), im.get("width"), im.get("height")
@@ -222,24 +222,24 @@ def check_loadable(data: Any, file: str | Path) -> None:
             err(rec, f"file_name {name!r} is not a non-empty string")
         elif PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
             err(rec, f"file_name {name!r} must be relative to the images folder, without '..'")
-        elif not all(_is_num(v) and float(v).is_integer() and v > 0 for v in (w, h)):
+        elif not all(is_number(v) and float(v).is_integer() and v > 0 for v in (w, h)):
             err(rec, f"width {w!r} and height {h!r} must be positive integers")
         else:
             sizes[im["id"]] = (float(w), float(h))
     for i, a in enumerate(data["annotations"]):
         rec = _record("annotation", a, i, "annotations").replace("annotation id", "annotation")
-        if not isinstance(a, dict) or not _is_int(a.get("id")):
+        if not isinstance(a, dict) or not is_int(a.get("id")):
             err(rec, "not an object with an integer id")
             continue
-        if not _is_int(a.get("image_id")) or a["image_id"] not in sizes:
+        if not is_int(a.get("image_id")) or a["image_id"] not in sizes:
             err(rec, f"image_id {a.get('image_id')!r} is not in 'images'")
             continue
         cat = a.get("category_id")
-        if not _is_int(cat) or not 0 <= cat < k:
+        if not is_int(cat) or not 0 <= cat < k:
             err(rec, f"category_id {cat!r} is not in 0..{k - 1}")
             continue
         box = a.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_num(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) for v in box)):
             err(rec, f"bbox {box!r} is not 4 finite numbers [x, y, w, h]")
             continue
         x, y, bw, bh = (float(v) for v in box)
@@ -279,7 +279,7 @@ def _check_categories(cats: list[Any], layout: bool, err) -> dict[int, str]:
             continue
         if _missing(c, ("id", "name"), rec, err):
             continue
-        if not _is_int(c["id"]):
+        if not is_int(c["id"]):
             err(rec, f"id {c['id']!r} is not an integer")
         elif not isinstance(c["name"], str) or not c["name"]:
             err(rec, f"name {c['name']!r} is not a non-empty string")
@@ -308,7 +308,7 @@ def _check_images(images: list[Any], layout: bool, err) -> dict[int, dict[str, A
         if _missing(im, ("id", "file_name", "width", "height"), rec, err):
             continue
         iid, name, w, h = im["id"], im["file_name"], im["width"], im["height"]
-        if not _is_int(iid) or (layout and iid < 1):
+        if not is_int(iid) or (layout and iid < 1):
             err(
                 rec,
                 f"id {iid!r} is not an integer >= 1" if layout else f"id {iid!r} is not an integer",
@@ -320,7 +320,7 @@ def _check_images(images: list[Any], layout: bool, err) -> dict[int, dict[str, A
             continue
         bad = False
         for key, v in (("width", w), ("height", h)):
-            if not (_is_num(v) and float(v).is_integer() and v > 0):
+            if not (is_number(v) and float(v).is_integer() and v > 0):
                 err(rec, f"{key} {v!r} is not a positive integer")
                 bad = True
         if not isinstance(name, str) or not name:
@@ -359,7 +359,7 @@ def _check_annotations(
             continue
         if _missing(a, required, rec, err):
             continue
-        if not _is_int(a["id"]):
+        if not is_int(a["id"]):
             err(rec, f"id {a['id']!r} is not an integer")
             continue
         if a["id"] in seen:
@@ -375,7 +375,7 @@ def _check_annotations(
             err(rec, f"category_id {a['category_id']!r} is not a category of this file")
             continue
         box = a["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_num(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) for v in box)):
             err(rec, f"bbox {box!r} is not 4 finite numbers [x, y, w, h]")
             continue
         x, y, w, h = (float(v) for v in box)
@@ -390,7 +390,7 @@ def _check_annotations(
             continue
         if layout:
             area = a["area"]
-            if not _is_num(area) or not math.isclose(area, w * h, rel_tol=1e-3, abs_tol=1e-2):
+            if not is_number(area) or not math.isclose(area, w * h, rel_tol=1e-3, abs_tol=1e-2):
                 err(rec, f"area {area!r} is not bbox w*h = {w * h:g}")
             if a["iscrowd"] != 0:
                 err(rec, f"iscrowd {a['iscrowd']!r}, this layout has only iscrowd 0")
@@ -472,17 +472,9 @@ def _cross_split_errors(loaded: dict[str, dict[str, Any]], files: dict[str, Path
 # ---- helpers ----------------------------------------------------------------------------
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _record(kind: str, rec: Any, index: int, list_name: str) -> str:
     """'annotation id 7' when the record has a usable id, else 'annotations[3]'."""
-    if isinstance(rec, dict) and _is_int(rec.get("id")):
+    if isinstance(rec, dict) and is_int(rec.get("id")):
         return f"{kind} id {rec['id']}"
     return f"{list_name}[{index}]"
 

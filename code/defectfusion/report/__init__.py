@@ -228,7 +228,7 @@ OUTPUTS: tuple[Output, ...] = (
     Output("tables", "runtime", _TABLES, lambda L: [
         *(L.phase1(p, "history.jsonl") for p in L.presets), *L.all_phase2("history.jsonl"),
     ], lambda L: L.stage_benchmarks()),
-    Output("tables", "environment", _TABLES, lambda L: []),  # library versions: no results
+    Output("tables", "environment", _TABLES, lambda L: ["requirements.lock"]),  # versions
     # figures (report/figures/NAME.py)
     Output("figures", "dataset_examples", f"{_FIG}.dataset_examples",
            lambda L: [L.split("train")]),
@@ -265,6 +265,41 @@ OUTPUTS: tuple[Output, ...] = (
         L.postmortem,  # every interval (the compare files are per seed)
     ]),
 )  # fmt: skip
+
+
+# One line per table and figure: its caption in `snakemake --report` (report/*.rst reads it
+# through the rules' `caption` param). The book writes its own Spanish captions.
+CAPTIONS: dict[str, str] = {
+    "dataset": "Images, boxes and boxes per class of each split.",
+    "phase1": "Phase 1 presets on the test split: mAP, mAP50, critical recall, composite, "
+    "parameters, training and evaluation time.",
+    "phase2": "Each Phase 2 variant (mean over seeds) on the test split, with its difference "
+    "to Phase 1 and that difference's interval.",
+    "per_class_recall": "Recall per class, Phase 1 against the adopted Phase 2 variant.",
+    "settings": "The run's settings: data, models, schedules, text encoder, decision rule.",
+    "phase1_detail": "Phase 1 per preset: every metric at the selected epoch, and the plateau.",
+    "phase2_detail": "Phase 2 per variant and seed: every metric, and the per-seed comparison "
+    "with Phase 1.",
+    "runtime": "Wall and CPU time of every training run and pipeline stage.",
+    "environment": "The versions of the libraries the run used.",
+    "dataset_examples": "A few training images of each class with their boxes.",
+    "phase1_curves": "Phase 1 training loss and validation mAP per epoch, per preset.",
+    "postmortem": "Validation mAP per Phase 2 epoch (0: before any update) of every variant, "
+    "beside Phase 1's best: the epoch-1 drop the thesis saw, or its absence.",
+    "initialisation": "Zero-start against the naive initialisation: validation mAP per epoch.",
+    "gate_dynamics": "The fusion gate alpha and temperature tau per step.",
+    "confusion": "Confusion matrix at the operating point, Phase 1 and adopted Phase 2.",
+    "per_class": "AP and recall per class, Phase 1 against the adopted Phase 2 variant.",
+    "pr_curves": "Precision-recall curves per class on the test split.",
+    "qualitative": "Test images with their boxes: hits, misses and false alarms.",
+    "prompt_similarity": "Cosine similarity of the class prompts' text embeddings.",
+    "postmortem_forest": "Each hypothesis's epoch-1 drift with its adjusted interval, against "
+    "the thesis's drop and the equivalence margin.",
+    "postmortem_mechanism": "The drift split into its epoch-0 shift (before any update) and its "
+    "epoch-1 adaptation, per hypothesis.",
+    "postmortem_drift": "Validation mAP change from Phase 1 per epoch and variant, beside the "
+    "thesis's drop.",
+}
 
 
 def names(kind: str) -> tuple[str, ...]:

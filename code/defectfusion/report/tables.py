@@ -817,24 +817,50 @@ LIBRARIES = (
 
 
 def environment_table(values: dict[str, Any], layout: Layout) -> Table:
+    """The library versions that ran (importlib.metadata) beside requirements.lock's pins:
+    a reader installs the locked set, and sees here whether the run used it."""
     import platform
     from importlib import metadata
 
-    rows = [{"library": "Python", "version": platform.python_version()}]
+    from defectfusion.environment import LOCK_FILE, read_lock
+
+    lock_path = Path(LOCK_FILE)
+    locked = read_lock(lock_path) if lock_path.is_file() else {}
+    rows = [{"library": "Python", "version": platform.python_version(), "locked": None}]
     for name in LIBRARIES:
         try:
             version = metadata.version(name)
         except metadata.PackageNotFoundError:
             version = None
-        rows.append({"library": name, "version": version, "version_es": version or "no instalada"})
-    cols = [Col("library", "Library", "s", "Biblioteca"), Col("version", "Version", "s", "Versión")]
+        pin = locked.get(name.lower().replace("_", "-"))
+        rows.append(
+            {
+                "library": name,
+                "version": version,
+                "version_es": version or "no instalada",
+                "locked": pin,
+                "locked_es": pin or ("-" if name != "defectfusion" else "esta copia"),
+            }
+        )
+    cols = [
+        Col("library", "Library", "s", "Biblioteca"),
+        Col("version", "Version", "s", "Versión"),
+        Col("locked", f"In {LOCK_FILE}", "s", f"En {LOCK_FILE}"),
+    ]
     return Table(
         "Versions of the main libraries",
         cols,
         rows,
-        ["The Python environment that ran the report stage (the pipeline's environment)."],
+        [
+            "The Python environment that ran the report stage (the pipeline's environment), "
+            f"beside the pins of {LOCK_FILE} (`pip install -r {LOCK_FILE}` installs them)."
+        ],
         "Versiones de las bibliotecas principales",
-        ["El entorno de Python que ejecutó la etapa de informe, el mismo del resto del pipeline."],
+        [
+            "El entorno de Python que ejecutó la etapa de informe, el mismo del resto del "
+            f"pipeline, junto a las versiones fijadas en {LOCK_FILE}, que instala "
+            f"`pip install -r {LOCK_FILE}`."
+        ],
     )
 
 

@@ -34,14 +34,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from defectfusion.checkpoint import load_checkpoint, save_checkpoint
-from defectfusion.config import Config, TrainSection
-from defectfusion.errors import UserError
+from defectfusion.checkpoint import (
+    check_meta,
+    check_state,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
+from defectfusion.config import Config, TrainSection, safe_name
+from defectfusion.errors import UserError, is_int
 from defectfusion.fsutil import atomic_write_text
 from defectfusion.report.provenance import git_commit
 from defectfusion.train.schedule import ema_decay_at, lr_lambda, plateau_gain
@@ -366,7 +373,11 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
             log.line(f"not resuming {folder.last}: {stale} (a new run starts)")
         for note in job.notes:
             log.line(note)
-        log.line(f"config: {json.dumps(job.cfg.to_dict(), sort_keys=True)}")
+        # The whole config in a file of its own (a 2,800-character log line helped no one).
+        atomic_write_text(
+            out / RUN_CONFIG, yaml.safe_dump(job.cfg.to_dict(), sort_keys=True, allow_unicode=True)
+        )
+        log.line(f"config: {out / RUN_CONFIG}")
         log.line(
             f"{steps_per_epoch} steps/epoch, {total_steps} steps at most, device {accelerator.device}"
         )
@@ -386,7 +397,8 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
         # would report a steadily falling run as identical to its start (a CI of [0, 0]).
         log.line(f"epoch 0 (before any update, not selectable): {_summary(metrics)}")
 
-    for epoch in range(progress.epoch + 1, tc.epochs + 1):
+    first_epoch, started = progress.epoch + 1, time.monotonic()
+    for epoch in range(first_epoch, tc.epochs + 1):
         es = epoch_seed(job.cfg.seed, epoch)
         seed_everything(es)
         # The sampler's generator, not the (prepared) loader's: that one only seeds workers.
@@ -417,7 +429,8 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
         log.epoch(row)
         log.line(
             f"epoch {epoch}/{tc.epochs}: loss {row['loss']:.3f}  {_summary(metrics)}  "
-            f"best {select} {progress.best:.4f}{' (new)' if improved else ''}  ({seconds:.1f}s)"
+            f"best {select} {progress.best:.4f}{' (new)' if improved else ''}  ({seconds:.1f}s"
+            f"{time_left(time.monotonic() - started, epoch - first_epoch + 1, tc.epochs - epoch)})"
         )
         stop = tc.patience > 0 and progress.bad_epochs >= tc.patience
         save(finished=stop or epoch == tc.epochs)
@@ -434,6 +447,15 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
                 f"to {p['to_epoch']} (plateau: less than {tc.plateau_min_gain})"
             )
     return {"best": progress.best, "epochs": progress.epoch}
+
+
+def time_left(elapsed: float, done: int, left: int) -> str:
+    """``", about 12 min left"``: the mean epoch time of this session (evaluation included)
+    times the epochs left; empty when none are."""
+    if left <= 0 or done <= 0:
+        return ""
+    s = elapsed / done * left
+    return f", about {s / 60:.0f} min left" if s >= 90 else f", about {s:.0f} s left"
 
 
 # ---- evaluate and select ---------------------------------------------------------------------
@@ -469,6 +491,15 @@ class Progress:
 
 
 # ---- checkpoint and resume -------------------------------------------------------------------
+
+RUN_CONFIG = "run_config.yaml"  # the run's whole config, beside experiment_log.txt
+
+
+def _unfit(path: Path, why: str) -> UserError:
+    return UserError(
+        f"{path}: cannot resume: {why}; the file is damaged or from another version: pass "
+        "--restart to train this run from the start"
+    )
 
 
 class RunFolder:
@@ -514,16 +545,48 @@ class RunFolder:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         ema: AveragedModel | None,
     ) -> Progress:
-        """Load last.pt's state into the run, and write back any kept file that is missing."""
-        self.kept = ckpt.get("kept") or {}
-        for name, entry in self.kept.items():
+        """Load last.pt's state into the run, and write back any kept file that is missing.
+
+        Everything is checked before a file is written or a weight replaced: the kept weights
+        as any checkpoint is (`check_meta`, `check_state`), the model's tensors against this
+        run's shapes, and the counters' types. A last.pt that does not fit is one line that
+        says to start over, never a traceback half-way through the restore.
+        """
+        last = self.last
+        kept = ckpt.get("kept") or {}
+        if not isinstance(kept, dict):
+            raise _unfit(last, "its kept weights are not a mapping")
+        for name, entry in kept.items():
+            if not safe_name(name) or not name.endswith(".pt"):
+                raise _unfit(last, f"it keeps weights under the name {name!r}")
+            if not isinstance(entry, dict):
+                raise _unfit(last, f"its kept {name} is not a checkpoint")
+            check_meta(last, entry.get("meta"))
+            check_state(last, entry.get("model"), entry["meta"])
+        counters = [ckpt.get(k) for k in ("epoch", "step", "bad_epochs")]
+        if not all(is_int(v) and v >= 0 for v in counters):
+            raise _unfit(last, f"epoch, step and bad_epochs {counters} are not counts")
+        if ckpt.get("best") is not None and not isinstance(ckpt["best"], int | float):
+            raise _unfit(last, f"best {ckpt['best']!r} is not a number")
+        mine = raw.state_dict()
+        wrong = [k for k, v in ckpt["model"].items() if k in mine and v.shape != mine[k].shape]
+        if wrong:
+            theirs, ours = list(ckpt["model"][wrong[0]].shape), list(mine[wrong[0]].shape)
+            raise _unfit(last, f"{wrong[0]} has shape {theirs}, this run's model {ours}")
+        load_model_state(raw, ckpt["model"], last)  # missing or unexpected keys: one line
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ema is not None and "ema" in ckpt:
+                ema.load_state_dict(ckpt["ema"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise _unfit(
+                last, f"its optimiser state does not fit ({e.__class__.__name__})"
+            ) from None
+        self.kept = kept
+        for name, entry in kept.items():
             if not (self.out / name).exists():
                 save_checkpoint(self.out / name, entry["model"], entry["meta"])
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None and "ema" in ckpt:
-            ema.load_state_dict(ckpt["ema"])
         return Progress(ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["bad_epochs"])
 
     def save(

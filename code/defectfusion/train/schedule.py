@@ -13,16 +13,20 @@ from typing import Any
 
 
 def lr_lambda(total_steps: int, tc: Any) -> Callable[[int], float]:
-    """Linear warm-up, flat, then cosine down to ``min_lr_fraction`` (DEIM's flat-cosine)."""
+    """Linear warm-up, flat, cosine down to ``min_lr_fraction``, then held there for the
+    last ``final_fraction`` of the steps (DEIM's flat-cosine and its final epochs at the
+    minimum learning rate)."""
     warm = max(0, tc.warmup_steps)
     flat_end = max(warm, int(total_steps * tc.flat_fraction))
+    final = getattr(tc, "final_fraction", 0.0)
+    decay_end = max(flat_end, total_steps - int(round(total_steps * final)))
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
         if step < flat_end or total_steps <= flat_end:
             return 1.0
-        t = min(1.0, (step - flat_end) / max(1, total_steps - flat_end))
+        t = min(1.0, (step - flat_end) / max(1, decay_end - flat_end))
         return tc.min_lr_fraction + (1 - tc.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
