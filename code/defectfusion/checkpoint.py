@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectfusion.errors import UserError, is_int, is_number
+from defectfusion.errors import (  # noqa: F401  (the limits: checkpoint.MAX_* too)
+    MAX_CLASSES,
+    MAX_IMAGE_SIZE,
+    MAX_TEXT_DIM,
+    UserError,
+    is_int,
+    is_number,
+)
 from defectfusion.fsutil import atomic_write_bytes, os_error_message
 
 FORMAT = "defectfusion-checkpoint-v1"
@@ -31,11 +38,6 @@ def save_checkpoint(
     return atomic_write_bytes(path, buf.getvalue())
 
 
-# Sane limits on what a checkpoint's `meta` may ask to allocate: a checkpoint pulled from a
-# shared remote is untrusted, and these values size the model and the evaluation batches.
-MAX_CLASSES = 1000
-MAX_IMAGE_SIZE = 2048
-MAX_TEXT_DIM = 8192
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

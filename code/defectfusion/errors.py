@@ -25,3 +25,10 @@ def is_int(v: object) -> bool:
 def is_number(v: object) -> bool:
     """A finite int or float, not a bool (no NaN, no infinity)."""
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Sane limits on what an untrusted file may ask to allocate (a checkpoint's meta, an export
+# record, a text-embeddings file): these values size the model and the evaluation batches.
+MAX_CLASSES = 1000
+MAX_IMAGE_SIZE = 2048
+MAX_TEXT_DIM = 8192

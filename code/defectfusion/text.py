@@ -182,7 +182,7 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: not a text-embeddings file ({e.__class__.__name__})") from None
     # A DVC output, so as untrusted as a checkpoint: the checkpoint's limits on the text.
-    from defectfusion.checkpoint import MAX_CLASSES, MAX_TEXT_DIM
+    from defectfusion.errors import MAX_CLASSES, MAX_TEXT_DIM
 
     if not (
         isinstance(emb, torch.Tensor)
