@@ -96,11 +96,17 @@ def test_a_number_beyond_its_tolerance_fails() -> None:
     assert "differs   clip_norm - phase1 epoch1 val map" in format_report(report)[0]
 
 
-def test_an_exact_zero_must_stay_zero() -> None:
-    """Epoch 0 of zero_start is Phase 1 itself: any difference there is a defect."""
+def test_a_zero_with_no_spread_holds_to_one_image_s_share() -> None:
+    """A contrast recorded as exactly 0 with no spread (epoch 0 is Phase 1 itself) may move by
+    one image's share of the split at most; without a split size, not at all."""
     rerun = recorded()
     rerun["contrasts"][1]["diff"] = 1e-6
     assert not compare_postmortems(recorded(), rerun).reproduced
+    rec = {**recorded(), "n_images": {"val": 200, "test": 200}}
+    rerun = {**rerun, "n_images": rec["n_images"]}
+    assert compare_postmortems(rec, rerun).reproduced
+    rerun["contrasts"][1]["diff"] = 0.05  # 10 images' worth
+    assert not compare_postmortems(rec, rerun).reproduced
 
 
 def test_a_changed_verdict_fails_even_with_every_number_close() -> None:
@@ -140,3 +146,16 @@ def test_cli_exit_codes(tmp_path: Path, capsys) -> None:
     assert main(["pipeline", "verify", "--recorded", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a post-mortem results file" in err and "\n" not in err
+
+
+def test_a_number_with_no_recorded_spread_gets_one_image_s_share() -> None:
+    """A critical recall of 1.0 in every replicate has se 0: a rerun that misses one box must
+    not fail for it."""
+    rec = recorded()
+    rec["n_images"] = {"val": 200, "test": 200}
+    rec["phase1"]["val"]["critical_recall"] = {"value": 1.0, "ci": [1.0, 1.0]}
+    rerun = copy.deepcopy(rec)
+    rerun["phase1"]["val"]["critical_recall"]["value"] = 0.99
+    report = compare_postmortems(rec, rerun)
+    check = next(c for c in report.checks if c.name == "phase1 val critical_recall")
+    assert check.se == pytest.approx(1 / 200) and check.ok and report.reproduced

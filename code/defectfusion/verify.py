@@ -13,6 +13,9 @@ the adopted recipe, named effects), each with its recorded interval.
 The rule, `tolerance`: a number reproduces when ``|rerun - recorded| <= z * sqrt(2) * se``,
 ``se`` the recorded standard error (the seeds' spread and the image bootstrap, in quadrature,
 as the post-mortem's intervals have it; for Phase 1, trained once, the image bootstrap alone),
+(never below one image's share of the split, 1/n: a spread of 0 is a boundary, a recall of
+1.0 in every replicate, not certainty; that epoch 0 equals Phase 1 exactly is the summary's
+own check, ``epoch0_equals_phase1``),
 ``sqrt(2)`` because both runs are draws of the same estimator, and ``z`` the normal quantile
 at a family-wise level over all the numbers checked (Bonferroni: a study of 1,500 numbers
 would otherwise fail 75 of them by chance alone). The image share makes the rule lenient for
@@ -101,18 +104,27 @@ def _se_of(entry: dict[str, Any], ci_level: float) -> float:
     return 0.0
 
 
+def _resolution(pm: dict[str, Any], split: Any) -> float:
+    """One image's share of a split (1 / n_images): the floor of a number's standard error.
+    A recall of 1.0 in every bootstrap replicate has a recorded spread of 0, yet one missed
+    box on a rerun moves it by about this much; without the floor it would have to
+    reproduce to the last digit."""
+    n = (pm.get("n_images") or {}).get(split)
+    return 1.0 / n if is_number(n) and n > 0 else 0.0
+
+
 def _numbers(pm: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every number of a post-mortem file the book can quote, by a stable name, with the
     entry holding its value (``value`` or ``diff``) and uncertainty (``se`` or ``ci``)."""
     out: dict[str, dict[str, Any]] = {}
     for split, metrics in (pm.get("phase1") or {}).items():
         for m, e in metrics.items():
-            out[f"phase1 {split} {m}"] = {"value": e.get("value"), **e}
+            out[f"phase1 {split} {m}"] = {"value": e.get("value"), "split": split, **e}
     for v, entry in (pm.get("phase2") or {}).items():
         for which, splits in (entry.get("values") or {}).items():
             for split, metrics in splits.items():
                 for m, e in metrics.items():
-                    out[f"{v} {which} {split} {m}"] = {"value": e.get("value"), **e}
+                    out[f"{v} {which} {split} {m}"] = {"value": e.get("value"), "split": split, **e}
     for c in pm.get("contrasts") or []:
         name = f"{c.get('b')} - {c.get('a')} {c.get('which')} {c.get('split')} {c.get('metric')}"
         out[name] = {**c, "value": c.get("diff")}
@@ -123,7 +135,11 @@ def _numbers(pm: dict[str, Any]) -> dict[str, dict[str, Any]]:
             for split, metrics in splits.items():
                 for m, e in (metrics or {}).items():
                     if isinstance(e, dict):
-                        out[f"effect {name} {which} {split} {m}"] = {**e, "value": e.get("diff")}
+                        out[f"effect {name} {which} {split} {m}"] = {
+                            **e,
+                            "value": e.get("diff"),
+                            "split": split,
+                        }
     return out
 
 
@@ -151,7 +167,7 @@ def compare_postmortems(
             report.missing.append(name)
             continue
         r, n = entry.get("value"), new[name].get("value")
-        se = _se_of(entry, ci_level)
+        se = max(_se_of(entry, ci_level), _resolution(recorded, entry.get("split")))
         report.checks.append(
             Check(
                 name,
