@@ -47,6 +47,7 @@ def fake_summary() -> dict:
             "composite": 0.31,
             "parameters": 1234567,
             "best_epoch": 4,
+            "epochs": 4,
             "train_seconds": 301.7,
             "per_class": per_class,
         }
@@ -96,6 +97,7 @@ def fake_summary() -> dict:
         "phase2": phase2,
         "phase1_val_map_best": SENTINEL_EPOCH0,
         "epoch0_equals_phase1": True,
+        "phase1_equal_epochs": True,
         "confusion": {
             m: {
                 "fraction": [[0.1 * (i == j) + 0.9 * (j == 6) for j in range(7)] for i in range(7)],
@@ -230,6 +232,7 @@ def test_prose_follows_the_numbers(site: Path) -> None:
     # zero_start: CI [-0.03, -0.004] excludes 0 below; critical recall CI [-0.02, 0.03] holds it.
     assert "excluye el cero por abajo" in text and "incluye el cero" in text
     assert "no se confirma en esta ejecución" in text  # critical recall does not rise
+    assert "Todos los backbones entrenaron el mismo número de épocas" in text  # equal epochs
     # Both zero_start and frozen0 are significantly below Phase 1: the abstract says so...
     abstract = _text(site / "resumen.html")
     assert "pero también sin texto" in abstract
@@ -252,8 +255,11 @@ def test_prose_flips_when_the_numbers_do(tmp_path: Path) -> None:
         "critical_recall": {"diff": 0.02, "ci": [0.01, 0.04]},
     }}}}}  # fmt: skip
     summary["epoch0_equals_phase1"] = False
+    summary["phase1_equal_epochs"] = False
     site = build(tmp_path, summary).parent
     text = _text(site / "resultados.html")
+    assert "Los backbones no entrenaron el mismo número de épocas" in text
+    assert "Todos los backbones entrenaron el mismo número" not in text
     assert "excluye el cero por arriba" in text
     assert "La hipótesis de la sección 4.1" in text and "se confirma en esta ejecución" in text
     assert "negativa: el entrenamiento usa la similitud al revés" in text

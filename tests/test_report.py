@@ -66,8 +66,10 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     s = json.loads((micro_run / "results/summary.json").read_text())
     assert set(s) == {
         "run", "dataset", "main_preset", "phase1", "phase2", "phase1_val_map_best",
-        "epoch0_equals_phase1", "confusion", "contrasts", "postmortem", "variants_run",
+        "epoch0_equals_phase1", "phase1_equal_epochs", "confusion", "contrasts", "postmortem",
+        "variants_run",
     }  # fmt: skip
+    assert s["phase1_equal_epochs"] is True  # the micro profile: 2 epochs for every preset
     # every variant params.yaml defines, and whether this (micro) run trained it
     assert {v for v, ran in s["variants_run"].items() if ran} == set(VARIANTS)
     assert s["variants_run"]["naive"] is False
@@ -87,7 +89,7 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     assert s["main_preset"] == "deimv2-dinov3-tiny"
     p1_keys = {
         "map", "map50", "map75", "critical_recall", "critical_recall50", "composite",
-        "parameters", "best_epoch", "train_seconds", "per_class", "plateau",
+        "parameters", "best_epoch", "epochs", "train_seconds", "per_class", "plateau",
     }  # fmt: skip
     assert len(s["phase1"]) == 3
     for entry in s["phase1"].values():

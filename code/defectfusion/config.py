@@ -86,7 +86,7 @@ class ModelSection:
 class TrainSection:
     # The defaults of every section are params.yaml's (the default profile), value for value:
     # tests/test_config.py holds the two together, so no second set of defaults can drift.
-    epochs: int = 15
+    epochs: int = 30
     batch_size: int = 4
     lr: float = 1e-3
     backbone_lr_mult: float = 1.0  # backbone lr = lr * this (0.1 for a pretrained backbone)
@@ -238,12 +238,7 @@ class PipelineSection:
         ]
     )
     # preset -> {dotted key: value}, variant -> {dotted key: value}: checked key by key
-    preset_overrides: dict[str, Any] = field(
-        default_factory=lambda: {
-            "deimv2-resnet-tiny": {"phase1.epochs": 3},
-            "deimv2-efficientnet-tiny": {"phase1.epochs": 3},
-        }
-    )
+    preset_overrides: dict[str, Any] = field(default_factory=dict)
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     variant_switches: dict[str, Any] = field(default_factory=_default_variant_switches)
     variant_overrides: dict[str, Any] = field(default_factory=dict)

@@ -70,6 +70,7 @@ The book reads only this file, the tables and the figures, so this schema is a c
                     "explained", "no_drop", "open", ...}, "phase1": {"operating_point",
                     "tp_score_mean"}} (``postmortem_summary``),
      "phase1_val_map_best": the main preset's val mAP at its best epoch,
+     "phase1_equal_epochs": whether every Phase 1 preset trained the same number of epochs,
      "epoch0_equals_phase1": whether every seed of zero_start, before any update, has exactly
                              the val metrics of Phase 1's best epoch (null: no zero_start),
      "confusion": {"phase1", "phase2": {"fraction": row-normalised test confusion matrix,
@@ -209,6 +210,7 @@ def phase1_entry(
         **{k: m.get(k) for k in TEST_KEYS},
         "parameters": m.get("parameters"),
         "best_epoch": int(best_row(history, path)["epoch"]),
+        "epochs": max(int(r["epoch"]) for r in history),
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 3),
         "per_class": {
             name: {"ap": pc.get("ap"), "recall": pc.get("recall")}
@@ -374,6 +376,8 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "phase1": phase1,
         "phase2": phase2,
         "phase1_val_map_best": main_best.get("val_map"),
+        # the backbones trained the same number of epochs (the book may compare them then)
+        "phase1_equal_epochs": len({e["epochs"] for e in phase1.values()}) == 1,
         "epoch0_equals_phase1": equal,
         # every variant params.yaml defines -> whether this run trained it (a profile may run a
         # subset): the book's paragraph on a hypothesis appears only when it was measured

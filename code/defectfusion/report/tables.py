@@ -640,6 +640,12 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
         f"{_preset_es(p, '')}: {(overrides.get(p) or {}).get('phase1.epochs', p1['epochs'])}"
         for p in layout.presets
     ]
+    cnn_norms = [  # a CNN backbone trained from random weights learns its BatchNorm
+        f"{_preset_es(p, '')}: "
+        + ("entrenable" if PRESETS[p].norm == "trainable" else "congelada (DEIMv2)")
+        for p in layout.presets
+        if p in PRESETS and PRESETS[p].backbone["kind"] != "dinov3"
+    ]
     model_cfg = values.get("model") or {}
     pretrained = model_cfg.get("init") not in (None, "scratch")
     ds = S.dataset_counts(layout)
@@ -669,6 +675,8 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
         row("Resolución de entrada (px)", "image size", "no indicada", "",
             values["data"]["image_size"]),
         row("Épocas de la Fase 1", "Phase 1 epochs", "no indicadas", "", "; ".join(p1_epochs)),
+        row("BatchNorm de los backbones CNN", "CNN backbones' BatchNorm", "no indicada", "",
+            "; ".join(cnn_norms) or "sin líneas base CNN"),
         row("Tasa de aprendizaje de la Fase 1", "Phase 1 lr", "no indicada", "", p1["lr"]),
         row("Épocas máximas de la Fase 2", "Phase 2 max epochs", *t("max_epochs"),
             p2["epochs"]),
