@@ -99,6 +99,12 @@ def preflight_problem():
     for problem in (
         weights_problem("model.weights", config["model"].get("weights")),
         weights_problem("text.weights", config["text"].get("weights"), names_ok=True),
+        # each preset's own weights (a CNN baseline's backbone; timm names allowed)
+        *(
+            weights_problem(f"pipeline.preset_overrides.{p}.model.weights", o["model.weights"], names_ok=True)
+            for p, o in P["preset_overrides"].items()
+            if p in PRESETS and isinstance(o, dict) and "model.weights" in o
+        ),
     ):
         if problem:
             return problem

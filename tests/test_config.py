@@ -177,3 +177,20 @@ def test_every_variant_has_a_spanish_name_and_its_own_colour() -> None:
     assert [v for v in variants if v not in VARIANT_NAMES_ES] == []
     assert [v for v in variants if v not in MODEL_COLORS] == []
     assert len({VARIANT_NAMES_ES[v] for v in variants}) == len(variants)
+
+
+def test_the_thesis_profile_gives_each_baseline_its_own_backbone_weights() -> None:
+    """The CNN baselines inherited model.init: backbone with the DINOv3 weights and would have
+    tried to load them into a ResNet (issue 25): each names its own ImageNet backbone."""
+    from defectfusion.config import load_config, read_yaml
+
+    files = [ROOT / "params.yaml", ROOT / "configs/thesis.yaml"]
+    thesis = read_yaml(ROOT / "configs/thesis.yaml")
+    weights = {
+        p: load_config(files, preset=p).model.weights for p in thesis["pipeline"]["presets"]
+    }
+    assert weights == {
+        "deimv2-dinov3-m": "facebook/dinov3-vits16-pretrain-lvd1689m",
+        "deimv2-resnet": "microsoft/resnet-18",
+        "deimv2-efficientnet": "efficientnet_b0.ra_in1k",
+    }

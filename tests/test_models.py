@@ -131,8 +131,8 @@ def test_input_too_small_for_the_query_count_is_refused(tiny_cfg, tmp_path: Path
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def _norms_and_activations(preset: str) -> tuple[dict[str, int], int, int]:
-    backbone = backbone_module(build_model(preset, NAMES))
+def _norms_and_activations(preset: str, norm: str | None = None) -> tuple[dict[str, int], int, int]:
+    backbone = backbone_module(build_model(preset, NAMES, norm=norm))
     norms: dict[str, int] = {}
     for m in backbone.modules():
         if "Norm" in type(m).__name__:
@@ -148,23 +148,44 @@ def _norms_and_activations(preset: str) -> tuple[dict[str, int], int, int]:
     return norms, acts, trainable
 
 
-@pytest.mark.parametrize("preset", ["deimv2-resnet-tiny", "deimv2-efficientnet-tiny"])
+@pytest.mark.parametrize(
+    "preset",
+    ["deimv2-resnet-tiny", "deimv2-efficientnet-tiny", "deimv2-resnet", "deimv2-efficientnet"],
+)
 def test_scratch_cnn_baselines_train_their_batchnorm(preset: str) -> None:
-    """The tiny CNN baselines start from random weights: their BatchNorm layers were frozen
-    identities (12 in ResNet-tiny, 30 in EfficientNet-tiny, issue 24); now they learn."""
+    """A CNN backbone started from random weights (the default's baselines, and configs/neu's
+    full-size ones) had its BatchNorm layers frozen as identities (12 in ResNet-tiny, 30 in
+    EfficientNet-tiny, issue 24); now they learn. With pretrained weights they stay frozen."""
     norms, _, trainable = _norms_and_activations(preset)
     assert not any("Frozen" in n for n in norms) and trainable > 0, norms
+    assert models.norm_for("scratch") == "trainable" and models.norm_for("backbone") == "frozen"
+
+
+def test_a_checkpoint_is_rebuilt_with_the_batchnorm_it_trained_with(tmp_path: Path) -> None:
+    """Rebuilt from its meta's norm, or, for a checkpoint from before it was recorded, from
+    its weights (trainable BatchNorm counts its batches)."""
+    from defectfusion.checkpoint import load_detector, save_checkpoint
+
+    for norm in models.NORMS:
+        model = build_model("deimv2-resnet-tiny", NAMES, norm=norm)
+        assert models.norm_of_state(model.state_dict()) == norm
+        meta = {"phase": 1, "preset": "deimv2-resnet-tiny", "class_names": NAMES,
+                "image_size": 96, "normalize": "imagenet"}  # fmt: skip
+        for recorded in (meta, {**meta, "norm": norm}):
+            save_checkpoint(tmp_path / "c.pt", model.state_dict(), recorded)
+            loaded, _ = load_detector(tmp_path / "c.pt")
+            assert models.norm_of_state(loaded.state_dict()) == norm
 
 
 def test_frozen_efficientnet_keeps_its_activations() -> None:
     """transformers' BatchNorm freezing swapped timm's BatchNormAct2d (norm + SiLU) for a
     plain frozen norm, dropping 30 of EfficientNet-tiny's 40 activations; timm's own
     converter keeps them (FrozenBatchNormAct2d)."""
-    norms, acts, trainable = _norms_and_activations("deimv2-efficientnet")
+    norms, acts, trainable = _norms_and_activations("deimv2-efficientnet", "frozen")
     assert set(norms) == {"FrozenBatchNormAct2d"} and trainable == 0
     fresh = timm.create_model("efficientnet_b0", features_only=True, out_indices=(2, 3, 4))
     assert acts == sum(isinstance(m, torch.nn.SiLU | torch.nn.ReLU) for m in fresh.modules())
-    assert _norms_and_activations("deimv2-resnet")[0] == {"Deimv2FrozenBatchNorm2d": 20}
+    assert _norms_and_activations("deimv2-resnet", "frozen")[0] == {"Deimv2FrozenBatchNorm2d": 20}
 
 
 # ---- pretrained weights ----------------------------------------------------------------

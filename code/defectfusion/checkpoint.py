@@ -38,8 +38,6 @@ def save_checkpoint(
     return atomic_write_bytes(path, buf.getvalue())
 
 
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint and check it before anything is built from it.
 
@@ -107,12 +105,12 @@ def check_meta(path: str | Path, meta: Any, kind: str = "checkpoint") -> None:
         raise bad(path, f"image_size {size!r} is not a multiple of 32 in 32..{MAX_IMAGE_SIZE}")
     check_normalize(path, meta, kind)
     check_mean_std(path, meta, kind)
+    if "norm" in meta and meta["norm"] not in ("frozen", "trainable"):  # models.NORMS
+        raise bad(path, f"norm {meta['norm']!r} is not frozen or trainable")
     if "critical_classes" in meta:
         crit = meta["critical_classes"]
         if not (
-            isinstance(crit, list)
-            and crit
-            and all(is_int(c) and 0 <= c < len(names) for c in crit)
+            isinstance(crit, list) and crit and all(is_int(c) and 0 <= c < len(names) for c in crit)
         ):
             raise bad(path, f"critical_classes {crit!r} are not class indices 0..{len(names) - 1}")
     if "composite_weights" in meta:
@@ -288,11 +286,12 @@ def load_detector(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes (Phase 1 or Phase 2) and load its weights."""
-    from defectfusion.models import build_model
+    from defectfusion.models import build_model, norm_of_state
 
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
-    model = build_model(meta["preset"], meta["class_names"], init="scratch")  # weights follow
+    norm = meta.get("norm") or norm_of_state(ckpt["model"])  # as it was trained
+    model = build_model(meta["preset"], meta["class_names"], init="scratch", norm=norm)
     if meta.get("phase") == 2:
         from defectfusion.fusion import attach_fusion_from_meta
 

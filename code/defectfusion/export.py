@@ -324,7 +324,7 @@ def _load_phase2(folder: Path, record: dict[str, Any]) -> tuple[nn.Module, dict[
     if not weights.is_file():
         raise UserError(f"{weights}: weights file not found")
     text = torch.tensor(record["text_embeddings"], dtype=torch.float32)
-    model = build_model(meta["preset"], meta["class_names"], init="scratch")  # weights follow
+    model = build_model(meta["preset"], meta["class_names"], init="scratch", norm=meta.get("norm"))
     attach_fusion(
         model, text, "zero_start", meta.get("tau_init", 0.07), meta.get("fuse_encoder_head", True)
     )

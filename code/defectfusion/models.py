@@ -45,10 +45,6 @@ class Preset:
     image_size: int  # default input side
     backbone: dict[str, Any]  # {"kind": "dinov3" | "resnet" | "timm", ...config kwargs}
     detector: dict[str, Any]  # Deimv2Config kwargs (besides backbone and labels)
-    # A CNN backbone's BatchNorm: "frozen" (DEIMv2's choice for pretrained backbones: fixed
-    # statistics and affine) or "trainable" (a backbone trained from random weights, whose
-    # statistics and affine nobody has learned yet: frozen, they are identity layers).
-    norm: str = "frozen"
 
 
 def _dinov3(hidden: int, layers: int, heads: int, mlp: int, out: list[int]) -> dict[str, Any]:
@@ -149,7 +145,6 @@ PRESETS: dict[str, Preset] = {
                 num_denoising=50,
                 encoder_has_trailing_conv=True,
             ),
-            norm="trainable",  # trained from scratch (the default profile)
         ),
         Preset(
             "deimv2-efficientnet",
@@ -173,7 +168,6 @@ PRESETS: dict[str, Preset] = {
                 num_denoising=50,
                 encoder_has_trailing_conv=True,
             ),
-            norm="trainable",  # trained from scratch (the default profile)
         ),
     ]
 }
@@ -209,7 +203,35 @@ def _backbone_config(spec: dict[str, Any]) -> tuple[Any, list[int]]:
     raise ValueError(f"unknown backbone kind {kind}")
 
 
-def build_config(preset: str | Preset, class_names: list[str]) -> Deimv2Config:
+NORMS = ("frozen", "trainable")
+
+
+def norm_for(init: str) -> str:
+    """A CNN backbone's BatchNorm: "frozen" (DEIMv2's choice for pretrained weights: fixed
+    statistics and affine) when the model starts from weights, "trainable" when it starts
+    from random ones, whose statistics and affine nobody has learned (frozen, each layer is
+    an identity: 12 in ResNet-tiny, 30 in EfficientNet-tiny). A ViT backbone has none."""
+    return "trainable" if init == "scratch" else "frozen"
+
+
+# Where the backbone's weights are in the detector's state dict (`backbone_module`).
+_BACKBONE_KEYS = ("model.conv_encoder.model.", "model.conv_encoder.backbone.")
+
+
+def norm_of_state(state: dict[str, Any]) -> str:
+    """The BatchNorm a checkpoint's backbone was trained with: a trainable BatchNorm counts
+    its batches (``num_batches_tracked``), a frozen one does not (for a checkpoint from
+    before the choice was recorded; the encoder's own BatchNorm always counts)."""
+    return (
+        "trainable"
+        if any(k.startswith(_BACKBONE_KEYS) and k.endswith("num_batches_tracked") for k in state)
+        else "frozen"
+    )
+
+
+def build_config(
+    preset: str | Preset, class_names: list[str], norm: str = "frozen"
+) -> Deimv2Config:
     p = get_preset(preset) if isinstance(preset, str) else preset
     backbone, channels = _backbone_config(p.backbone)
     return Deimv2Config(
@@ -221,15 +243,17 @@ def build_config(preset: str | Preset, class_names: list[str]) -> Deimv2Config:
         # transformers' freezing swaps every BatchNorm2d for a frozen copy; timm's
         # BatchNormAct2d (EfficientNet) is a BatchNorm2d that also holds the activation, which
         # that swap silently drops. timm backbones are frozen by timm instead (freeze_norms).
-        freeze_backbone_batch_norms=p.norm == "frozen" and p.backbone["kind"] != "timm",
+        freeze_backbone_batch_norms=norm == "frozen" and p.backbone["kind"] != "timm",
         **p.detector,
     )
 
 
-def freeze_norms(model: Deimv2ForObjectDetection, preset: Preset) -> Deimv2ForObjectDetection:
+def freeze_norms(
+    model: Deimv2ForObjectDetection, preset: Preset, norm: str
+) -> Deimv2ForObjectDetection:
     """A timm backbone's frozen BatchNorm, by timm's own converter (`freeze_batch_norm_2d`
     keeps BatchNormAct2d's activation: FrozenBatchNormAct2d); others are done by the config."""
-    if preset.norm == "frozen" and preset.backbone["kind"] == "timm":
+    if norm == "frozen" and preset.backbone["kind"] == "timm":
         from timm.utils.model import freeze_batch_norm_2d
 
         target = backbone_module(model)
@@ -257,17 +281,23 @@ def build_model(
     class_names: list[str],
     init: str = "scratch",
     weights: str | None = None,
+    norm: str | None = None,
 ) -> Deimv2ForObjectDetection:
-    """Build a detector from a preset. Random weights only for ``init='scratch'``."""
-    config = build_config(preset, class_names)
+    """Build a detector from a preset. Random weights only for ``init='scratch'``. ``norm``:
+    a CNN backbone's BatchNorm (`norm_for` the init by default; a checkpoint being rebuilt
+    passes the one it was trained with)."""
+    norm = norm or norm_for(init)
+    if norm not in NORMS:
+        raise UserError(f"BatchNorm mode {norm!r} must be one of {list(NORMS)}")
+    config = build_config(preset, class_names, norm)
     if init == "detector":
-        return freeze_norms(_load_detector(weights, config, preset), get_preset(preset))
+        return freeze_norms(_load_detector(weights, config, preset), get_preset(preset), norm)
     model = Deimv2ForObjectDetection(config)
     if init == "backbone":
         _load_backbone(model, weights, get_preset(preset))  # before freezing: real statistics
     elif init != "scratch":
         raise UserError(f"model.init={init!r} must be scratch, backbone or detector")
-    return freeze_norms(model, get_preset(preset))
+    return freeze_norms(model, get_preset(preset), norm)
 
 
 @contextmanager

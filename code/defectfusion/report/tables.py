@@ -626,7 +626,7 @@ def _es(value: Any) -> str:
 def settings_table(values: dict[str, Any], layout: Layout) -> Table:
     """Each setting: the thesis's (a {tesis} role in the book, its value in CSV/LaTeX) and
     this run's, from the config the run used and the files it wrote."""
-    from defectfusion.models import PRESETS  # torch: only this table pays for it
+    from defectfusion.models import PRESETS, norm_for  # torch: only this table pays for it
 
     thesis = _thesis_figures()
     text = load_json(layout.text)
@@ -640,13 +640,18 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
         f"{_preset_es(p, '')}: {(overrides.get(p) or {}).get('phase1.epochs', p1['epochs'])}"
         for p in layout.presets
     ]
-    cnn_norms = [  # a CNN backbone trained from random weights learns its BatchNorm
+    model_cfg = values.get("model") or {}
+    cnn_norms = [  # models.norm_for: from random weights a CNN backbone learns its BatchNorm
         f"{_preset_es(p, '')}: "
-        + ("entrenable" if PRESETS[p].norm == "trainable" else "congelada (DEIMv2)")
+        + (
+            "entrenable (pesos aleatorios)"
+            if norm_for((overrides.get(p) or {}).get("model.init", model_cfg.get("init")))
+            == "trainable"
+            else "congelada (pesos preentrenados, como DEIMv2)"
+        )
         for p in layout.presets
         if p in PRESETS and PRESETS[p].backbone["kind"] != "dinov3"
     ]
-    model_cfg = values.get("model") or {}
     pretrained = model_cfg.get("init") not in (None, "scratch")
     ds = S.dataset_counts(layout)
     n_images = sum(ds["splits"][s]["n_images"] for s in SPLIT_NAMES)

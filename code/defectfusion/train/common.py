@@ -12,7 +12,7 @@ from torch import nn
 from defectfusion import __version__
 from defectfusion.config import Config
 from defectfusion.data import coco
-from defectfusion.models import backbone_module, count_parameters
+from defectfusion.models import backbone_module, count_parameters, norm_for
 
 
 def param_groups(
@@ -88,6 +88,7 @@ def model_meta(cfg: Config, class_names: list[str], phase: int, model: nn.Module
     return {
         "phase": phase,
         "preset": cfg.model.preset,
+        "norm": norm_for(cfg.model.init),  # a CNN backbone's BatchNorm (models.norm_for)
         "class_names": class_names,
         "image_size": cfg.data.image_size,
         "normalize": cfg.data.normalize,

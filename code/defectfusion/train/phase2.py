@@ -34,7 +34,13 @@ from defectfusion.checkpoint import (
 from defectfusion.config import Config
 from defectfusion.fusion import attach_fusion, set_trainable
 from defectfusion.losses import install_loss
-from defectfusion.models import build_model, check_image_size, count_parameters, set_train_mode
+from defectfusion.models import (
+    build_model,
+    check_image_size,
+    count_parameters,
+    norm_of_state,
+    set_train_mode,
+)
 from defectfusion.text import embed_prompts
 from defectfusion.train.common import dataset_splits, make_evaluator, model_meta, param_groups
 from defectfusion.train.engine import Job, fit
@@ -84,7 +90,8 @@ def build_phase2_model(
 
         raise UserError(f"{phase1}: expected a Phase 1 checkpoint, got phase {meta1.get('phase')}")
     check_compatible(phase1, meta1, cfg.model.preset, class_names)
-    model = build_model(meta1["preset"], class_names, init="scratch")  # Phase 1 weights follow
+    norm = meta1.get("norm") or norm_of_state(ckpt["model"])  # Phase 1's BatchNorm
+    model = build_model(meta1["preset"], class_names, init="scratch", norm=norm)  # weights follow
     load_model_state(model, ckpt["model"], phase1)
     check_resizable(model, meta1["image_size"], cfg.data.image_size, phase1)
     # What Phase 2 records of its start (its meta: "phase1_image_size", "phase1_normalize").
