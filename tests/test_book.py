@@ -232,7 +232,7 @@ def test_prose_follows_the_numbers(site: Path) -> None:
     # zero_start: CI [-0.03, -0.004] excludes 0 below; critical recall CI [-0.02, 0.03] holds it.
     assert "excluye el cero por abajo" in text and "incluye el cero" in text
     assert "no se confirma en esta ejecución" in text  # critical recall does not rise
-    assert "Todos los backbones entrenaron el mismo número de épocas" in text  # equal epochs
+    assert "Todos los backbones tuvieron el mismo presupuesto de épocas" in text
     # Both zero_start and frozen0 are significantly below Phase 1: the abstract says so...
     abstract = _text(site / "resumen.html")
     assert "pero también sin texto" in abstract
@@ -258,8 +258,8 @@ def test_prose_flips_when_the_numbers_do(tmp_path: Path) -> None:
     summary["phase1_equal_epochs"] = False
     site = build(tmp_path, summary).parent
     text = _text(site / "resultados.html")
-    assert "Los backbones no entrenaron el mismo número de épocas" in text
-    assert "Todos los backbones entrenaron el mismo número" not in text
+    assert "Los backbones no tuvieron el mismo presupuesto de épocas" in text
+    assert "Todos los backbones tuvieron el mismo presupuesto" not in text
     assert "excluye el cero por arriba" in text
     assert "La hipótesis de la sección 4.1" in text and "se confirma en esta ejecución" in text
     assert "negativa: el entrenamiento usa la similitud al revés" in text

@@ -366,6 +366,23 @@ TAMPERED_EXPORTS = {
         _plain(_edit_json("preprocessor_config.json", _set("image_std", value="abc"))),
         "std",
     ),
+    "record without a format": (
+        _edit_json(
+            "defectfusion.json", lambda d: (d.pop("format"), d["meta"].update(image_size=32768))
+        ),
+        "image_size",
+    ),
+    "class ids with a gap (plain folder)": (
+        _plain(
+            _edit_json(
+                "config.json",
+                _set(
+                    "id2label", value={"0": "a", "2": "b", "3": "c", "4": "d", "5": "e", "6": "f"}
+                ),
+            )
+        ),
+        "id2label|classes",
+    ),
     "input size 100000 (plain folder)": (
         _plain(
             _edit_json(
@@ -437,5 +454,5 @@ def test_a_tampered_phase2_export_is_one_line(tiny_run: Path, tmp_path: Path) ->
     folder = tmp_path / "pickle"
     shutil.copytree(good, folder)
     _pickle_weights(folder)
-    with pytest.raises(UserError, match="weights do not fit"):
+    with pytest.raises(UserError, match="not a safetensors file"):
         defectfusion.load(folder)

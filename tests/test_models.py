@@ -166,7 +166,7 @@ def test_a_checkpoint_is_rebuilt_with_the_batchnorm_it_trained_with(tmp_path: Pa
     its weights (trainable BatchNorm counts its batches)."""
     from defectfusion.checkpoint import load_detector, save_checkpoint
 
-    for norm in models.NORMS:
+    for norm in ("frozen", "trainable"):  # what training chooses (models.norm_for)
         model = build_model("deimv2-resnet-tiny", NAMES, norm=norm)
         assert models.norm_of_state(model.state_dict()) == norm
         meta = {"phase": 1, "preset": "deimv2-resnet-tiny", "class_names": NAMES,
@@ -175,6 +175,16 @@ def test_a_checkpoint_is_rebuilt_with_the_batchnorm_it_trained_with(tmp_path: Pa
             save_checkpoint(tmp_path / "c.pt", model.state_dict(), recorded)
             loaded, _ = load_detector(tmp_path / "c.pt")
             assert models.norm_of_state(loaded.state_dict()) == norm
+    # An EfficientNet checkpoint from before the choice was recorded was trained with
+    # transformers' freezing, which dropped its activations: it is rebuilt that way.
+    legacy = build_model("deimv2-efficientnet-tiny", NAMES, norm="frozen-legacy")
+    meta = {"phase": 1, "preset": "deimv2-efficientnet-tiny", "class_names": NAMES,
+            "image_size": 96, "normalize": "imagenet"}  # fmt: skip
+    assert models.norm_of_checkpoint(meta, legacy.state_dict()) == "frozen-legacy"
+    save_checkpoint(tmp_path / "old.pt", legacy.state_dict(), meta)
+    loaded, _ = load_detector(tmp_path / "old.pt")
+    acts = sum(isinstance(m, torch.nn.SiLU) for m in backbone_module(loaded).modules())
+    assert acts == sum(isinstance(m, torch.nn.SiLU) for m in backbone_module(legacy).modules())
 
 
 def test_frozen_efficientnet_keeps_its_activations() -> None:

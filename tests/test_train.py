@@ -215,6 +215,8 @@ LAST_PT_DAMAGE = {
         "under the name",
     ),
     "an epoch that is not a count": (lambda c: c.__setitem__("epoch", "3"), "not counts"),
+    "no best": (lambda c: c.pop("best"), "best"),
+    "a NaN best": (lambda c: c.__setitem__("best", float("nan")), "best"),
 }
 
 

@@ -159,3 +159,22 @@ def test_a_number_with_no_recorded_spread_gets_one_image_s_share() -> None:
     report = compare_postmortems(rec, rerun)
     check = next(c for c in report.checks if c.name == "phase1 val critical_recall")
     assert check.se == pytest.approx(1 / 200) and check.ok and report.reproduced
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda pm: pm.__setitem__("phase1", {"test": 7}),
+        lambda pm: pm.__setitem__("ci_level", "95"),
+        lambda pm: pm["contrasts"][0].__setitem__("se", -1.0),
+    ],
+    ids=["a split that is a number", "a level that is text", "a negative se"],
+)
+def test_a_malformed_recorded_file_is_one_line(damage) -> None:
+    from defectfusion.errors import UserError
+
+    rec = recorded()
+    damage(rec)
+    with pytest.raises(UserError) as e:
+        compare_postmortems(rec, recorded())
+    assert "\n" not in str(e.value)

@@ -105,8 +105,8 @@ def check_meta(path: str | Path, meta: Any, kind: str = "checkpoint") -> None:
         raise bad(path, f"image_size {size!r} is not a multiple of 32 in 32..{MAX_IMAGE_SIZE}")
     check_normalize(path, meta, kind)
     check_mean_std(path, meta, kind)
-    if "norm" in meta and meta["norm"] not in ("frozen", "trainable"):  # models.NORMS
-        raise bad(path, f"norm {meta['norm']!r} is not frozen or trainable")
+    if "norm" in meta and meta["norm"] not in ("frozen", "trainable", "frozen-legacy"):
+        raise bad(path, f"norm {meta['norm']!r} is not one of models.NORMS")
     if "critical_classes" in meta:
         crit = meta["critical_classes"]
         if not (
@@ -286,11 +286,11 @@ def load_detector(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes (Phase 1 or Phase 2) and load its weights."""
-    from defectfusion.models import build_model, norm_of_state
+    from defectfusion.models import build_model, norm_of_checkpoint
 
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
-    norm = meta.get("norm") or norm_of_state(ckpt["model"])  # as it was trained
+    norm = norm_of_checkpoint(meta, ckpt["model"])  # as it was trained
     model = build_model(meta["preset"], meta["class_names"], init="scratch", norm=norm)
     if meta.get("phase") == 2:
         from defectfusion.fusion import attach_fusion_from_meta

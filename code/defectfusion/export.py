@@ -169,7 +169,7 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
     record = _read_json_file(p)
     if not isinstance(record, dict) or "meta" not in record:
         raise UserError(f"{p}: not a defectfusion export record (no 'meta')")
-    if record.get("format") in (FORMAT_HF, FORMAT_PHASE2):
+    if record.get("format") != FORMAT_ONNX:  # any record whose meta may drive a model
         check_meta(p, record["meta"], kind="export")
     if record.get("format") == FORMAT_PHASE2:
         _check_text_embeddings(p, record.get("text_embeddings"), record["meta"]["text_shape"])
@@ -299,11 +299,13 @@ def _meta_from_transformers(folder: Path, model: nn.Module) -> dict[str, Any]:
             f"preprocessor_config.json (got {size or 'none'})"
         )
     id2label = model.config.id2label
-    meta: dict[str, Any] = {
-        "phase": 1,
-        "class_names": [str(id2label[i]) for i in range(len(id2label))],
-        "image_size": side,
-    }
+    names = [id2label.get(i) for i in range(len(id2label))]
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise UserError(
+            f"{folder / 'config.json'}: id2label must map 0..{len(id2label) - 1} to distinct "
+            "non-empty class names"
+        )
+    meta: dict[str, Any] = {"phase": 1, "class_names": names, "image_size": side}
     if proc.get("do_normalize"):
         meta.update(mean=proc.get("image_mean"), std=proc.get("image_std"))
     else:  # what the processor does: rescale only
@@ -317,14 +319,22 @@ def _load_phase2(folder: Path, record: dict[str, Any]) -> tuple[nn.Module, dict[
     from safetensors.torch import load_model
 
     from defectfusion.fusion import attach_fusion
-    from defectfusion.models import build_model
+    from defectfusion.models import build_model, norm_of_checkpoint
 
     meta = dict(record["meta"])  # checked by _read_record, with the text embeddings
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{weights}: weights file not found")
     text = torch.tensor(record["text_embeddings"], dtype=torch.float32)
-    model = build_model(meta["preset"], meta["class_names"], init="scratch", norm=meta.get("norm"))
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights}: not a safetensors file ({e.__class__.__name__})") from None
+    norm = norm_of_checkpoint(meta, keys)  # as it was trained
+    model = build_model(meta["preset"], meta["class_names"], init="scratch", norm=norm)
     attach_fusion(
         model, text, "zero_start", meta.get("tau_init", 0.07), meta.get("fuse_encoder_head", True)
     )

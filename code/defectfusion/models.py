@@ -203,7 +203,10 @@ def _backbone_config(spec: dict[str, Any]) -> tuple[Any, list[int]]:
     raise ValueError(f"unknown backbone kind {kind}")
 
 
-NORMS = ("frozen", "trainable")
+# "frozen-legacy": how a checkpoint from before the choice was recorded was built: every
+# backbone BatchNorm swapped by transformers for a frozen copy, timm's BatchNormAct2d losing
+# its activation with it. Never chosen for training; rebuilt only to compute what was trained.
+NORMS = ("frozen", "trainable", "frozen-legacy")
 
 
 def norm_for(init: str) -> str:
@@ -229,6 +232,17 @@ def norm_of_state(state: dict[str, Any]) -> str:
     )
 
 
+def norm_of_checkpoint(meta: dict[str, Any], state_keys: Any) -> str:
+    """The BatchNorm to rebuild a checkpoint's model with: its meta's ``norm``, else (older
+    checkpoints) what its weights show, the legacy build for a frozen timm backbone."""
+    if meta.get("norm"):
+        return str(meta["norm"])
+    norm = norm_of_state(dict.fromkeys(state_keys))
+    if norm == "frozen" and get_preset(meta["preset"]).backbone["kind"] == "timm":
+        return "frozen-legacy"
+    return norm
+
+
 def build_config(
     preset: str | Preset, class_names: list[str], norm: str = "frozen"
 ) -> Deimv2Config:
@@ -243,7 +257,9 @@ def build_config(
         # transformers' freezing swaps every BatchNorm2d for a frozen copy; timm's
         # BatchNormAct2d (EfficientNet) is a BatchNorm2d that also holds the activation, which
         # that swap silently drops. timm backbones are frozen by timm instead (freeze_norms).
-        freeze_backbone_batch_norms=norm == "frozen" and p.backbone["kind"] != "timm",
+        freeze_backbone_batch_norms=(
+            norm == "frozen-legacy" or (norm == "frozen" and p.backbone["kind"] != "timm")
+        ),
         **p.detector,
     )
 

@@ -469,7 +469,7 @@ def predict_files(
 
     ``threshold`` None: the model's operating point (`Detector.threshold`). An image that
     cannot be read is skipped with a one-line warning on stderr, counted in the summary and
-    listed in ``images.json`` (``skipped``); a batch with no readable image is an error.
+    listed in ``images.json`` (``skipped``); a run with no readable image is an error.
     """
     if threshold is not None:
         check_threshold(threshold)

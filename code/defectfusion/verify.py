@@ -100,8 +100,12 @@ def _se_of(entry: dict[str, Any], ci_level: float) -> float:
     if isinstance(ci, list) and len(ci) == 2 and all(is_number(v) for v in ci):
         from scipy import stats
 
-        return (ci[1] - ci[0]) / 2.0 / float(stats.norm.ppf(0.5 + ci_level / 200.0))
+        return abs(ci[1] - ci[0]) / 2.0 / float(stats.norm.ppf(0.5 + ci_level / 200.0))
     return 0.0
+
+
+def _se_ok(se: Any) -> bool:
+    return is_number(se) and se >= 0
 
 
 def _resolution(pm: dict[str, Any], split: Any) -> float:
@@ -159,8 +163,18 @@ def compare_postmortems(
     recorded: dict[str, Any], rerun: dict[str, Any], level: float = VERIFY_LEVEL
 ) -> Report:
     """Every recorded number and verdict against the rerun's (the rule: module docstring)."""
-    ci_level = float(recorded.get("ci_level", 95.0))
-    rec, new = _numbers(recorded), _numbers(rerun)
+    ci_level = recorded.get("ci_level", 95.0)
+    if not (is_number(ci_level) and 50 <= ci_level < 100):
+        raise UserError(f"recorded results: ci_level {ci_level!r} is not a percentage")
+    try:  # a file from a remote: any shape it should not have is one line
+        rec, new = _numbers(recorded), _numbers(rerun)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise UserError(
+            f"not a post-mortem results file (malformed: {e.__class__.__name__}: {e})"
+        ) from None
+    bad_se = [n for n, e in rec.items() if e.get("se") is not None and not _se_ok(e["se"])]
+    if bad_se:
+        raise UserError(f"recorded results: {bad_se[0]} has se {rec[bad_se[0]]['se']!r}")
     report = Report(z=_z(len(rec), level))
     for name, entry in rec.items():
         if name not in new:

@@ -70,7 +70,8 @@ The book reads only this file, the tables and the figures, so this schema is a c
                     "explained", "no_drop", "open", ...}, "phase1": {"operating_point",
                     "tp_score_mean"}} (``postmortem_summary``),
      "phase1_val_map_best": the main preset's val mAP at its best epoch,
-     "phase1_equal_epochs": whether every Phase 1 preset trained the same number of epochs,
+     "phase1_equal_epochs": whether every Phase 1 preset was given the same number of epochs
+                            (its budget; early stopping may end one sooner: "epochs"),
      "epoch0_equals_phase1": whether every seed of zero_start, before any update, has exactly
                              the val metrics of Phase 1's best epoch (null: no zero_start),
      "confusion": {"phase1", "phase2": {"fraction": row-normalised test confusion matrix,
@@ -197,6 +198,14 @@ def plateau(history: list[dict[str, Any]], phase1: dict[str, Any]) -> dict[str, 
     p = plateau_gain(history, fraction) if fraction > 0 else {"gain": None}
     reached = None if p["gain"] is None else bool(p["gain"] < min_gain)
     return {**p, "min_gain": min_gain, "reached": reached}
+
+
+def phase1_budgets(values: dict[str, Any], presets: Iterable[str]) -> dict[str, int]:
+    """Each preset's Phase 1 epochs as configured (``pipeline.preset_overrides`` over
+    ``phase1.epochs``): its budget, whatever early stopping did."""
+    overrides = (values.get("pipeline") or {}).get("preset_overrides") or {}
+    epochs = values["phase1"]["epochs"]
+    return {p: int((overrides.get(p) or {}).get("phase1.epochs", epochs)) for p in presets}
 
 
 def phase1_entry(
@@ -377,7 +386,7 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "phase2": phase2,
         "phase1_val_map_best": main_best.get("val_map"),
         # the backbones trained the same number of epochs (the book may compare them then)
-        "phase1_equal_epochs": len({e["epochs"] for e in phase1.values()}) == 1,
+        "phase1_equal_epochs": len(set(phase1_budgets(values, layout.presets).values())) == 1,
         "epoch0_equals_phase1": equal,
         # every variant params.yaml defines -> whether this run trained it (a profile may run a
         # subset): the book's paragraph on a hypothesis appears only when it was measured

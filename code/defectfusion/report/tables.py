@@ -637,8 +637,7 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
     p1, p2, fu = values["phase1"], values["phase2"], values["fusion"]
     overrides = (values.get("pipeline") or {}).get("preset_overrides") or {}
     p1_epochs = [
-        f"{_preset_es(p, '')}: {(overrides.get(p) or {}).get('phase1.epochs', p1['epochs'])}"
-        for p in layout.presets
+        f"{_preset_es(p, '')}: {n}" for p, n in S.phase1_budgets(values, layout.presets).items()
     ]
     model_cfg = values.get("model") or {}
     cnn_norms = [  # models.norm_for: from random weights a CNN backbone learns its BatchNorm

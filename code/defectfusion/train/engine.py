@@ -566,15 +566,15 @@ class RunFolder:
         counters = [ckpt.get(k) for k in ("epoch", "step", "bad_epochs")]
         if not all(is_int(v) and v >= 0 for v in counters):
             raise _unfit(last, f"epoch, step and bad_epochs {counters} are not counts")
-        if ckpt.get("best") is not None and not isinstance(ckpt["best"], int | float):
-            raise _unfit(last, f"best {ckpt['best']!r} is not a number")
+        best = ckpt.get("best", "missing")  # -inf before any epoch was scored; never NaN
+        if best is not None and not (is_int(best) or isinstance(best, float) and best == best):
+            raise _unfit(last, f"best {best!r} is not a number")
         mine = raw.state_dict()
         wrong = [k for k, v in ckpt["model"].items() if k in mine and v.shape != mine[k].shape]
         if wrong:
             theirs, ours = list(ckpt["model"][wrong[0]].shape), list(mine[wrong[0]].shape)
             raise _unfit(last, f"{wrong[0]} has shape {theirs}, this run's model {ours}")
-        load_model_state(raw, ckpt["model"], last)  # missing or unexpected keys: one line
-        try:
+        try:  # the optimiser's state first: it does not read the model's weights
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if ema is not None and "ema" in ckpt:
@@ -583,6 +583,7 @@ class RunFolder:
             raise _unfit(
                 last, f"its optimiser state does not fit ({e.__class__.__name__})"
             ) from None
+        load_model_state(raw, ckpt["model"], last)  # missing or unexpected keys: one line
         self.kept = kept
         for name, entry in kept.items():
             if not (self.out / name).exists():

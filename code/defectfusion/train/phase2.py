@@ -38,7 +38,7 @@ from defectfusion.models import (
     build_model,
     check_image_size,
     count_parameters,
-    norm_of_state,
+    norm_of_checkpoint,
     set_train_mode,
 )
 from defectfusion.text import embed_prompts
@@ -90,7 +90,7 @@ def build_phase2_model(
 
         raise UserError(f"{phase1}: expected a Phase 1 checkpoint, got phase {meta1.get('phase')}")
     check_compatible(phase1, meta1, cfg.model.preset, class_names)
-    norm = meta1.get("norm") or norm_of_state(ckpt["model"])  # Phase 1's BatchNorm
+    norm = norm_of_checkpoint(meta1, ckpt["model"])  # Phase 1's BatchNorm
     model = build_model(meta1["preset"], class_names, init="scratch", norm=norm)  # weights follow
     load_model_state(model, ckpt["model"], phase1)
     check_resizable(model, meta1["image_size"], cfg.data.image_size, phase1)
@@ -98,6 +98,7 @@ def build_phase2_model(
     model._defectfusion_phase1 = {
         "image_size": meta1["image_size"],
         "normalize": normalize_of(meta1),
+        "norm": norm,
     }
     text = text_embeddings(cfg, class_names, text_path)
     torch.manual_seed(cfg.seed)  # the projection's random init
@@ -196,6 +197,7 @@ def train_phase2(
             "phase1_checkpoint": str(phase1),
             "phase1_image_size": start["image_size"],
             "phase1_normalize": start["normalize"],
+            "norm": start["norm"],  # the model's BatchNorm is Phase 1's, whatever the config
             "text": {k: v for k, v in text_info.items() if k != "cosine"},
             "text_shape": list(model.fusion.text.shape),
             "tau_init": cfg.fusion.tau_init,
