@@ -78,7 +78,8 @@ def _bad(path: str | Path, what: str, kind: str = "checkpoint") -> UserError:
 def check_meta(path: str | Path, meta: Any, kind: str = "checkpoint") -> None:
     """Types and sane limits of every ``meta`` value that sizes or drives something (a
     checkpoint's, or an export folder's record: ``kind`` only changes the advice)."""
-    from defectfusion.models import PRESETS
+    from defectfusion.metrics import weights_ok
+    from defectfusion.models import NORMS, PRESETS
 
     def bad(path: str | Path, what: str) -> UserError:
         return _bad(path, what, kind)
@@ -105,8 +106,8 @@ def check_meta(path: str | Path, meta: Any, kind: str = "checkpoint") -> None:
         raise bad(path, f"image_size {size!r} is not a multiple of 32 in 32..{MAX_IMAGE_SIZE}")
     check_normalize(path, meta, kind)
     check_mean_std(path, meta, kind)
-    if "norm" in meta and meta["norm"] not in ("frozen", "trainable", "frozen-legacy"):
-        raise bad(path, f"norm {meta['norm']!r} is not one of models.NORMS")
+    if "norm" in meta and meta["norm"] not in NORMS:
+        raise bad(path, f"norm {meta['norm']!r} is not one of {list(NORMS)}")
     if "critical_classes" in meta:
         crit = meta["critical_classes"]
         if not (
@@ -115,11 +116,7 @@ def check_meta(path: str | Path, meta: Any, kind: str = "checkpoint") -> None:
             raise bad(path, f"critical_classes {crit!r} are not class indices 0..{len(names) - 1}")
     if "composite_weights" in meta:
         w = meta["composite_weights"]
-        if not (
-            isinstance(w, dict)
-            and w
-            and all(isinstance(k, str) and is_number(v) and v >= 0 for k, v in w.items())
-        ):
+        if not (w and weights_ok(w)):
             raise bad(path, f"composite_weights {w!r} are not non-negative numbers by name")
     if meta["phase"] == 2:
         shape = meta.get("text_shape")
@@ -261,25 +258,36 @@ def check_compatible(
         )
 
 
+def state_problem(
+    model: nn.Module, state: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = ()
+) -> str | None:
+    """Why `state` does not fit `model` (a tensor of another shape, missing keys outside the
+    `allow_missing` prefixes, unexpected keys), found before anything is loaded; None when
+    it fits. torch's own check comes after it has copied the tensors that do fit."""
+    mine = model.state_dict()
+    wrong = [k for k, v in state.items() if k in mine and v.shape != mine[k].shape]
+    if wrong:
+        k = wrong[0]
+        return f"{k} has shape {list(state[k].shape)}, the model's {list(mine[k].shape)}"
+    missing = [k for k in mine if k not in state and not k.startswith(allow_missing)]
+    unexpected = [k for k in state if k not in mine]
+    if missing or unexpected:
+        return f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    return None
+
+
 def load_model_state(
     model: nn.Module,
     state: dict[str, torch.Tensor],
     path: str | Path,
     allow_missing: tuple[str, ...] = (),
 ) -> None:
-    """Load weights strictly, except for missing keys under the `allow_missing` prefixes."""
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # size mismatches: one line per tensor, keep the first
-        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "")
-        raise UserError(
-            f"{path}: weights do not fit the model ({first or e.__class__.__name__})"
-        ) from None
-    missing = [k for k in result.missing_keys if not k.startswith(allow_missing)]
-    if missing or result.unexpected_keys:
-        raise UserError(
-            f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
-        )
+    """Load weights strictly, except for missing keys under the `allow_missing` prefixes;
+    weights that do not fit are one line, and nothing is loaded (`state_problem`)."""
+    problem = state_problem(model, state, allow_missing)
+    if problem:
+        raise UserError(f"{path}: weights do not fit the model ({problem})")
+    model.load_state_dict(state, strict=False)
 
 
 def load_detector(

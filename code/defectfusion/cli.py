@@ -262,10 +262,10 @@ def _pipeline_remake_missing(a: argparse.Namespace) -> None:
 
 
 def _env_lock(a: argparse.Namespace) -> None:
-    from defectfusion.environment import closure, write_lock
+    from defectfusion.environment import write_lock
 
-    lock, conda = write_lock(a.root)
-    print(f"wrote {lock} ({len(closure())} packages) and {conda}")
+    lock, conda, n = write_lock(a.root)
+    print(f"wrote {lock} ({n} packages) and {conda}")
 
 
 def _pipeline_rulegraph(a: argparse.Namespace) -> None:

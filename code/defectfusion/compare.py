@@ -25,9 +25,9 @@ from defectfusion.bootstrap import (  # noqa: F401  (re-exported: the historical
     resample,
 )
 from defectfusion.data.coco import load_json, load_split
-from defectfusion.errors import UserError, is_int, is_number
+from defectfusion.errors import UserError, is_int
 from defectfusion.fsutil import atomic_write_json
-from defectfusion.metrics import DEFAULT_WEIGHTS
+from defectfusion.metrics import DEFAULT_WEIGHTS, weights_ok
 
 # ---- the command ---------------------------------------------------------------------------
 
@@ -72,10 +72,7 @@ def _settings(
     # The same rule as a checkpoint's meta (a metrics file is as untrusted as one).
     if not (isinstance(critical, list) and all(is_int(c) for c in critical)):
         raise UserError(f"{path}: critical_classes {critical!r} is not a list of class ids")
-    if not (
-        isinstance(weights, dict)
-        and all(isinstance(k, str) and is_number(v) and v >= 0 for k, v in weights.items())
-    ):
+    if not weights_ok(weights):
         raise UserError(f"{path}: composite_weights {weights!r} are not non-negative numbers")
     return list(critical), dict(weights)
 

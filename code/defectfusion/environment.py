@@ -100,14 +100,16 @@ def conda_text() -> str:
     )
 
 
-def write_lock(root: str | Path = ".") -> tuple[Path, Path]:
-    """Write requirements.lock and environment.yml in `root` (staged, then renamed)."""
+def write_lock(root: str | Path = ".") -> tuple[Path, Path, int]:
+    """Write requirements.lock and environment.yml in `root` (staged, then renamed); return
+    both paths and the number of packages pinned."""
     from defectfusion.fsutil import atomic_write_text
 
     root = Path(root)
-    lock = atomic_write_text(root / LOCK_FILE, lock_text(closure()))
+    pins = closure()
+    lock = atomic_write_text(root / LOCK_FILE, lock_text(pins))
     conda = atomic_write_text(root / CONDA_FILE, conda_text())
-    return lock, conda
+    return lock, conda, len(pins)
 
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)\s*$")

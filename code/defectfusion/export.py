@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from defectfusion import __version__
-from defectfusion.errors import UserError, is_int, is_number
+from defectfusion.errors import MAX_CLASSES, MAX_IMAGE_SIZE, UserError, is_int, is_number
 from defectfusion.fsutil import atomic_write_json, atomic_write_text, staged_dir, swap_dir
 
 FORMATS = ("hf", "onnx")
@@ -147,17 +147,10 @@ MAX_CONFIG_INT = 16384  # no DEIMv2 or backbone config size comes near (DINOv3-7
 
 
 def _read_json_file(path: Path, limit: int = MAX_RECORD_BYTES) -> Any:
-    """A JSON file of an export folder: size and nesting capped, each failure one line."""
-    from defectfusion.data.coco import parse_json
+    """A JSON file of an export folder: size and nesting capped (`coco.load_json`)."""
+    from defectfusion.data.coco import load_json
 
-    try:
-        size = path.stat().st_size
-        if size > limit:
-            raise UserError(f"{path}: {size} bytes, more than any export writes ({limit})")
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
-    return parse_json(text, path)
+    return load_json(path, max_bytes=limit)
 
 
 def _read_record(folder: Path) -> dict[str, Any] | None:
@@ -219,8 +212,8 @@ def _check_model_config(folder: Path) -> None:
                 "the file was edited or corrupted: re-export the model"
             )
     labels = config.get("id2label")
-    if isinstance(labels, dict) and len(labels) > _max_classes():
-        raise UserError(f"{path}: {len(labels)} classes, more than {_max_classes()}")
+    if isinstance(labels, dict) and len(labels) > MAX_CLASSES:
+        raise UserError(f"{path}: {len(labels)} classes, more than {MAX_CLASSES}")
     try:
         cfg = Deimv2Config.from_dict(config)
         with torch.device("meta"):
@@ -241,12 +234,6 @@ def _check_model_config(folder: Path) -> None:
 
 def _model_type(config: Any) -> Any:
     return config.get("model_type") if isinstance(config, dict) else type(config).__name__
-
-
-def _max_classes() -> int:
-    from defectfusion.checkpoint import MAX_CLASSES
-
-    return MAX_CLASSES
 
 
 def _load_transformers(
@@ -278,7 +265,7 @@ def _load_transformers(
 
 
 def _meta_from_transformers(folder: Path, model: nn.Module) -> dict[str, Any]:
-    from defectfusion.checkpoint import MAX_IMAGE_SIZE, check_mean_std
+    from defectfusion.checkpoint import check_mean_std
 
     proc_file = folder / "preprocessor_config.json"
     proc = _read_json_file(proc_file, limit=2**20) if proc_file.is_file() else {}
@@ -289,8 +276,7 @@ def _meta_from_transformers(folder: Path, model: nn.Module) -> dict[str, Any]:
     if (
         not isinstance(size, dict)
         or side != size.get("width")
-        or not isinstance(side, int)
-        or isinstance(side, bool)
+        or not is_int(side)
         or not 32 <= side <= MAX_IMAGE_SIZE
         or side % 32
     ):
@@ -315,7 +301,7 @@ def _meta_from_transformers(folder: Path, model: nn.Module) -> dict[str, Any]:
 
 
 def _load_phase2(folder: Path, record: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
     from defectfusion.fusion import attach_fusion
@@ -327,8 +313,6 @@ def _load_phase2(folder: Path, record: dict[str, Any]) -> tuple[nn.Module, dict[
         raise UserError(f"{weights}: weights file not found")
     text = torch.tensor(record["text_embeddings"], dtype=torch.float32)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(weights), "pt") as f:
             keys = list(f.keys())
     except (SafetensorError, OSError) as e:

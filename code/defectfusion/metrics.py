@@ -78,7 +78,7 @@ import numpy as np
 
 from defectfusion.config import EvalSection
 from defectfusion.data.coco import load_json
-from defectfusion.errors import UserError
+from defectfusion.errors import UserError, is_number
 
 COCO_AREA_PX2: tuple[float, float] = (32.0**2, 96.0**2)
 REFERENCE_SIDE = 640  # the image side COCO's area cuts were made for
@@ -318,6 +318,14 @@ def critical_recall(
     (null) are left out, and the mean over none is null."""
     by_id = {v["id"]: v for v in per_class.values()}
     return _mean(by_id[c][key] for c in critical_classes)
+
+
+def weights_ok(weights: Any) -> bool:
+    """Composite weights as a file may hold them: metric names to non-negative finite
+    numbers (a checkpoint's meta, a metrics file: both untrusted)."""
+    return isinstance(weights, dict) and all(
+        isinstance(k, str) and is_number(v) and v >= 0 for k, v in weights.items()
+    )
 
 
 def composite(metrics: dict[str, Any], weights: dict[str, float]) -> float | None:

@@ -489,8 +489,8 @@ def predict_files(
         total=len(files), desc="predict", unit="image", disable=None if progress else True
     ) as bar:
         for start in range(0, len(files), batch_size):
-            batch, rgb = [], []
-            for p in files[start : start + batch_size]:
+            chunk, batch, rgb = files[start : start + batch_size], [], []
+            for p in chunk:
                 try:
                     rgb.append(read_image(p))
                 except UserError as e:
@@ -510,7 +510,7 @@ def predict_files(
                     per_class[d["label"]] += 1
                 if draw:
                     _save_image(drawn_path(out, name), draw_detections(im, det))
-            bar.update(len(files[start : start + batch_size]))
+            bar.update(len(chunk))
     if not image_list:
         raise UserError(
             f"{images}: none of its {len(files)} image(s) could be read, e.g. {skipped[0]['why']}"

@@ -25,6 +25,7 @@ check whose failure says "this did not reproduce".
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ def tolerance(se: float, n_checks: int, level: float = VERIFY_LEVEL) -> float:
     return _z(n_checks, level) * math.sqrt(2.0) * se
 
 
+@functools.cache  # one value per report: every check of it asks
 def _z(n_checks: int, level: float) -> float:
     from scipy import stats
 
@@ -188,7 +190,7 @@ def compare_postmortems(
                 float(r) if is_number(r) else None,
                 float(n) if is_number(n) else None,
                 se,
-                report.z * math.sqrt(2.0) * se,
+                tolerance(se, len(rec), level),
             )
         )
     vr, vn = _verdicts(recorded), _verdicts(rerun)
@@ -203,9 +205,13 @@ def read_postmortem(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "postmortem.json"
-    data = load_json(path)
+    return _postmortem(load_json(path), path)
+
+
+def _postmortem(data: Any, where: str | Path) -> dict[str, Any]:
+    """`data` if it has a post-mortem results file's shape, else one line naming `where`."""
     if not isinstance(data, dict) or "phase2" not in data or "contrasts" not in data:
-        raise UserError(f"{path}: not a post-mortem results file (no 'phase2' and 'contrasts')")
+        raise UserError(f"{where}: not a post-mortem results file (no 'phase2' and 'contrasts')")
     return data
 
 
@@ -213,8 +219,6 @@ def recorded_from_dvc(root: str | Path = ".", rev: str = "HEAD") -> dict[str, An
     """The recorded results: ``results/postmortem.json`` as the `rev` commit's dvc.lock
     records it, read from the DVC cache or remote (a rerun may since have replaced the
     working copy)."""
-    import json
-
     try:
         import dvc.api
 
@@ -226,12 +230,8 @@ def recorded_from_dvc(root: str | Path = ".", rev: str = "HEAD") -> dict[str, An
         ) from None
     from defectfusion.data.coco import parse_json
 
-    data = parse_json(text, f"results/postmortem.json@{rev}") if text else None
-    if not isinstance(data, dict):
-        raise UserError(
-            f"results/postmortem.json@{rev}: {json.dumps(data)[:40]} is not a results file"
-        )
-    return data
+    where = f"results/postmortem.json@{rev}"
+    return _postmortem(parse_json(text, where) if text else None, where)
 
 
 def format_report(report: Report, limit: int = 40) -> list[str]:

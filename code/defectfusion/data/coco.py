@@ -106,17 +106,21 @@ def load_split(path: str | Path) -> dict[str, Any]:
     return load_json(path)
 
 
-def load_json(path: str | Path) -> Any:
-    """Read a JSON file, turning every way it can be unreadable into one `UserError` line."""
+def load_json(path: str | Path, max_bytes: int | None = None) -> Any:
+    """Read a JSON file, turning every way it can be unreadable into one `UserError` line;
+    with `max_bytes`, a larger file is refused before it is read."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise UserError(f"{path}: {size} bytes, more than any file it could be ({max_bytes})")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
     if not text.strip():
-        raise UserError(f"{path}: empty file, expected COCO JSON")
+        raise UserError(f"{path}: empty file, expected JSON")
     return parse_json(text, path)
 
 

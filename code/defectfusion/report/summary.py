@@ -200,12 +200,21 @@ def plateau(history: list[dict[str, Any]], phase1: dict[str, Any]) -> dict[str, 
     return {**p, "min_gain": min_gain, "reached": reached}
 
 
+def preset_setting(values: dict[str, Any], preset: str, key: str) -> Any:
+    """A dotted config `key` as `preset`'s run has it: its ``pipeline.preset_overrides``
+    entry, else the config's own value."""
+    overrides = ((values.get("pipeline") or {}).get("preset_overrides") or {}).get(preset) or {}
+    if key in overrides:
+        return overrides[key]
+    node: Any = values
+    for part in key.split("."):
+        node = (node or {}).get(part)
+    return node
+
+
 def phase1_budgets(values: dict[str, Any], presets: Iterable[str]) -> dict[str, int]:
-    """Each preset's Phase 1 epochs as configured (``pipeline.preset_overrides`` over
-    ``phase1.epochs``): its budget, whatever early stopping did."""
-    overrides = (values.get("pipeline") or {}).get("preset_overrides") or {}
-    epochs = values["phase1"]["epochs"]
-    return {p: int((overrides.get(p) or {}).get("phase1.epochs", epochs)) for p in presets}
+    """Each preset's Phase 1 epochs as configured: its budget, whatever early stopping did."""
+    return {p: int(preset_setting(values, p, "phase1.epochs")) for p in presets}
 
 
 def phase1_entry(

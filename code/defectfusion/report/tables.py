@@ -635,7 +635,6 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
     preset = PRESETS.get(layout.main)
     d_v = preset.detector.get("d_model") if preset else None
     p1, p2, fu = values["phase1"], values["phase2"], values["fusion"]
-    overrides = (values.get("pipeline") or {}).get("preset_overrides") or {}
     p1_epochs = [
         f"{_preset_es(p, '')}: {n}" for p, n in S.phase1_budgets(values, layout.presets).items()
     ]
@@ -644,8 +643,7 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
         f"{_preset_es(p, '')}: "
         + (
             "entrenable (pesos aleatorios)"
-            if norm_for((overrides.get(p) or {}).get("model.init", model_cfg.get("init")))
-            == "trainable"
+            if norm_for(S.preset_setting(values, p, "model.init")) == "trainable"
             else "congelada (pesos preentrenados, como DEIMv2)"
         )
         for p in layout.presets
@@ -834,6 +832,8 @@ def environment_table(values: dict[str, Any], layout: Layout) -> Table:
     import platform
     from importlib import metadata
 
+    from packaging.utils import canonicalize_name
+
     from defectfusion.environment import LOCK_FILE, read_lock
 
     lock_path = Path(LOCK_FILE)
@@ -844,7 +844,7 @@ def environment_table(values: dict[str, Any], layout: Layout) -> Table:
             version = metadata.version(name)
         except metadata.PackageNotFoundError:
             version = None
-        pin = locked.get(name.lower().replace("_", "-"))
+        pin = locked.get(canonicalize_name(name))
         rows.append(
             {
                 "library": name,

@@ -44,8 +44,8 @@ from defectfusion.checkpoint import (
     check_meta,
     check_state,
     load_checkpoint,
-    load_model_state,
     save_checkpoint,
+    state_problem,
 )
 from defectfusion.config import Config, TrainSection, safe_name
 from defectfusion.errors import UserError, is_int
@@ -569,11 +569,9 @@ class RunFolder:
         best = ckpt.get("best", "missing")  # -inf before any epoch was scored; never NaN
         if best is not None and not (is_int(best) or isinstance(best, float) and best == best):
             raise _unfit(last, f"best {best!r} is not a number")
-        mine = raw.state_dict()
-        wrong = [k for k, v in ckpt["model"].items() if k in mine and v.shape != mine[k].shape]
-        if wrong:
-            theirs, ours = list(ckpt["model"][wrong[0]].shape), list(mine[wrong[0]].shape)
-            raise _unfit(last, f"{wrong[0]} has shape {theirs}, this run's model {ours}")
+        problem = state_problem(raw, ckpt["model"])  # shapes and keys, before any loading
+        if problem:
+            raise _unfit(last, problem)
         try:  # the optimiser's state first: it does not read the model's weights
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -583,7 +581,7 @@ class RunFolder:
             raise _unfit(
                 last, f"its optimiser state does not fit ({e.__class__.__name__})"
             ) from None
-        load_model_state(raw, ckpt["model"], last)  # missing or unexpected keys: one line
+        raw.load_state_dict(ckpt["model"])  # it fits (state_problem above)
         self.kept = kept
         for name, entry in kept.items():
             if not (self.out / name).exists():
