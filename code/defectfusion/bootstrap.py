@@ -496,6 +496,35 @@ def seed_replicates(n_seeds: int, n_boot: int, rng: np.random.Generator) -> np.n
     return rng.integers(0, n_seeds, size=(n_boot, n_seeds))
 
 
+def phase1_groups(phase1_of: Sequence[int]) -> list[list[int]]:
+    """The runs (indices) of each Phase 1 seed, in first-seen order; the design must be
+    balanced (every Phase 1 seed has as many Phase 2 seeds), as the nested estimators assume."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(phase1_of):
+        groups.setdefault(int(p), []).append(i)
+    out = list(groups.values())
+    if not out or len({len(g) for g in out}) != 1:
+        raise UserError(
+            f"runs per Phase 1 seed {[len(g) for g in out]}: the study needs the same Phase 2 "
+            "seeds on every Phase 1 seed (pipeline.seeds and pipeline.phase1_seeds)"
+        )
+    return out
+
+
+def nested_replicates(
+    phase1_of: Sequence[int], n_boot: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``[n_boot, n_runs]``: the runs each replicate of a three-level resample draws: Phase 1
+    seeds with replacement, then, within each drawn Phase 1 seed, its Phase 2 seeds with
+    replacement (the images are the third level: `image_replicates`). With one Phase 1 seed
+    it is `seed_replicates`."""
+    groups = np.asarray(phase1_groups(phase1_of))  # [P, S] run indices
+    n_p1, n_p2 = groups.shape
+    p1 = rng.integers(0, n_p1, size=(n_boot, n_p1))
+    p2 = rng.integers(0, n_p2, size=(n_boot, n_p1, n_p2))
+    return groups[p1[:, :, None], p2].reshape(n_boot, n_p1 * n_p2)
+
+
 def percentile_ci(values: np.ndarray) -> list[float | None]:
     """The 95 % percentile interval of the replicates that have a value (NaN: none)."""
     valid = values[~np.isnan(values)]
@@ -626,6 +655,7 @@ def hierarchical_diff(
     seed_idx: np.ndarray,
     metric: str,
     method: str = "seed_t",
+    phase1_of: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Mean over seeds of B - A (A: one shared set, one set per seed paired with B's, or None
     for B's value itself), and its interval at CI_LEVEL.
@@ -657,7 +687,7 @@ def hierarchical_diff(
             raise ValueError(f"A has {len(a)} seeds, B has {n_seeds}")
         a_list = list(a)
     groups: list[Sequence[SetMetrics | None]] = [b, a_list]
-    out = linear_combination(groups, [1.0, -1.0], seed_idx, metric, method)
+    out = linear_combination(groups, [1.0, -1.0], seed_idx, metric, method, phase1_of)
     if a is not None:
 
         def mean_full(sets: Sequence[SetMetrics | None]) -> float | None:
@@ -675,10 +705,13 @@ def linear_combination(
     seed_idx: np.ndarray,
     metric: str,
     method: str = "seed_t",
+    phase1_of: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Mean over seeds of ``sum_g w_g * group_g[seed]`` and its interval (`hierarchical_diff`
     is B - A; a factorial effect weighs eight cells). Every group holds one set per seed,
-    paired by seed; a None set counts as 0 (the value of B itself)."""
+    paired by seed; a None set counts as 0 (the value of B itself). ``phase1_of``: the
+    Phase 1 seed of each run (a study with several: `nested_spread`, and ``seed_idx`` from
+    `nested_replicates`); None, one Phase 1 run."""
     if method not in INTERVALS:
         raise ValueError(f"interval method {method!r}: one of {INTERVALS}")
     n_seeds = len(groups[0])
@@ -706,7 +739,7 @@ def linear_combination(
     diff = None if None in per_seed else float(np.mean(per_seed))  # type: ignore[arg-type]
     reps = d[seed_idx, np.arange(d.shape[1])[:, None]].mean(axis=1)  # [R]
     valid = reps[~np.isnan(reps)]
-    spread = seed_spread(per_seed, d)
+    spread = seed_spread(per_seed, d, phase1_of)
     ci = percentile_ci(reps) if method == "percentile" else seed_t_interval(diff, spread)
     return {
         "diff": diff,
@@ -719,7 +752,9 @@ def linear_combination(
     }
 
 
-def seed_spread(per_seed: Sequence[float | None], d: np.ndarray) -> dict[str, Any]:
+def seed_spread(
+    per_seed: Sequence[float | None], d: np.ndarray, phase1_of: Sequence[int] | None = None
+) -> dict[str, Any]:
     """The standard error of a mean over seeds, from its two sources.
 
     ``per_seed``: each seed's difference on the full split; ``d`` ``[S, R]``: each seed's
@@ -729,19 +764,56 @@ def seed_spread(per_seed: Sequence[float | None], d: np.ndarray) -> dict[str, An
     bootstrap standard deviation of the mean over *all* seeds on the image replicates (the
     images are the same for every seed, so their error is shared, not averaged away).
     Written here because no library (scipy included) combines a t interval over a few seeds
-    with a bootstrap variance over images."""
+    with a bootstrap variance over images.
+
+    ``phase1_of`` (the study design, `nested_spread`): the Phase 1 seed each run started from.
+    With two or more, the seeds' share is that of the Phase 1 seeds' means, which holds both
+    training levels; with one (or None) the intervals are conditional on that Phase 1 run."""
     if any(v is None for v in per_seed):
-        return {"se": None, "seed_se": None, "image_se": None, "df": None}
-    s = len(per_seed)
-    seed_var = float(np.var(per_seed, ddof=1)) if s > 1 else 0.0
+        return {"se": None, "seed_se": None, "image_se": None, "df": None, "levels": None}
     mean_reps = d.mean(axis=0)
     mean_reps = mean_reps[~np.isnan(mean_reps)]
     image_var = float(np.var(mean_reps, ddof=1)) if mean_reps.size > 1 else 0.0
+    values = np.asarray(per_seed, dtype=np.float64)
+    if phase1_of is not None and len(set(phase1_of)) > 1:
+        nested = nested_spread(values, phase1_of)
+        se = float(np.sqrt(nested["seed_se"] ** 2 + image_var))
+        return {**nested, "se": se, "image_se": float(np.sqrt(image_var))}
+    s = len(per_seed)
+    seed_var = float(np.var(values, ddof=1)) if s > 1 else 0.0
     return {
         "se": float(np.sqrt(seed_var / s + image_var)),
         "seed_se": float(np.sqrt(seed_var / s)),
         "image_se": float(np.sqrt(image_var)),
         "df": float(s - 1) if seed_var > 0 else None,  # None: no seed share
+        "levels": "phase2_seeds+images" if s > 1 else "images",
+    }
+
+
+def nested_spread(values: np.ndarray, phase1_of: Sequence[int]) -> dict[str, Any]:
+    """The training share of the standard error of a mean over a balanced nested design:
+    P Phase 1 seeds, each with S Phase 2 seeds (``values``: one per run, ``phase1_of``: its
+    Phase 1 seed).
+
+    The grand mean's variance is var(Phase 1 means) / P, and var(Phase 1 means) already holds
+    the Phase 2 seeds' share (sigma1^2 + sigma2^2 / S), so the interval is a t over the P
+    means with P - 1 degrees of freedom: exact for normal effects, whatever the split between
+    the levels. The variance components are the one-way ANOVA's (method of moments):
+    ``phase2_var`` the pooled within-Phase-1 variance, ``phase1_var`` the between-means
+    variance less its Phase 2 share (0 when negative), so a reader sees which level dominates."""
+    groups = phase1_groups(phase1_of)
+    x = np.asarray([[values[i] for i in g] for g in groups])  # [P, S]
+    n_p1, n_p2 = x.shape
+    means_var = float(np.var(x.mean(axis=1), ddof=1))
+    within = float(np.var(x, axis=1, ddof=1).mean()) if n_p2 > 1 else None
+    between = means_var - (within or 0.0) / n_p2
+    return {
+        "seed_se": float(np.sqrt(means_var / n_p1)),
+        "df": float(n_p1 - 1) if means_var > 0 else None,
+        "phase1_var": max(0.0, between) if within is not None else None,
+        "phase2_var": within,
+        "n_phase1": n_p1,
+        "levels": "phase1_seeds+phase2_seeds+images" if n_p2 > 1 else "phase1_seeds+images",
     }
 
 
