@@ -236,6 +236,22 @@ def test_lr_schedule_warms_up_stays_flat_decays_then_holds_the_minimum() -> None
     assert no_final(99) > 0.05 and no_final(75) == pytest.approx(0.05 + 0.95 * 0.5)
 
 
+def test_quadratic_warmup_is_deims_and_a_bad_shape_is_one_line() -> None:
+    """DEIM's FlatCosineLRScheduler warms up as (t / W)^2 (the GPU profiles' warmup_shape)."""
+    from types import SimpleNamespace
+
+    from defectfusion.errors import UserError
+    from defectfusion.train.schedule import lr_lambda
+
+    tc = SimpleNamespace(warmup_steps=10, flat_fraction=0.5, min_lr_fraction=0.5,
+                         final_fraction=0.1, warmup_shape="quadratic")  # fmt: skip
+    f = lr_lambda(100, tc)
+    assert f(0) == pytest.approx(0.01) and f(4) == pytest.approx(0.25) and f(9) == 1.0
+    assert f(99) == pytest.approx(0.5)  # lr_gamma 0.5: DEIMv2's minimum
+    with pytest.raises(UserError, match="warmup_shape"):
+        load_config(None, ["phase1.warmup_shape=cubic"])
+
+
 def test_flat_and_final_stretches_cannot_overlap() -> None:
     from defectfusion.errors import UserError
 

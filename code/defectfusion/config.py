@@ -82,6 +82,9 @@ class ModelSection:
     weights: str | None = None
 
 
+WARMUP_SHAPES = ("linear", "quadratic")  # train.schedule.lr_lambda
+
+
 @dataclass
 class TrainSection:
     # The defaults of every section are params.yaml's (the default profile), value for value:
@@ -92,6 +95,7 @@ class TrainSection:
     backbone_lr_mult: float = 1.0  # backbone lr = lr * this (0.1 for a pretrained backbone)
     weight_decay: float = 1e-4
     warmup_steps: int = 100
+    warmup_shape: str = "linear"  # linear | quadratic (DEIMv2's FlatCosineLRScheduler)
     flat_fraction: float = 0.5  # flat-cosine: constant lr for this fraction, then cosine
     min_lr_fraction: float = 0.05
     # The last fraction of the steps at the minimum lr (DEIMv2's final epochs): the run ends
@@ -692,6 +696,10 @@ def check_ranges(cfg: Config, where: str) -> None:
                 t.final_fraction,
                 f"at most 1 - flat_fraction ({1.0 - t.flat_fraction:g}): the flat and final "
                 "stretches cannot overlap",
+            )
+        if t.warmup_shape not in WARMUP_SHAPES:
+            raise _range_error(
+                where, f"{section}.warmup_shape", t.warmup_shape, f"one of {WARMUP_SHAPES}"
             )
         if not 0.0 <= t.ema_decay < 1.0:
             raise _range_error(where, f"{section}.ema_decay", t.ema_decay, "in [0, 1) (0: off)")

@@ -60,6 +60,11 @@ def _dinov3(hidden: int, layers: int, heads: int, mlp: int, out: list[int]) -> d
     )
 
 
+# DEIMv2's sampling points per feature level (configs/base/deimv2.yml, num_points) on the GPU
+# presets; the CPU presets keep transformers' default 4 at every level.
+DEIMV2_POINTS = [3, 6, 3]
+
+
 def _head(d: int, ffn: int, layers: int, **extra: Any) -> dict[str, Any]:
     """The DEIMv2 encoder+decoder sized like the paper's DINOv3 variants (RepNCSPELAN5)."""
     base = dict(
@@ -103,14 +108,18 @@ PRESETS: dict[str, Preset] = {
             "faithful DEIMv2-S: distilled DINOv3 ViT-Tiny (192-d), d_model 192, 4 decoder layers",
             640,
             _dinov3(192, 12, 3, 768, [5, 8, 11]),
-            _head(192, 512, 4),
+            _head(192, 512, 4, decoder_n_points=DEIMV2_POINTS),
         ),
         Preset(
             "deimv2-dinov3-m",
-            "the thesis's configuration: DINOv3 ViT-S/16 (384-d), d_model 256 (D_v), 4 decoder layers",
+            "the thesis's configuration: DINOv3 ViT-S/16 (384-d) under DEIMv2-M's head (d_model "
+            "256 = D_v, 4 decoder layers); not DEIMv2-M itself, whose backbone is a distilled "
+            "ViT-Tiny+ (256-d)",
             640,
             _dinov3(384, 12, 6, 1536, [5, 8, 11]),
-            _head(256, 1024, 4),
+            _head(
+                256, 512, 4, depth_mult=1.0, hidden_expansion=0.67, decoder_n_points=DEIMV2_POINTS
+            ),
         ),
         Preset(
             "deimv2-resnet",
@@ -122,7 +131,7 @@ PRESETS: dict[str, Preset] = {
                 hidden_sizes=[64, 128, 256, 512],
                 depths=[2, 2, 2, 2],
             ),
-            _head(192, 512, 4, encoder_has_trailing_conv=True),
+            _head(192, 512, 4, encoder_has_trailing_conv=True, decoder_n_points=DEIMV2_POINTS),
         ),
         Preset(
             "deimv2-resnet-tiny",
@@ -151,7 +160,7 @@ PRESETS: dict[str, Preset] = {
             "CNN baseline: EfficientNet-B0 backbone (timm), same DEIMv2 head as deimv2-dinov3-s",
             640,
             dict(kind="timm", backbone="efficientnet_b0"),
-            _head(192, 512, 4, encoder_has_trailing_conv=True),
+            _head(192, 512, 4, encoder_has_trailing_conv=True, decoder_n_points=DEIMV2_POINTS),
         ),
         Preset(
             "deimv2-efficientnet-tiny",

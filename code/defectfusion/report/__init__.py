@@ -50,6 +50,7 @@ PHASE2_PREDICTIONS: dict[tuple[str, str], str] = {
 }
 # The thesis's own figures (the book's {tesis} role; the "settings" table's thesis column).
 THESIS_FIGURES = "thesis/thesis_figures.yaml"
+DEIMV2_RECIPE = "thesis/deimv2_recipe.yaml"  # DEIMv2's official recipe (the "recipe" table)
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,7 @@ OUTPUTS: tuple[Output, ...] = (
     # the book's appendix and methodology (issue 14)
     Output("tables", "settings", _TABLES,
            lambda L: [L.text, *L.postmortem_if_run(), THESIS_FIGURES, *L.splits()]),
+    Output("tables", "recipe", _TABLES, lambda L: [DEIMV2_RECIPE]),
     Output("tables", "phase1_detail", _TABLES, lambda L: L.presets_history_and_test(),
            lambda L: [L.eval_benchmark(p) for p in L.presets]),
     Output("tables", "phase2_detail", _TABLES, lambda L: [
@@ -277,6 +279,8 @@ CAPTIONS: dict[str, str] = {
     "to Phase 1 and that difference's interval.",
     "per_class_recall": "Recall per class, Phase 1 against the adopted Phase 2 variant.",
     "settings": "The run's settings: data, models, schedules, text encoder, decision rule.",
+    "recipe": "DEIMv2's official training recipe beside this run's: aligned or different, and "
+    "why.",
     "phase1_detail": "Phase 1 per preset: every metric at the selected epoch, and the plateau.",
     "phase2_detail": "Phase 2 per variant and seed: every metric, and the per-seed comparison "
     "with Phase 1.",

@@ -35,6 +35,7 @@ from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_text
 from defectfusion.report import (
     BACKBONE_NAMES_ES,
+    DEIMV2_RECIPE,
     PARAM_SECTIONS,
     SPLIT_NAMES,
     TABLES,
@@ -733,6 +734,90 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
     )
 
 
+# ---- DEIMv2's recipe beside this run's ---------------------------------------------------------
+
+
+def _recipe() -> dict[str, Any]:
+    import yaml
+
+    path = Path(DEIMV2_RECIPE)
+    if not path.is_file():
+        raise UserError(f"{path}: not found (the recipe table quotes DEIMv2's recipe from it)")
+    items = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("items")
+    if not isinstance(items, dict) or not all(isinstance(v, dict) for v in items.values()):
+        raise UserError(f"{path}: 'items' must map each item to its key, official value, source")
+    return items
+
+
+def _recipe_value(values: dict[str, Any], key: str) -> Any:
+    """This run's value of a recipe item: a dotted config path, or ``preset.NAME`` (the main
+    preset's detector setting; transformers' default when the preset leaves it)."""
+    from defectfusion.models import PRESETS  # torch: only this table pays for it
+
+    head, _, rest = key.partition(".")
+    if head == "preset":
+        preset = PRESETS.get((values.get("model") or {}).get("preset", ""))
+        detector = preset.detector if preset else {}
+        return detector.get(rest, 4 if rest == "decoder_n_points" else None)
+    node: Any = values
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def recipe_rows(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each DEIMv2 recipe item (thesis/deimv2_recipe.yaml): the official value and its source,
+    this run's value, and whether it is aligned or different, with the stated reason for
+    this kind of profile (``cpu`` or ``gpu``: pipeline.requires_gpu); ``reason`` None marks
+    a difference nobody explained."""
+    gpu = bool((values.get("pipeline") or {}).get("requires_gpu"))
+    rows = []
+    for name, item in _recipe().items():
+        key = item.get("key")
+        run = _recipe_value(values, key) if key else None
+        aligned = key is not None and run == item.get("official")
+        reason = None if aligned else item.get("gpu" if gpu else "cpu")
+        rows.append({"item": name, "item_es": item.get("es", name), "key": key or "",
+                     "official": _raw(item.get("official")),
+                     "official_es": item.get("official_es", str(item.get("official"))),
+                     "source": item.get("source", ""), "run": _raw(run),
+                     "run_es": (", ".join(_es(v) for v in run) if isinstance(run, list)
+                                else (item.get("values_es") or {}).get(run, _es(run)))
+                     if key else "no configurable aquí",
+                     "aligned": aligned, "reason": reason,
+                     "status_es": "alineado" if aligned else f"distinto: {reason}"
+                     if reason else "distinto (sin razón registrada)"})  # fmt: skip
+    return rows
+
+
+def recipe_table(values: dict[str, Any], layout: Layout) -> Table:
+    """DEIMv2's official recipe beside this run's, item by item, with the source of each
+    official value and the reason for each difference (thesis/diferencias.md)."""
+    rows = recipe_rows(values)
+    for r in rows:
+        r["status"] = "aligned" if r["aligned"] else f"different: {r['reason'] or 'no reason'}"
+    cols = [
+        Col("item", "Item", "s", "Aspecto"),
+        Col("official", "DEIMv2", "s", "DEIMv2 (oficial)"),
+        Col("source", "Source", "s", "Fuente"),
+        Col("run", "This run", "s", "Esta ejecución"),
+        Col("status", "Status", "s", "Estado"),
+    ]
+    return Table(
+        "DEIMv2's official recipe beside this run's",
+        cols,
+        rows,
+        [f"DEIMv2: Intellindust-AI-Lab/DEIMv2, the files named ({DEIMV2_RECIPE}). This run: "
+         "the config it ran with and its main preset."],  # fmt: skip
+        "La receta oficial de DEIMv2 junto a la de esta ejecución",
+        [
+            "DEIMv2: el repositorio oficial (Intellindust-AI-Lab/DEIMv2), en los archivos que "
+            f"nombra la columna Fuente ({DEIMV2_RECIPE}). Esta ejecución: la configuración con "
+            "la que corrió el pipeline y su preset principal."
+        ],
+    )
+
+
 # ---- the appendix: runtime per stage and the environment --------------------------------------
 
 
@@ -882,6 +967,7 @@ BUILDERS: dict[str, Callable[[dict[str, Any], Layout], Table]] = {
     "phase2": phase2_table,
     "per_class_recall": per_class_recall_table,
     "settings": settings_table,
+    "recipe": recipe_table,
     "phase1_detail": phase1_detail_table,
     "phase2_detail": phase2_detail_table,
     "runtime": runtime_table,

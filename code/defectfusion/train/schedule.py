@@ -1,6 +1,6 @@
 """Schedules, counted in steps or epochs (torch-free: the report reads them too).
 
-- ``lr_lambda``: linear warm-up, flat, then cosine (DEIM's flat-cosine);
+- ``lr_lambda``: warm-up (linear or DEIM's quadratic), flat, then cosine (DEIM's flat-cosine);
 - ``ema_decay_at``: DEIMv2's EMA decay ramp;
 - ``plateau_gain``: whether a run reached its plateau (``phase1.plateau_*`` in params.yaml).
 """
@@ -13,17 +13,19 @@ from typing import Any
 
 
 def lr_lambda(total_steps: int, tc: Any) -> Callable[[int], float]:
-    """Linear warm-up, flat, cosine down to ``min_lr_fraction``, then held there for the
-    last ``final_fraction`` of the steps (DEIM's flat-cosine and its final epochs at the
-    minimum learning rate)."""
+    """Warm-up, flat, cosine down to ``min_lr_fraction``, then held there for the last
+    ``final_fraction`` of the steps (DEIM's flat-cosine and its final epochs at the minimum
+    learning rate). ``warmup_shape``: ``linear`` ((t+1)/W) or ``quadratic`` (((t+1)/W)^2,
+    DEIM's FlatCosineLRScheduler: a gentler start for a pretrained backbone)."""
     warm = max(0, tc.warmup_steps)
+    power = 2 if getattr(tc, "warmup_shape", "linear") == "quadratic" else 1
     flat_end = max(warm, int(total_steps * tc.flat_fraction))
     final = getattr(tc, "final_fraction", 0.0)
     decay_end = max(flat_end, total_steps - int(round(total_steps * final)))
 
     def f(step: int) -> float:
         if step < warm:
-            return (step + 1) / warm
+            return ((step + 1) / warm) ** power
         if step < flat_end or total_steps <= flat_end:
             return 1.0
         t = min(1.0, (step - flat_end) / max(1, decay_end - flat_end))
