@@ -64,7 +64,7 @@ def main() -> int:
     # NEU's labels on the default CPU recipe: its critical classes, everything else params.yaml
     common = ["--set", f"data.dir={data}", "--set", "data.critical_classes=[0, 5, 1]",
               "--set", "pipeline.dataset.kind=neu", "--set", f"pipeline.dataset.src={args.src}",
-              "--set", f"phase1.epochs={args.epochs}"]  # fmt: skip
+              "--set", f"phase1.epochs={args.epochs}", "--set", "phase1.max_epochs=0"]  # fmt: skip
     if not (data / "annotations" / "val.json").is_file():
         run(["defectfusion", "data", "prepare", "--config", "params.yaml", *common,
              "--out", str(data)])  # fmt: skip

@@ -61,6 +61,7 @@ def tiny_overrides(data_dir: Path, epochs: int = 2, **extra: object) -> list[str
         "data.image_size": TINY_SIZE,
         "model.preset": "deimv2-dinov3-tiny",
         "phase1.epochs": epochs,
+        "phase1.max_epochs": 0,  # the schedule only, no extension to the plateau
         "phase1.batch_size": 4,
         "phase1.warmup_steps": 2,
         "phase1.ema_decay": 0.0,  # no EMA: best.pt holds the trained weights themselves

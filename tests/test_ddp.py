@@ -37,7 +37,8 @@ def ddp_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _train(data: Path, out: Path, nproc: int) -> None:
     args = [
         "train", "phase1", "--out", str(out), "--set", f"data.dir={data}",
-        "--set", "data.image_size=96", "--set", "phase1.epochs=2", "--set", "phase1.batch_size=4",
+        "--set", "data.image_size=96", "--set", "phase1.epochs=2", "--set", "phase1.max_epochs=0",
+        "--set", "phase1.batch_size=4",
         "--set", "phase1.warmup_steps=2", "--set", "eval.batch_size=4", "--config",
     ]  # fmt: skip
     cfg = out.parent / f"{out.name}.yaml"

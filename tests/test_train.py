@@ -351,3 +351,25 @@ def test_a_val_split_that_cannot_score_the_selection_is_one_line(tmp_path) -> No
     with pytest.raises(UserError, match="no box of a critical class"):
         check_selectable(path, "critical_recall", [2, 3, 5])
     check_selectable(path, "composite", [0])
+
+
+def test_phase1_holds_the_minimum_lr_until_its_plateau(
+    tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """phase1.max_epochs: past the schedule's `epochs`, the minimum lr is held until the
+    plateau criterion is met (then the run stops, finished), at most `max_epochs`."""
+    # a criterion every run meets: the run stops where its schedule ends
+    met = tiny_cfg(2, **{"phase1.max_epochs": 5, "phase1.plateau_min_gain": 1.0})
+    train_phase1(met, tmp_path / "met")
+    rows = [json.loads(x) for x in (tmp_path / "met" / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert "plateau met at epoch 2" in (tmp_path / "met" / "experiment_log.txt").read_text()
+    # never met: the minimum lr is held for the extra epochs, up to max_epochs
+    monkeypatch.setattr(engine, "plateau_stop", lambda history, tc: False)
+    never = tiny_cfg(2, **{"phase1.max_epochs": 4})
+    train_phase1(never, tmp_path / "never")
+    rows = [json.loads(x) for x in (tmp_path / "never" / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    lr_min = never.phase1.lr * never.phase1.min_lr_fraction
+    assert rows[2]["lr"] == pytest.approx(lr_min) and rows[3]["lr"] == pytest.approx(lr_min)
+    assert torch.load(tmp_path / "never" / "last.pt", weights_only=False)["finished"] is True

@@ -103,12 +103,15 @@ class TrainSection:
     final_fraction: float = 0.2
     clip_grad: float = 0.1
     ema_decay: float = 0.9999  # 0 disables EMA
-    ema_warmup_steps: int = 2000  # DEIMv2's ramp: decay_t = ema_decay * (1 - exp(-t / this))
+    ema_warmup_steps: int = 1000  # DEIMv2's ramp: decay_t = ema_decay * (1 - exp(-t / this))
     mal_gamma: float = 1.5  # MAL's gamma in DEIMv2's configs (transformers' default is 2.0)
     # Plateau: the val mAP gain over the last `plateau_fraction` of the epochs is below
     # `plateau_min_gain` (reported for Phase 1; 0 disables the check).
     plateau_fraction: float = 0.2
     plateau_min_gain: float = 0.005
+    # Beyond `epochs`, hold the minimum lr up to this many epochs until the plateau is met
+    # (then stop); 0 (or <= epochs): the schedule's `epochs` only.
+    max_epochs: int = 45
     patience: int = 0  # early stopping on the selection metric; 0 disables
     select_metric: str = "map"  # which val metric picks the best checkpoint
     amp: bool = True  # bfloat16 autocast on CUDA only
@@ -127,6 +130,7 @@ class Phase2Section(TrainSection):
     min_lr_fraction: float = 1.0
     final_fraction: float = 0.0
     ema_decay: float = 0.0
+    max_epochs: int = 0  # Phase 1 only
     select_metric: str = "composite"
     # Phase 2 trains on a frozen backbone + encoder: their output is cached per image and
     # view (defectfusion.cache) and reused by every run from the same Phase 1 checkpoint.
@@ -696,6 +700,11 @@ def check_ranges(cfg: Config, where: str) -> None:
                 t.final_fraction,
                 f"at most 1 - flat_fraction ({1.0 - t.flat_fraction:g}): the flat and final "
                 "stretches cannot overlap",
+            )
+        at_least(f"{section}.max_epochs", t.max_epochs, 0)
+        if section == "phase2" and t.max_epochs:
+            raise _range_error(
+                where, "phase2.max_epochs", t.max_epochs, "0: only Phase 1 extends to its plateau"
             )
         if t.warmup_shape not in WARMUP_SHAPES:
             raise _range_error(

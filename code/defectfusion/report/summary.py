@@ -212,9 +212,16 @@ def preset_setting(values: dict[str, Any], preset: str, key: str) -> Any:
     return node
 
 
-def phase1_budgets(values: dict[str, Any], presets: Iterable[str]) -> dict[str, int]:
-    """Each preset's Phase 1 epochs as configured: its budget, whatever early stopping did."""
-    return {p: int(preset_setting(values, p, "phase1.epochs")) for p in presets}
+def phase1_budgets(values: dict[str, Any], presets: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """Each preset's Phase 1 budget as configured, whatever early stopping did: the schedule's
+    epochs and the most it may run holding the minimum lr until its plateau (phase1.max_epochs;
+    the schedule's epochs when it does not extend)."""
+    out = {}
+    for p in presets:
+        epochs = int(preset_setting(values, p, "phase1.epochs"))
+        extra = preset_setting(values, p, "phase1.max_epochs") or 0
+        out[p] = (epochs, max(epochs, int(extra)))
+    return out
 
 
 def phase1_entry(

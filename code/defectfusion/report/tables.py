@@ -637,7 +637,8 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
     d_v = preset.detector.get("d_model") if preset else None
     p1, p2, fu = values["phase1"], values["phase2"], values["fusion"]
     p1_epochs = [
-        f"{_preset_es(p, '')}: {n}" for p, n in S.phase1_budgets(values, layout.presets).items()
+        f"{_preset_es(p, '')}: {n}" + (f" (hasta {m} si no llega antes a su meseta)" if m > n else "")
+        for p, (n, m) in S.phase1_budgets(values, layout.presets).items()
     ]
     model_cfg = values.get("model") or {}
     cnn_norms = [  # models.norm_for: from random weights a CNN backbone learns its BatchNorm
@@ -705,6 +706,10 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
             f"{_es(float(weights['map']))}, {_es(float(weights['critical_recall']))}"),
         row("Semillas de entrenamiento", "training seeds", "una ejecución", "one run",
             len(layout.seeds)),
+        row("Lo que cubren los intervalos", "what the intervals cover", "sin intervalos", "none",
+            ("semillas de la Fase 2 e imágenes" if len(layout.seeds) > 1 else "imágenes")
+            + ", condicionados a la única ejecución de la Fase 1 (su varianza de "
+            "entrenamiento no está cubierta)"),
         row("Réplicas *bootstrap* (jerárquico: semillas e imágenes)", "bootstrap replicates",
             "sin *bootstrap*", "none", pm.get("n_boot")),
         row("Nivel de los intervalos de confianza (%)", "CI level (%)", "sin intervalos", "none",

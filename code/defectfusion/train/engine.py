@@ -397,8 +397,11 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
         # would report a steadily falling run as identical to its start (a CI of [0, 0]).
         log.line(f"epoch 0 (before any update, not selectable): {_summary(metrics)}")
 
+    # Phase 1 may hold the minimum lr beyond its schedule until its plateau is met
+    # (phase1.max_epochs; `plateau_stop`): the schedule's length stays `epochs`.
+    last = max(tc.epochs, tc.max_epochs)
     first_epoch, started = progress.epoch + 1, time.monotonic()
-    for epoch in range(first_epoch, tc.epochs + 1):
+    for epoch in range(first_epoch, last + 1):
         es = epoch_seed(job.cfg.seed, epoch)
         seed_everything(es)
         # The sampler's generator, not the (prepared) loader's: that one only seeds workers.
@@ -408,7 +411,7 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
             job, accelerator, model, loader, optimizer, scheduler, ema, log, epoch, progress.step
         )
         progress.epoch = epoch
-        if epoch % tc.eval_every and epoch != tc.epochs:
+        if epoch % tc.eval_every and epoch < tc.epochs:
             save()
             continue
         metrics = evaluate_epoch(job, folder, raw, eval_model, epoch)
@@ -427,15 +430,21 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
             row.update(job.epoch_extras(raw))
         row["best"] = improved
         log.epoch(row)
+        left = max(0, tc.epochs - epoch)  # the schedule's epochs; an extension is open-ended
         log.line(
-            f"epoch {epoch}/{tc.epochs}: loss {row['loss']:.3f}  {_summary(metrics)}  "
+            f"epoch {epoch}/{tc.epochs if epoch <= tc.epochs else f'{last} at most'}: "
+            f"loss {row['loss']:.3f}  {_summary(metrics)}  "
             f"best {select} {progress.best:.4f}{' (new)' if improved else ''}  ({seconds:.1f}s"
-            f"{time_left(time.monotonic() - started, epoch - first_epoch + 1, tc.epochs - epoch)})"
+            f"{time_left(time.monotonic() - started, epoch - first_epoch + 1, left)})"
         )
         stop = tc.patience > 0 and progress.bad_epochs >= tc.patience
-        save(finished=stop or epoch == tc.epochs)
+        plateaued = epoch >= tc.epochs and last > tc.epochs and plateau_stop(log.history, tc)
+        save(finished=stop or plateaued or epoch == last)
         if stop:
             log.line(f"early stop: {select} did not improve for {tc.patience} epochs")
+            break
+        if plateaued:
+            log.line(f"plateau met at epoch {epoch}: the minimum-lr stretch stops here")
             break
     log.line(f"done: best val {select} = {progress.best:.4f}")
     if job.phase == "phase1" and tc.plateau_fraction > 0:
@@ -447,6 +456,16 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
                 f"to {p['to_epoch']} (plateau: less than {tc.plateau_min_gain})"
             )
     return {"best": progress.best, "epochs": progress.epoch}
+
+
+def plateau_stop(history: list[dict[str, Any]], tc: Any) -> bool:
+    """Whether Phase 1 may stop now: its val mAP gained less than ``plateau_min_gain`` over
+    the last ``plateau_fraction`` of the epochs run (`plateau_gain`, the criterion the log and
+    the book report), checked from the end of the schedule on, up to ``max_epochs``."""
+    if tc.plateau_fraction <= 0:
+        return False
+    gain = plateau_gain(history, tc.plateau_fraction)["gain"]
+    return gain is not None and gain < tc.plateau_min_gain
 
 
 def time_left(elapsed: float, done: int, left: int) -> str:
