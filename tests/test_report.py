@@ -294,7 +294,7 @@ def test_layout_names_every_output_and_refuses_unknown_ones() -> None:
             assert files == sorted(set(files)) and files
             assert all(
                 f.startswith(("results/", "data/d/"))
-                or f in ("thesis/thesis_figures.yaml", "requirements.lock")  # (the pins)
+                or f in ("thesis/thesis_figures.yaml", "thesis/deimv2_recipe.yaml", "requirements.lock")
                 for f in files
             ), (name, files)
     assert "results/phase2/naive/seed1/steps.jsonl" in layout.inputs("figures", "gate_dynamics")
