@@ -83,6 +83,13 @@ def main() -> int:
         cells = [f"{'':>5}{c['epoch'] or '-':>6}, {c['val_map'] or float('nan'):.4f}    "
                  for c in r["marks"]]  # fmt: skip
         print(f"{name:8} " + " ".join(cells))
+    # Epoch for epoch too: on a shared machine the same epochs can take different seconds,
+    # and a time mark then picks different epochs of identical curves.
+    curves = {n: [json.loads(x) for x in (work / n / "history.jsonl").read_text().splitlines()]
+              for n in summary["runs"]}  # fmt: skip
+    print("\nval mAP per epoch")
+    for name, rows in curves.items():
+        print(f"{name:8} " + " ".join(f"{r.get('val_map') or 0:.4f}" for r in rows))
     return 0
 
 
