@@ -98,9 +98,9 @@ class TrainSection:
     warmup_shape: str = "linear"  # linear | quadratic (DEIMv2's FlatCosineLRScheduler)
     flat_fraction: float = 0.5  # flat-cosine: constant lr for this fraction, then cosine
     min_lr_fraction: float = 0.05
-    # The last fraction of the steps at the minimum lr (DEIMv2's final epochs): the run ends
-    # on a stretch of nearly fixed weights, where the plateau criterion below is judged.
-    final_fraction: float = 0.2
+    # The last fraction of the steps at the minimum lr (DEIMv2's final epochs; the CPU default
+    # has none: `max_epochs` holds the minimum past the schedule instead).
+    final_fraction: float = 0.0
     clip_grad: float = 0.1
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_warmup_steps: int = 1000  # DEIMv2's ramp: decay_t = ema_decay * (1 - exp(-t / this))
