@@ -79,6 +79,11 @@ TRAIN_SPLITS = SPLITS[:2]  # training never reads the test split
 from defectfusion.report import CAPTIONS, FIGURES, PARAM_SECTIONS, TABLES, Layout, output
 
 REPORT = Layout.from_config(config)
+# The study design (pipeline.phase1_seeds): the main preset's Phase 1 once per seed, its runs
+# runs/phase1/MAIN (the config's seed) and MAIN_seedK; each Phase 2 seed fine-tunes the run
+# REPORT.phase1_run_of(seed). By default one run, MAIN.
+MAIN_RUNS = list(REPORT.main_runs)
+PHASE1_RUNS = PRESETS + [r for r in MAIN_RUNS if r not in PRESETS]
 
 
 
@@ -86,6 +91,10 @@ REPORT = Layout.from_config(config)
 def preflight_problem():
     """What this profile needs and this machine lacks (None when nothing): checked before any
     work, so a run never stops halfway for a missing dataset, GPU or weights."""
+    from defectfusion.config import phase1_seeds_problem
+
+    if (problem := phase1_seeds_problem(config)):
+        return problem
     d = P["dataset"]
     if d["kind"] in ("neu", "coco") and not (d.get("src") and Path(d["src"]).exists()):
         return (
@@ -147,8 +156,8 @@ localrules: all, trained
 TRAINED = [
     *SPLITS,
     "results/text/embeddings.pt",
-    *expand("runs/phase1/{preset}/best.pt", preset=PRESETS),
-    *expand("results/phase1/{preset}/history.jsonl", preset=PRESETS),
+    *expand("runs/phase1/{preset}/best.pt", preset=PHASE1_RUNS),
+    *expand("results/phase1/{preset}/history.jsonl", preset=PHASE1_RUNS),
     *expand("runs/phase2/{variant}/seed{seed}/best.pt", variant=VARIANTS, seed=SEEDS),
     *expand(
         "results/phase2/{variant}/seed{seed}/{f}.jsonl",
@@ -160,8 +169,8 @@ TRAINED = [
 rule all:
     input:
         TRAINED,
-        expand("results/phase1/{preset}/test_metrics.json", preset=PRESETS),
-        f"results/phase1/{MAIN}/val_metrics.json",
+        expand("results/phase1/{preset}/test_metrics.json", preset=PHASE1_RUNS),
+        expand("results/phase1/{run}/val_metrics.json", run=MAIN_RUNS),
         expand(
             "results/phase2/{variant}/seed{seed}/test_{which}.json",
             variant=VARIANTS, seed=SEEDS, which=("metrics", "epoch1", "final"),
@@ -240,22 +249,25 @@ rule phase1:
         code_deps("defectfusion.train.phase1"),
     params:
         cfg=section("seed", "data", "model", "phase1", "eval"),
-        overrides=lambda w: canonical(P["preset_overrides"].get(w.preset, {})),
+        overrides=lambda w: canonical(P["preset_overrides"].get(REPORT.run_preset(w.preset)[0], {})),
+        # the folder's preset and seed (MAIN_seedK: the main preset at Phase 1 seed K)
+        preset=lambda w: REPORT.run_preset(w.preset)[0],
+        seed=lambda w: REPORT.run_preset(w.preset)[1],
         config=resolved,
     resources:
         gpu=GPUS,
     # The main model is the critical path (every Phase 2 run waits for it): it starts first,
     # on every core; the CNN baselines, whose results only the report reads, then share the
     # cores with the Phase 2 jobs, one thread each.
-    priority: lambda w: 10 if w.preset == MAIN else 0
-    threads: lambda w: workflow.cores if w.preset == MAIN else 1
+    priority: lambda w: 10 if w.preset in MAIN_RUNS else 0
+    threads: lambda w: workflow.cores if w.preset in MAIN_RUNS else 1
     log:
         "logs/phase1/{preset}.log",
     benchmark:
         "benchmarks/results/phase1_{preset}.tsv"
     shell:
         f"{TRAIN} phase1 "
-        "--config {params.config:q} --preset {wildcards.preset:q} "
+        "--config {params.config:q} --preset {params.preset:q} --set seed={params.seed:q} "
         "--out runs/phase1/{wildcards.preset:q} --resume > {log:q} 2>&1 && "
         "cp runs/phase1/{wildcards.preset:q}/history.jsonl {output.history:q} && "
         "cp runs/phase1/{wildcards.preset:q}/history.csv {output.history_csv:q}"
@@ -300,8 +312,9 @@ rule phase2:
         val=expand("results/phase2/{{variant}}/seed{{seed}}/{name}.predictions.json", name=PHASE2_VAL),
     input:
         TRAIN_SPLITS,
-        phase1=f"runs/phase1/{MAIN}/best.pt",
-        phase1_raw=f"runs/phase1/{MAIN}/best_raw.pt",
+        # the Phase 1 run this seed fine-tunes (MAIN unless pipeline.phase1_seeds)
+        phase1=lambda w: f"runs/phase1/{REPORT.phase1_run_of(w.seed)}/best.pt",
+        phase1_raw=lambda w: f"runs/phase1/{REPORT.phase1_run_of(w.seed)}/best_raw.pt",
         text="results/text/embeddings.pt",
         code=code_deps("defectfusion.train.phase2"),
     params:
@@ -364,7 +377,7 @@ rule compare:
     output:
         "results/compare/{variant}_seed{seed}.json",
     input:
-        a=f"results/phase1/{MAIN}/test_metrics.json",
+        a=lambda w: f"results/phase1/{REPORT.phase1_run_of(w.seed)}/test_metrics.json",
         b="results/phase2/{variant}/seed{seed}/test_metrics.json",
         split=SPLITS[2],
         code=code_deps("defectfusion.compare"),
@@ -394,7 +407,7 @@ rule postmortem:
         code=code_deps("defectfusion.postmortem"),
     params:
         cfg=section("seed", "data", "eval", "postmortem"),  # postmortem: the decision rule
-        pipe=canonical({k: P[k] for k in ("variants", "seeds", "bootstrap")}),
+        pipe=canonical({k: P[k] for k in ("variants", "seeds", "phase1_seeds", "bootstrap")}),
         switches=canonical({v: P["variant_switches"][v] for v in VARIANTS}),
         config=resolved,
     threads: lambda w: workflow.cores  # a lambda: --report and --rulegraph set no --cores
@@ -499,6 +512,7 @@ rule summary:
         sidecar="results/provenance/summary/summary.json",
     input:
         REPORT.inputs("summary", "summary"),
+        REPORT.optional_inputs("summary", "summary"),  # each job's time: the run's duration
         code_deps("defectfusion.report.summary"),
     params:
         section(*PARAM_SECTIONS),

@@ -110,7 +110,7 @@ def fake_summary() -> dict:
 
 # What a page reads from summary.json: the paths inside roles, {si} conditions and math.
 ROLE_TEXT = re.compile(
-    r"\{(?:res|ci|sign|cond|best)\}`([^`]*)`|^```\{si\} (.*)$|\{\{res:([^}]*)\}\}", re.M
+    r"\{(?:res|ci|sign|cond|best)\}`([^`]*)`|^\s*`{3,}\{si\} (.*)$|\{\{res:([^}]*)\}\}", re.M
 )
 PATH = re.compile(r"(?<![\w.])[a-z_][\w-]*(?:\.(?:[\w@*-]+))+")
 
@@ -597,6 +597,38 @@ def test_the_micro_pipeline_book_is_spanish_and_has_its_pdf(micro_run: Path) -> 
     assert not hyphen_minus_in(site)
     pdf = micro_run / "thesis/_build/libro.pdf"
     assert pdf.is_file() and pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 100_000
+
+
+@pytest.mark.slow
+def test_the_pdf_has_its_front_matter_and_no_half_blank_page(micro_run: Path) -> None:
+    """The printed book a committee reads: a title page, contents, lists of every figure and
+    table, and no page more than half blank except where a chapter ends (measured on the
+    rasterised pages: the lowest ink above the bottom margin, where the page number is)."""
+    import numpy as np
+    import pypdfium2 as pdfium
+
+    pdf = pdfium.PdfDocument(micro_run / "thesis/_build/libro.pdf")
+    pages = [pdf[i].get_textpage().get_text_range() for i in range(len(pdf))]
+    assert "Índice de figuras" in "".join(pages[:6]) and "Índice de tablas" in "".join(pages[:6])
+    front = "".join(pages[:6])
+    html = "".join(p.read_text(encoding="utf-8") for p in (micro_run / "thesis/_build/html").glob("*.html"))
+    numbers = set(re.findall(r'<span class="caption-number">((?:Figura|Tabla) \d+) </span>', html))
+    assert numbers and all(n in front for n in numbers), sorted(n for n in numbers if n not in front)
+    # each chapter starts a page (the bookmarks WeasyPrint makes of the h1s): the page before
+    # it, and the last, may end short
+    starts = sorted({item.get_dest().get_index() for item in pdf.get_toc() if item.level == 0})
+    ends = {s - 1 for s in starts} | {len(pdf) - 1}
+    blank = {}
+    for i in range(len(pdf)):
+        if i in ends:
+            continue
+        img = pdf[i].render(scale=0.4, grayscale=True).to_numpy()
+        body = img[: int(img.shape[0] * (1 - 22 / 297))]  # above the bottom margin
+        ink = np.nonzero((body < 200).any(axis=1))[0]
+        share = 1 - (ink.max() + 1 if ink.size else 0) / body.shape[0]
+        if share > 0.5:
+            blank[i + 1] = round(share, 2)
+    assert not blank, f"pages more than half blank (page: blank share): {blank}"
 
 
 def test_the_book_builds_without_the_optional_controls(tmp_path: Path) -> None:

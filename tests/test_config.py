@@ -66,6 +66,10 @@ def test_a_section_given_in_part_keeps_its_own_defaults() -> None:
         ({"pipeline": {"variant_switches": {"a/b": {}}}}, "not a safe name"),
         ({"pipeline": {"variants": ["naive", "frozen0"]}}, "must include zero_start"),
         ({"pipeline": {"preset_overrides": {".hidden": {}}}}, "not a safe name"),
+        # the study design (configs/study.yaml): equal blocks, the config's seed among them
+        ({"pipeline": {"phase1_seeds": [0, 1], "seeds": [0, 1, 2]}}, "not a multiple"),
+        ({"pipeline": {"phase1_seeds": [0, 0]}}, "pipeline.phase1_seeds"),
+        ({"pipeline": {"presets": ["deimv2-dinov3-tiny_seed1"]}}, "reserved"),
     ],
 )
 def test_the_pipeline_section_is_checked_like_the_others(overlay: dict, message: str) -> None:
@@ -194,3 +198,34 @@ def test_the_thesis_profile_gives_each_baseline_its_own_backbone_weights() -> No
         "deimv2-resnet": "microsoft/resnet-18",
         "deimv2-efficientnet": "efficientnet_b0.ra_in1k",
     }
+
+
+def test_the_study_design_gives_each_phase2_seed_its_phase1_run() -> None:
+    """pipeline.phase1_seeds: consecutive blocks of Phase 2 seeds, each on its own Phase 1
+    run (runs/phase1/MAIN for the config's seed, MAIN_seedK for the others); the folder name
+    gives the preset and seed back. By default one run, MAIN, for every seed."""
+    from defectfusion.config import checked_config, deep_merge, read_yaml
+    from defectfusion.report import Layout
+
+    params = read_yaml(ROOT / "params.yaml")
+    default = Layout.from_config(params)
+    assert default.main_runs == (default.main,) and set(default.phase1_of) == {0}
+    values = deep_merge(params, read_yaml(ROOT / "configs/study.yaml"))
+    checked_config(values, "study")
+    study = Layout.from_config(values)
+    main = study.main
+    assert study.main_runs == (main, f"{main}_seed1", f"{main}_seed2")
+    assert study.phase1_of == (0, 0, 0, 1, 1, 1, 2, 2, 2)
+    assert [study.phase1_run_of(s) for s in (2, 3, 8)] == [main, f"{main}_seed1", f"{main}_seed2"]
+    assert study.run_preset(f"{main}_seed2") == (main, 2)
+    assert study.run_preset("deimv2-resnet-tiny") == ("deimv2-resnet-tiny", 0)
+    # the post-mortem reads every Phase 1 run's predictions
+    assert f"results/phase1/{main}_seed2/test_metrics.predictions.json" in (
+        study.postmortem_inputs()
+    )
+    # the workflow refuses a design without the config's seed (a job's config may lack it)
+    from defectfusion.config import phase1_seeds_problem
+
+    assert phase1_seeds_problem(values) is None
+    assert "must include the config's seed (5)" in phase1_seeds_problem({**values, "seed": 5})
+    checked_config({**values, "seed": 5}, "a Phase 2 job's config")  # no error there

@@ -110,3 +110,39 @@ def test_the_gpu_check_runs_at_toy_size(tmp_path: Path) -> None:
     assert report["phase1"]["images_per_s"][0] > 0 and report["phase1"]["peak_memory_mb"] > 0
     assert report["phase2_step_over_phase1"] > 0 and report["amp"] is False  # CPU: no AMP
     assert "train images/s" in out.stdout and "phase2 step / phase1 step" in out.stdout
+
+
+def test_the_study_profile_runs_its_nested_design_shrunk(tmp_path: Path) -> None:
+    """configs/study.yaml (several Phase 1 seeds, Phase 2 seeds on each), at micro size and
+    shrunk to 2 Phase 1 seeds x 2 Phase 2 seeds: each Phase 2 seed fine-tunes, and is
+    compared with, its own Phase 1 run, and the post-mortem's intervals resample all three
+    levels (the estimator itself: test_bootstrap's known-variance test)."""
+    import subprocess
+
+    (tmp_path / "work").mkdir()
+    work = copy_workflow(tmp_path / "work")
+    study = yaml.safe_load((work / "configs" / "study.yaml").read_text())["pipeline"]
+    assert len(study["phase1_seeds"]) >= 3 and len(study["seeds"]) >= 3 * len(
+        study["phase1_seeds"]
+    )  # the shipped design: at least 3 x 3
+    overlay = {"pipeline": {"phase1_seeds": [0, 1], "seeds": [0, 1, 2, 3], "bootstrap": 20,
+                            "presets": ["deimv2-dinov3-tiny"],
+                            "variants": ["zero_start", "frozen0"]}}  # fmt: skip
+    (work / "configs" / "shrunk.yaml").write_text(yaml.safe_dump(overlay))
+    out = subprocess.run(
+        ["snakemake", "--cores", "2", "--configfile", "configs/study.yaml", "configs/micro.yaml",
+         "configs/shrunk.yaml"],
+        cwd=work, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    main = "deimv2-dinov3-tiny"
+    assert (work / "runs" / "phase1" / f"{main}_seed1" / "best.pt").is_file()
+    for seed, run in ((0, main), (1, main), (2, f"{main}_seed1"), (3, f"{main}_seed1")):
+        cmp = json.loads((work / "results" / "compare" / f"zero_start_seed{seed}.json").read_text())
+        assert cmp["a"] == f"results/phase1/{run}/test_metrics.json", seed
+    pm = json.loads((work / "results" / "postmortem.json").read_text())
+    assert pm["phase1_runs"] == [main, f"{main}_seed1"] and pm["phase1_of"] == [0, 0, 1, 1]
+    drift = pm["phase2"]["zero_start"]["drift"]["epoch1"]["val"]["map"]
+    assert drift["levels"] == "phase1_seeds+phase2_seeds+images"
+    assert pm["phase1"]["test"]["map"]["levels"] == "phase1_seeds+images"
+    assert "semillas de la Fase 1" in (work / "results" / "tables" / "settings.md").read_text()

@@ -52,6 +52,56 @@ def test_every_table_and_figure_exists_with_its_provenance(micro_run: Path) -> N
             assert prov.sha256_file(micro_run / inp) == digest, (rel, inp)
 
 
+def test_the_thesis_beside_this_run_reads_the_results(micro_run: Path) -> None:
+    """The side-by-side table: the thesis's figures from thesis/thesis_figures.yaml, this
+    run's from the post-mortem, and their ratio."""
+    import csv
+
+    from defectfusion.config import read_yaml
+
+    text = (micro_run / "results" / "tables" / "thesis_vs_run.csv").read_text(encoding="utf-8")
+    rows = {r["Figure"]: r for r in csv.DictReader(ln for ln in text.splitlines() if ln[:1] != "#")}
+    pm = json.loads((micro_run / "results" / "postmortem.json").read_text())
+    thesis = read_yaml(micro_run / "thesis" / "thesis_figures.yaml")
+    p1 = rows["Phase 1 val mAP"]
+    assert float(p1["Thesis"]) == thesis["map_phase1"]["value"]
+    assert float(p1["This run"]) == pytest.approx(pm["phase1"]["val"]["map"]["value"])
+    assert float(p1["Run / thesis"]) == pytest.approx(float(p1["This run"]) / float(p1["Thesis"]))
+    drop = rows["epoch-1 change (epoch 1 - Phase 1)"]
+    assert float(drop["Thesis"]) == pytest.approx(pm["thesis"]["drop"])
+    assert float(drop["This run"]) == pytest.approx(
+        pm["phase2"]["zero_start"]["drift"]["epoch1"]["val"]["map"]["diff"]
+    )
+    assert "{tesis}`map_phase1`" in (micro_run / "results/tables/thesis_vs_run.md").read_text()
+
+
+def test_random_weights_are_never_called_dinov3(micro_run: Path) -> None:
+    """The micro profile's backbones start from random weights (model.init: scratch): the
+    tables name the architecture and say so ("ViT, pesos aleatorios"), never "DINOv3", which
+    names pretrained weights. The settings and recipe tables quote the thesis's DINOv3."""
+    tables = micro_run / "results" / "tables"
+    for name in ("phase1", "phase1_detail", "per_class_recall", "phase2", "runtime"):
+        text = (tables / f"{name}.md").read_text(encoding="utf-8")
+        assert "DINOv3" not in text, name
+    assert "ViT, pesos aleatorios (principal)" in (tables / "phase1.md").read_text("utf-8")
+
+
+def test_every_figure_is_legible_at_print_size(micro_run: Path) -> None:
+    """Each figure's smallest text, as printed at the PDF's column width (a figure wider than
+    the column is scaled down with its fonts), is at least 8 pt: the value the figure writer
+    measured on the drawn figure and recorded."""
+    from defectfusion.report import FIGURES
+    from defectfusion.report.figures import MIN_PRINT_PT
+
+    small = {}
+    for name in FIGURES:
+        record = prov.read_embedded(micro_run / "figures" / f"{name}.png")
+        pt = record["smallest_text_pt"]
+        if pt is not None and pt < MIN_PRINT_PT:
+            small[name] = pt
+    assert not small, f"text below {MIN_PRINT_PT} pt at the column width: {small}"
+
+
 @pytest.mark.slow
 def test_provenance_index_covers_every_output_with_its_hash(micro_run: Path) -> None:
     index = json.loads((micro_run / "results/provenance.json").read_text())["outputs"]
@@ -67,7 +117,7 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     assert set(s) == {
         "run", "dataset", "main_preset", "phase1", "phase2", "phase1_val_map_best",
         "epoch0_equals_phase1", "phase1_equal_epochs", "confusion", "contrasts", "postmortem",
-        "variants_run",
+        "variants_run", "reproduce",
     }  # fmt: skip
     assert s["phase1_equal_epochs"] is True  # the micro profile: 2 epochs for every preset
     # every variant params.yaml defines, and whether this (micro) run trained it
@@ -94,7 +144,9 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     assert len(s["phase1"]) == 3
     for entry in s["phase1"].values():
         assert set(entry) == p1_keys
-        assert set(entry["plateau"]) == {"gain", "from_epoch", "to_epoch", "min_gain", "reached"}
+        assert set(entry["plateau"]) == {
+            "gain", "from_epoch", "to_epoch", "min_gain", "reached", "judged",
+        }  # fmt: skip
         assert set(entry["per_class"]) == set(s["dataset"]["classes"])
         assert isinstance(entry["parameters"], int) and entry["parameters"] > 0
     p2_keys = {
@@ -157,8 +209,9 @@ def test_a_changed_result_rebuilds_only_what_reads_it(micro_run: Path) -> None:
         return counts
 
     text = planned_after_changing("results/text/embeddings.json")
-    # prompt_similarity, and the settings table (the text encoder and D_t it names)
-    assert text.get("figure") == 1 and text.get("table") == 1 and "summary" not in text
+    # prompt_similarity, the settings table (the text encoder and D_t it names) and the
+    # prompts table (the descriptions it lists)
+    assert text.get("figure") == 1 and text.get("table") == 2 and "summary" not in text
     assert text.get("provenance") == 1
     compare = planned_after_changing("results/compare/frozen0_seed0.json")
     assert compare.get("table") == 1  # phase2_detail: P(ΔmAP > 0) per seed
@@ -431,6 +484,8 @@ def test_summary_says_whether_phase1_reached_its_plateau() -> None:
     assert abs(up["gain"] - 0.2) < 1e-9
     assert plateau(flat, cfg)["reached"] is True
     assert plateau(climbing[:2], cfg)["reached"] is None  # one epoch: nothing to say
+    # what the book branches on (a null "reached" would stop its build)
+    assert plateau(climbing[:2], cfg)["judged"] is False and up["judged"] is True
 
 
 @pytest.mark.parametrize("profile", ["configs/thesis.yaml", "configs/neu.yaml", None])
@@ -453,3 +508,7 @@ def test_the_gpu_profiles_follow_deimv2(profile: str | None) -> None:
             assert by[item]["aligned"], (profile, item, by[item]["run"])
     else:
         assert not by["decoder_n_points"]["aligned"] and by["decoder_n_points"]["run"] == "[4, 4, 4]"
+    # the main preset's run as it trains: a preset override counts, not only the config value
+    main = values["model"]["preset"]
+    values["pipeline"]["preset_overrides"] = {main: {"phase1.backbone_lr_mult": 0.123}}
+    assert {r["item"]: r for r in recipe_rows(values)}["backbone_lr_mult"]["run"] == "0.123"

@@ -861,12 +861,16 @@ def t_p_value(diff: float | None, spread: dict[str, Any]) -> float | None:
 
 def drift(
     epoch: Sequence[SetMetrics],
-    reference: SetMetrics,
+    reference: SetMetrics | Sequence[SetMetrics],
     seed_idx: np.ndarray,
     metrics: Sequence[str],
+    phase1_of: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Epoch k of each seed minus the Phase 1 reference, on the same images, per metric."""
-    return {m: hierarchical_diff(epoch, reference, seed_idx, m) for m in metrics}
+    """Epoch k of each seed minus the Phase 1 reference (one set, or each seed's own Phase 1
+    run in a study with several), on the same images, per metric."""
+    return {
+        m: hierarchical_diff(epoch, reference, seed_idx, m, phase1_of=phase1_of) for m in metrics
+    }
 
 
 def contrast(
@@ -874,6 +878,7 @@ def contrast(
     b: Sequence[SetMetrics],
     seed_idx: np.ndarray,
     metrics: Sequence[str],
+    phase1_of: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Variant b minus variant a, paired by seed, per metric."""
-    return {m: hierarchical_diff(b, a, seed_idx, m) for m in metrics}
+    return {m: hierarchical_diff(b, a, seed_idx, m, phase1_of=phase1_of) for m in metrics}

@@ -251,6 +251,11 @@ class PipelineSection:
     variant_switches: dict[str, Any] = field(default_factory=_default_variant_switches)
     variant_overrides: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # The study design (configs/study.yaml): Phase 1 trained once per seed listed (the main
+    # preset), `seeds` split into as many equal consecutive blocks, block k fine-tuned from
+    # Phase 1 seed k; the intervals then resample Phase 1 seeds, Phase 2 seeds and images.
+    # Empty: one Phase 1 run (the config's `seed`), and every interval is conditional on it.
+    phase1_seeds: list[int] = field(default_factory=list)
     bootstrap: int = 1000
     requires_gpu: bool = False
     gpus: int = 1
@@ -573,6 +578,7 @@ def validate(cfg: Config, where: str) -> None:
             )
     check_ranges(cfg, where)
     check_pipeline(cfg.pipeline, where)
+    check_phase1_seeds(cfg, where)
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
@@ -639,6 +645,48 @@ def check_pipeline(pipe: PipelineSection, where: str) -> None:
             raise _range_error(where, f"pipeline.{key}", getattr(pipe, key), f"an integer >= {lo}")
     if any(s < 0 for s in pipe.seeds):
         raise _range_error(where, "pipeline.seeds", pipe.seeds, "integers >= 0")
+    for p in pipe.presets:
+        if PHASE1_SEED_RUN.fullmatch(p):  # runs/phase1/PRESET_seedK is a Phase 1 seed's run
+            raise UserError(
+                f"{where}: pipeline.presets has {p!r}: a name ending in _seedN is reserved for "
+                "the study's Phase 1 seeds (pipeline.phase1_seeds); rename the preset"
+            )
+
+
+def phase1_seeds_problem(values: dict[str, Any]) -> str | None:
+    """The workflow's config (not a job's): the study's Phase 1 seeds include `seed`, whose
+    run (runs/phase1/PRESET) is the main model every figure and table shows."""
+    p1 = (values.get("pipeline") or {}).get("phase1_seeds") or []
+    seed = values.get("seed", 0)
+    if p1 and seed not in p1:
+        return (
+            f"pipeline.phase1_seeds {p1} must include the config's seed ({seed}): its Phase 1 "
+            "run is the main model the figures and tables show; add it or change seed"
+        )
+    return None
+
+
+# A Phase 1 run of the main preset at another seed than the config's: runs/phase1/PRESET_seedK.
+PHASE1_SEED_RUN = re.compile(r"(.+)_seed(\d+)")
+
+
+def check_phase1_seeds(cfg: Config, where: str) -> None:
+    """The study design: distinct seeds, and the same number of Phase 2 seeds on each. (That
+    the config's seed is among them is the workflow's check, `phase1_seeds_problem`: a
+    Phase 2 job's own config carries its Phase 2 seed.)"""
+    p1, seeds = cfg.pipeline.phase1_seeds, cfg.pipeline.seeds
+    if not p1:
+        return
+    if len(set(p1)) != len(p1) or any(s < 0 for s in p1):
+        raise _range_error(where, "pipeline.phase1_seeds", p1, "distinct integers >= 0")
+    if len(seeds) % len(p1):
+        raise UserError(
+            f"{where}: pipeline.seeds has {len(seeds)} seeds, not a multiple of the "
+            f"{len(p1)} pipeline.phase1_seeds: each Phase 1 seed needs the same number of "
+            "Phase 2 seeds (consecutive blocks: the first block fine-tunes Phase 1 seed "
+            f"{p1[0]})"
+        )
+
 
 
 # ---- value ranges: checked before any work, so a bad value is one line, not a crash later ----

@@ -32,7 +32,9 @@ Output schema (``results/postmortem.json``)::
 
     {"n_boot", "seed", "ci_level": 95, "seconds": wall time of the stage, "cpu_seconds",
      "n_sets": prediction sets read,
-     "seeds": Phase 2 seeds, "adopted": the adopted variant, "variants": [names],
+     "seeds": Phase 2 seeds, "phase1_runs": the main Phase 1 runs (one per Phase 1 seed),
+     "phase1_of": each Phase 2 seed's Phase 1 run (an index into phase1_runs),
+     "adopted": the adopted variant, "variants": [names],
      "critical_classes": [names], "composite_weights", "n_images": {"val", "test"},
      "operating_point": {"score_threshold", "iou"},
      "metrics": [metric names: map, critical_recall, composite, map50, critical_recall50,
@@ -40,7 +42,7 @@ Output schema (``results/postmortem.json``)::
      "covers": {"vs_phase1", "vs_adopted", "phase1_values", "phase2_values"}: what the
                intervals of each kind resample and what they do not,
      "thesis": {"phase1", "epoch1", "drop", "source"},
-     "phase1": {split: {metric: {"value", "ci"}}},
+     "phase1": {split: {metric: {"value", "ci", "levels", "per_seed"}}} (over its runs),
      "phase2": {variant: {
          "values": {which: {split: {metric: {"value": mean over seeds, "ci", "per_seed"}}}},
          "drift": {"epoch1"|"final": {"val"|"test": {metric: {"diff", "ci", "n_seeds",
@@ -70,7 +72,10 @@ Output schema (``results/postmortem.json``)::
                  "removing_variants", "n_removing", "explained", "no_drop", "open"}}
 
 Every interval is `bootstrap.hierarchical_diff`'s seed_t interval (images and Phase 2 seeds;
-benchmarks/bench_coverage.py measures its coverage).
+benchmarks/bench_coverage.py measures its coverage); its ``levels`` say what it resampled.
+With several Phase 1 seeds (`pipeline.phase1_seeds`, configs/study.yaml) each Phase 2 seed is
+set against its own Phase 1 run and the intervals resample Phase 1 seeds, the Phase 2 seeds
+within each, and the images (`bootstrap.nested_replicates`, `bootstrap.nested_spread`).
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ from defectfusion.bootstrap import (
     image_replicates,
     linear_combination,
     metric_key,
+    nested_replicates,
     seed_replicates,
     seed_t_interval,
     t_p_value,
@@ -142,7 +148,24 @@ def thesis_drop(path: Path = THESIS_FIGURES) -> dict[str, Any]:
     return {"phase1": p1, "epoch1": e1, "drop": round(e1 - p1, 6), "source": source}
 
 
-def _covers(n_seeds: int) -> dict[str, str]:
+def _covers(n_seeds: int, n_phase1: int = 1) -> dict[str, str]:
+    """What each kind of interval resamples, in words (the book quotes it)."""
+    if n_phase1 > 1:
+        per = n_seeds // n_phase1
+        seeds = (
+            f"the {n_phase1} Phase 1 seeds and the {per} Phase 2 seeds on each"
+            if per > 1
+            else f"the {n_phase1} Phase 1 seeds (one Phase 2 seed on each)"
+        )
+        return {
+            "vs_phase1": (
+                f"the images of the split, {seeds}, resampled in that nesting (each Phase 2 "
+                "run against its own Phase 1 run)"
+            ),
+            "vs_adopted": f"the images of the split and {seeds} (paired by seed), resampled",
+            "phase1_values": f"the images of the split and the {n_phase1} Phase 1 seeds",
+            "phase2_values": f"the images of the split and {seeds}, resampled",
+        }
     seeds = (
         f"the {n_seeds} Phase 2 seeds"
         if n_seeds > 1
@@ -195,7 +218,18 @@ class _Sets:
             check_critical(gt, self.critical)
             self.gt[split] = gt
             self.counts[split] = image_replicates(len(gt["images"]), n_boot, rng)
-        self.seed_idx = seed_replicates(len(layout.seeds), n_boot, rng)
+        # The study design (pipeline.phase1_seeds): with several Phase 1 runs, the replicates
+        # draw Phase 1 seeds, then Phase 2 seeds within each; `phase1_of` goes to every
+        # interval (None: one Phase 1 run, every interval conditional on it).
+        self.phase1_of: tuple[int, ...] | None = (
+            layout.phase1_of if len(layout.main_runs) > 1 else None
+        )
+        self.seed_idx = (
+            seed_replicates(len(layout.seeds), n_boot, rng)
+            if self.phase1_of is None
+            else nested_replicates(self.phase1_of, n_boot, rng)
+        )
+        self.phase1_idx = seed_replicates(len(layout.main_runs), n_boot, rng)
         cats = self.gt["test"]["categories"]
         self.names = {c["id"]: c["name"] for c in cats}
         self.op_keys = [metric_key(self.names[k]) for k in self.critical]
@@ -316,11 +350,13 @@ def run_postmortem(
         )
     adopted = ADOPTED_VARIANT
     sets = _Sets(values, layout, n_boot, seed)
-    covers = _covers(len(layout.seeds))
+    covers = _covers(len(layout.seeds), len(layout.main_runs))
     metrics = sets.metrics
+    p1of = sets.phase1_of
 
     # Every file is checked to exist before minutes of work.
-    p1_jobs = [(layout.phase1(layout.main, n), split) for split, n in PHASE1_PREDICTIONS.items()]
+    p1_keys = [(r, split) for r in layout.main_runs for split in PHASE1_PREDICTIONS]
+    p1_jobs = [(layout.phase1(r, PHASE1_PREDICTIONS[split]), split) for r, split in p1_keys]
     p2_keys = [
         (v, sw, s) for v in layout.variants for sw in PHASE2_PREDICTIONS for s in layout.seeds
     ]
@@ -329,10 +365,15 @@ def run_postmortem(
         if not Path(path).is_file():
             raise UserError(f"{path}: file not found (the post-mortem needs every prediction set)")
     done = sets.evaluate_all([*p1_jobs, *p2_jobs], jobs)
-    phase1: dict[str, SetMetrics] = {}
-    cal1: dict[str, Any] = {}
-    for split, (sm, cal) in zip(PHASE1_PREDICTIONS, done[: len(p1_jobs)], strict=True):
-        phase1[split], cal1[split] = sm, cal
+    # split -> one SetMetrics per Phase 1 run (one by default)
+    phase1: dict[str, list[SetMetrics]] = {split: [] for split in PHASE1_PREDICTIONS}
+    cals1: dict[str, list[dict[str, Any]]] = {split: [] for split in PHASE1_PREDICTIONS}
+    for (_, split), (sm, cal) in zip(p1_keys, done[: len(p1_jobs)], strict=True):
+        phase1[split].append(sm)
+        cals1[split].append(cal)
+    cal1 = {split: _mean_cal(c) for split, c in cals1.items()}
+    # each Phase 2 seed's own Phase 1 run: the reference of its drift
+    ref = {split: [sms[i] for i in layout.phase1_of] for split, sms in phase1.items()}
     # per variant: (split, which) -> one SetMetrics per seed
     p2: dict[str, dict[tuple[str, str], list[SetMetrics]]] = {}
     cal2: dict[str, dict[str, dict[str, Any]]] = {}
@@ -346,16 +387,23 @@ def run_postmortem(
 
     idx = sets.seed_idx
     thesis = thesis_drop(thesis_figures)
-    one = np.zeros((n_boot, 1), dtype=np.int64)  # Phase 1: one run, images resampled only
-    out_p1 = {split: {m: _value([sm], one, m) for m in metrics} for split, sm in phase1.items()}
+    # Phase 1's value: its runs' mean (one run by default: the images resampled only)
+    out_p1 = {
+        split: {m: _value(sms, sets.phase1_idx, m) for m in metrics}
+        for split, sms in phase1.items()
+    }
+    if len(layout.main_runs) > 1:  # its seeds are Phase 1's (seed_spread names Phase 2's)
+        for block in out_p1.values():
+            for x in block.values():
+                x["levels"] = "phase1_seeds+images" if x["levels"] else None
     out_p2: dict[str, Any] = {}
     contrasts: list[dict[str, Any]] = []
     for v in layout.variants:
         vals: dict[str, Any] = {}
         drifts: dict[str, Any] = {}
         for (split, which), group in p2[v].items():
-            vals.setdefault(which, {})[split] = {m: _value(group, idx, m) for m in metrics}
-            d = drift(group, phase1[split], idx, metrics)
+            vals.setdefault(which, {})[split] = {m: _value(group, idx, m, p1of) for m in metrics}
+            d = drift(group, ref[split], idx, metrics, p1of)
             drifts.setdefault(which, {})[split] = {
                 m: {**x, "verdict": verdict(x["ci"])} for m, x in d.items()
             }
@@ -365,7 +413,7 @@ def run_postmortem(
                      **_contrast_fields(x), "covers": covers["vs_phase1"]}
                 )  # fmt: skip
             if v != adopted:
-                c = contrast(p2[adopted][split, which], group, idx, metrics)
+                c = contrast(p2[adopted][split, which], group, idx, metrics, p1of)
                 for m, x in c.items():
                     contrasts.append(
                         {"a": adopted, "b": v, "metric": m, "split": split, "which": which,
@@ -382,7 +430,7 @@ def run_postmortem(
                 rule,
                 len(layout.variants),
             ),
-            "mechanism": _mechanism(drifts, p2[v], idx),
+            "mechanism": _mechanism(drifts, p2[v], idx, p1of),
             "history": _history_check(layout, v, vals),
         }
         out_p2[v]["verdict"]["vs_adopted"] = _vs_adopted(
@@ -391,8 +439,8 @@ def run_postmortem(
         out_p2[v]["verdict"]["final"] = verdict(drifts["final"]["val"]["map"]["ci"])
 
     outcome = _outcome(out_p2, adopted)
-    effects = named_effects(p2, phase1, idx, metrics)
-    factorial = factorial_effects(p2, values, idx)
+    effects = named_effects(p2, ref, idx, metrics, p1of)
+    factorial = factorial_effects(p2, values, idx, p1of)
     seconds = time.perf_counter() - start
     # on a shared machine, what the stage itself used (its workers' sets included)
     cpu = (
@@ -406,6 +454,9 @@ def run_postmortem(
         "cpu_seconds": round(cpu, 3),
         "n_sets": sets.n_sets,
         "seeds": list(layout.seeds),
+        # the study design: the main Phase 1 runs, and each Phase 2 seed's (an index)
+        "phase1_runs": list(layout.main_runs),
+        "phase1_of": list(layout.phase1_of),
         "adopted": adopted,
         "variants": list(layout.variants),
         "critical_classes": [sets.names[k] for k in sets.critical],
@@ -446,10 +497,18 @@ def run_postmortem(
     return result
 
 
-def _value(group: Sequence[SetMetrics], idx: np.ndarray, m: str) -> dict[str, Any]:
-    """A metric's value (mean over seeds), its interval, and each seed's value."""
-    h = hierarchical_diff(group, None, idx, m)
-    return {"value": h["diff"], "ci": h["ci"], "per_seed": [sm.full.get(m) for sm in group]}
+def _value(
+    group: Sequence[SetMetrics], idx: np.ndarray, m: str, phase1_of: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """A metric's value (mean over seeds), its interval, what the interval resamples
+    (``levels``), and each seed's value."""
+    h = hierarchical_diff(group, None, idx, m, phase1_of=phase1_of)
+    return {
+        "value": h["diff"],
+        "ci": h["ci"],
+        "levels": h["levels"],
+        "per_seed": [sm.full.get(m) for sm in group],
+    }
 
 
 def _contrast_fields(x: dict[str, Any]) -> dict[str, Any]:
@@ -461,6 +520,7 @@ def _contrast_fields(x: dict[str, Any]) -> dict[str, Any]:
         "image_se": x["image_se"],
         "df": x["df"],
         "n_seeds": x["n_seeds"],
+        "levels": x["levels"],
         "n_valid": x["n_valid"],
         "frac_b_gt_a": x["frac_gt_0"],
         "verdict": verdict(x["ci"]),
@@ -610,13 +670,18 @@ def _vs_adopted(
 
 
 def _mechanism(
-    drifts: dict[str, Any], group: dict[tuple[str, str], list[SetMetrics]], idx: np.ndarray
+    drifts: dict[str, Any],
+    group: dict[tuple[str, str], list[SetMetrics]],
+    idx: np.ndarray,
+    phase1_of: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The epoch-1 drift taken apart (val mAP): the shift before any update (epoch 0 minus
     Phase 1: what the switch does to the very same weights, e.g. another normalisation) and
     the adaptation of the first epoch (epoch 1 minus epoch 0, paired by seed)."""
     shift = drifts["epoch0"]["val"]["map"]
-    adapt = hierarchical_diff(group["val", "epoch1"], group["val", "epoch0"], idx, "map")
+    adapt = hierarchical_diff(
+        group["val", "epoch1"], group["val", "epoch0"], idx, "map", phase1_of=phase1_of
+    )
     keep = ("diff", "ci", "se", "seed_se", "image_se", "df")
     return {
         "shift_epoch0": {k: shift.get(k) for k in keep},
@@ -673,9 +738,10 @@ EFFECT_METRICS = ("map", "critical_recall", "op_recall_critical")
 
 def named_effects(
     p2: dict[str, dict[tuple[str, str], list[SetMetrics]]],
-    phase1: dict[str, SetMetrics],
+    phase1: dict[str, list[SetMetrics]],
     idx: np.ndarray,
     metrics: Sequence[str],
+    phase1_of: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Each effect of `EFFECTS` whose variants the run has: ``{name: {"b", "a",
     which: {split: {metric: hierarchical_diff}}}}``. Zero_start - Phase 1 is none of them: it
@@ -687,9 +753,9 @@ def named_effects(
         entry: dict[str, Any] = {"b": b, "a": a}
         for which, split in EFFECT_SETS:
             group_b = p2[b][split, which]
-            group_a: Any = phase1[split] if a == "phase1" else p2[a][split, which]
+            group_a = phase1[split] if a == "phase1" else p2[a][split, which]
             entry.setdefault(which, {})[split] = {
-                m: hierarchical_diff(group_b, group_a, idx, m)
+                m: hierarchical_diff(group_b, group_a, idx, m, phase1_of=phase1_of)
                 for m in EFFECT_METRICS
                 if m in metrics
             }
@@ -724,6 +790,7 @@ def factorial_effects(
     p2: dict[str, dict[tuple[str, str], list[SetMetrics]]],
     values: dict[str, Any],
     idx: np.ndarray,
+    phase1_of: Sequence[int] | None = None,
 ) -> dict[str, Any] | None:
     """Main effects and interactions of the replica's switches on val mAP (the epoch-0
     shift, the epoch-1 value), when the run has all eight cells; None otherwise. An effect
@@ -742,7 +809,7 @@ def factorial_effects(
         for term in terms:
             w = [float(np.prod([1 if c[i] else -1 for i in term])) / 4 for c in order]
             label = "_".join(names[i] for i in term)  # e.g. start_bn: an interaction
-            block[label] = linear_combination(groups, w, idx, "map")
+            block[label] = linear_combination(groups, w, idx, "map", phase1_of=phase1_of)
         out[which] = block
     return out
 

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from defectfusion.config import PHASE1_SEED_RUN
+
 KINDS: tuple[str, ...] = ("tables", "figures", "summary")
 # The config sections every report output depends on: the Snakefile's rule params, and the
 # params hash in each provenance record.
@@ -64,6 +66,10 @@ class Layout:
     seeds: tuple[int, ...]
     results: str = "results"
     benchmarks: str = "benchmarks/results"
+    # the study design (pipeline.phase1_seeds): the main preset's Phase 1 seeds, and the
+    # config's seed, whose run is runs/phase1/MAIN (the others: MAIN_seedK)
+    phase1_seeds: tuple[int, ...] = ()
+    base_seed: int = 0
 
     @classmethod
     def from_config(cls, values: dict[str, Any], results: str = "results") -> Layout:
@@ -77,7 +83,37 @@ class Layout:
             variants=tuple(pipe.get("variants") or ()),
             seeds=tuple(int(s) for s in pipe.get("seeds") or [values.get("seed", 0)]),
             results=results,
+            phase1_seeds=tuple(int(s) for s in pipe.get("phase1_seeds") or ()),
+            base_seed=int(values.get("seed", 0)),
         )
+
+    # ---- the study design: Phase 1 seeds and the Phase 2 seeds fine-tuned from each -------
+    @property
+    def main_runs(self) -> tuple[str, ...]:
+        """The main preset's Phase 1 runs, one per Phase 1 seed (one by default: ``main``)."""
+        return tuple(self.phase1_run(k) for k in self.phase1_seeds or (self.base_seed,))
+
+    def phase1_run(self, phase1_seed: int) -> str:
+        """The folder name (under runs/phase1, results/phase1) of a main Phase 1 seed's run."""
+        return self.main if phase1_seed == self.base_seed else f"{self.main}_seed{phase1_seed}"
+
+    @property
+    def phase1_of(self) -> tuple[int, ...]:
+        """Each Phase 2 seed's Phase 1 run (an index into `main_runs`): consecutive blocks."""
+        n = len(self.main_runs)
+        return tuple(i * n // len(self.seeds) for i in range(len(self.seeds)))
+
+    def phase1_run_of(self, seed: int) -> str:
+        """The Phase 1 run Phase 2 seed ``seed`` fine-tunes."""
+        return self.main_runs[self.phase1_of[self.seeds.index(int(seed))]]
+
+    def run_preset(self, run: str) -> tuple[str, int]:
+        """(preset, seed) of a Phase 1 run's folder name: a preset at the config's seed, or
+        the main preset at another Phase 1 seed (``MAIN_seedK``)."""
+        m = PHASE1_SEED_RUN.fullmatch(run)
+        if m and m.group(1) == self.main and run not in self.presets:
+            return self.main, int(m.group(2))
+        return run, self.base_seed
 
     # ---- single files -------------------------------------------------------------------
     def split(self, split: str) -> str:
@@ -105,7 +141,7 @@ class Layout:
             {
                 self.split("val"),
                 self.split("test"),
-                *(self.phase1(self.main, f) for f in PHASE1_PREDICTIONS.values()),
+                *(self.phase1(r, f) for r in self.main_runs for f in PHASE1_PREDICTIONS.values()),
                 *self.all_phase2("history.jsonl"),
                 *(f for name in PHASE2_PREDICTIONS.values() for f in self.all_phase2(name)),
             }
@@ -183,8 +219,8 @@ class Layout:
         return [
             f"{b}/data.tsv",
             f"{b}/text_embed.tsv",
-            *(f"{b}/phase1_{p}.tsv" for p in self.presets),
-            *(self.eval_benchmark(p) for p in self.presets),
+            *(f"{b}/phase1_{p}.tsv" for p in dict.fromkeys([*self.presets, *self.main_runs])),
+            *(self.eval_benchmark(p) for p in dict.fromkeys([*self.presets, *self.main_runs])),
             *(f"{b}/phase2_{v}_seed{s}.tsv" for v, s in pairs),
             *(f"{b}/evaluate_phase2_{v}_seed{s}.tsv" for v, s in pairs),
             *(f"{b}/compare_{v}_seed{s}.tsv" for v, s in pairs),
@@ -220,6 +256,12 @@ OUTPUTS: tuple[Output, ...] = (
     Output("tables", "settings", _TABLES,
            lambda L: [L.text, *L.postmortem_if_run(), THESIS_FIGURES, *L.splits()]),
     Output("tables", "recipe", _TABLES, lambda L: [DEIMV2_RECIPE]),
+    # the thesis's figures beside this run's, and the prompts (issue 26)
+    Output("tables", "thesis_vs_run", _TABLES, lambda L: [
+        THESIS_FIGURES, *L.postmortem_if_run(), *L.all_phase2("history.jsonl"),
+    ]),
+    Output("tables", "prompts", _TABLES, lambda L: [L.text]),
+    Output("tables", "significant", _TABLES, lambda L: L.postmortem_if_run()),
     Output("tables", "phase1_detail", _TABLES, lambda L: L.presets_history_and_test(),
            lambda L: [L.eval_benchmark(p) for p in L.presets]),
     Output("tables", "phase2_detail", _TABLES, lambda L: [
@@ -265,7 +307,7 @@ OUTPUTS: tuple[Output, ...] = (
         *L.splits(), *L.presets_history_and_test(), *L.all_phase2("history.jsonl"),
         *L.all_phase2("steps.jsonl"), *L.all_phase2("test_metrics.json"),
         L.postmortem,  # every interval (the compare files are per seed)
-    ]),
+    ], lambda L: L.stage_benchmarks()),  # the run's duration on the clock
 )  # fmt: skip
 
 
@@ -281,6 +323,10 @@ CAPTIONS: dict[str, str] = {
     "settings": "The run's settings: data, models, schedules, text encoder, decision rule.",
     "recipe": "DEIMv2's official training recipe beside this run's: aligned or different, and "
     "why.",
+    "thesis_vs_run": "The thesis's figures beside this run's, with their ratio.",
+    "prompts": "The natural-language description of each class the text encoder embedded.",
+    "significant": "Every reported difference whose interval, adjusted as the verdict's, "
+    "excludes zero.",
     "phase1_detail": "Phase 1 per preset: every metric at the selected epoch, and the plateau.",
     "phase2_detail": "Phase 2 per variant and seed: every metric, and the per-seed comparison "
     "with Phase 1.",
@@ -453,6 +499,30 @@ def text_encoder_es(key: Any) -> str:
 
 def backbone_of(preset: str) -> str | None:
     return next((k for k in BACKBONE_NAMES_ES if k in preset), None)
+
+
+def preset_setting(values: dict[str, Any], preset: str, key: str) -> Any:
+    """A dotted config `key` as `preset`'s run has it: its ``pipeline.preset_overrides``
+    entry, else the config's own value."""
+    overrides = ((values.get("pipeline") or {}).get("preset_overrides") or {}).get(preset) or {}
+    if key in overrides:
+        return overrides[key]
+    node: Any = values
+    for part in key.split("."):
+        node = (node or {}).get(part)
+    return node
+
+
+def backbone_name_es(preset: str, values: dict[str, Any], main: str | None = None) -> str:
+    """A Phase 1 preset as every table and figure names it: its backbone family ("DINOv3",
+    "ResNet") only when it started from that family's pretrained weights; from random
+    weights (``model.init: scratch``) it is the bare architecture, and says so: a randomly
+    initialised ViT is not DINOv3."""
+    family = backbone_of(preset) or ""
+    name = BACKBONE_NAMES_ES.get(family, preset)
+    if preset_setting(values, preset, "model.init") == "scratch":
+        name = f"{'ViT' if family == 'dinov3' else name}, pesos aleatorios"
+    return f"{name} (principal)" if preset == main else name
 
 
 def model_color(name: str, main: str | None = None, order: Sequence[str] = ()) -> str:

@@ -119,6 +119,17 @@ pre { font-size: 8pt; white-space: pre-wrap; }
 div.citation { margin: 0 0 4pt 0; padding-left: 1.2em; text-indent: -1.2em; }
 div.citation > span.label { display: none; }
 div.citation > p { display: inline; }
+.portada { page-break-after: always; text-align: center; padding-top: 30%; }
+.portada h1 { font-size: 24pt; margin-bottom: 12pt; }
+.portada p { font-size: 12pt; color: #333; }
+.indice { page-break-after: always; }
+.indice h1 { font-size: 16pt; }
+.indice ul { list-style: none; padding-left: 0; margin: 0 0 10pt 0; }
+.indice li { margin: 2pt 0; }
+.indice li.h2 { padding-left: 1.5em; font-size: 9.5pt; }
+.indice a { color: black; text-decoration: none; }
+.indice a::after { content: leader(".") target-counter(attr(href), page); }
+.res-tesis, abbr.tesis { font-style: italic; }
 """
 
 # What mathtext spells differently from TeX (regex, replacement).
@@ -184,6 +195,71 @@ def _pages(toc: Path) -> list[str]:
     return [str(Path(n).with_suffix("")) for n in names]
 
 
+def _strip_tags(text: str) -> str:
+    import html as html_lib
+    import re
+
+    text = re.sub(r'<a class="headerlink".*?</a>', "", text, flags=re.S)
+    return html_lib.unescape(re.sub(r"<[^>]+>", "", text)).strip()
+
+
+def _one_document(name: str, article: str) -> str:
+    """A page's article made part of one document: its ids prefixed with the page's name and
+    its links, to itself or to another page, pointed at those ids, so references and the
+    contents' page numbers (``target-counter``) resolve inside the PDF."""
+    import re
+
+    article = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{name}--{m.group(1)}"', article)
+    article = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{name}--{m.group(1)}"', article)
+    article = re.sub(
+        r'href="([\w-]+)\.html#([^"]+)"', lambda m: f'href="#{m.group(1)}--{m.group(2)}"', article
+    )
+    return re.sub(r'href="([\w-]+)\.html"', lambda m: f'href="#pdf-{m.group(1)}"', article)
+
+
+def front_matter(title: str, subtitle: str, articles: list[str]) -> str:
+    """The PDF's title page, contents (each chapter and section with its page) and lists of
+    figures and tables (each numbered caption with its page), from the joined articles.
+    Written here because the book is printed from its HTML by WeasyPrint, which has no
+    LaTeX-style front matter; `target-counter` gives the page numbers."""
+    import html as html_lib
+    import re
+
+    joined = "\n".join(articles)
+    heads = re.findall(
+        r'<section[^>]*\bid="([^"]+)"[^>]*>\s*(?:<span id="[^"]*"></span>\s*)*<h([12])>(.*?)</h\2>',
+        joined,
+        re.S,
+    )  # a labelled section ("(sec-x)=") opens with an empty <span id> before its heading
+    contents = "".join(
+        f'<li class="h{level}"><a href="#{sid}">{html_lib.escape(_strip_tags(text))}</a></li>'
+        for sid, level, text in heads
+    )
+
+    def listed(pattern: str) -> str:
+        items = re.findall(pattern, joined, re.S)
+        return "".join(
+            f'<li><a href="#{fid}">{html_lib.escape(_strip_tags(num))} '
+            f"{html_lib.escape(_strip_tags(text).split('. ')[0][:140])}</a></li>"
+            for fid, num, text in items
+        )
+
+    figures = listed(
+        r'<figure[^>]*\bid="([^"]+)"[^>]*>.*?<span class="caption-number">(.*?)</span>'
+        r'<span class="caption-text">(.*?)</span>'
+    )
+    tables = listed(
+        r'<table[^>]*\bid="([^"]+)"[^>]*>\s*<caption><span class="caption-number">(.*?)</span>'
+        r'<span class="caption-text">(.*?)</span>'
+    )
+    return (
+        f'<div class="portada"><h1>{title}</h1><p>{subtitle}</p></div>'
+        f'<div class="indice"><h1>Índice</h1><ul>{contents}</ul></div>'
+        f'<div class="indice"><h1>Índice de figuras</h1><ul>{figures}</ul>'
+        f"<h1>Índice de tablas</h1><ul>{tables}</ul></div>"
+    )
+
+
 def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
     """Print the built site `html` (from `build_book`) to `out`/libro.pdf, pages in the order
     of `toc`: each page's article, one after the other, through WeasyPrint."""
@@ -209,12 +285,16 @@ def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
         m = re.search(r'<article class="bd-article"[^>]*>(.*?)</article>', text, flags=re.S)
         if not m:
             raise UserError(f"{page}: no <article> to print")
-        articles.append(f'<div class="pagina" id="pdf-{name}">{m.group(1)}</div>')
+        body = _one_document(name, m.group(1))
+        articles.append(f'<div class="pagina" id="pdf-{name}">{body}</div>')
     title = re.search(r"<title>(.*?)</title>", (html / "index.html").read_text(encoding="utf-8"))
+    book_title = title.group(1).split(" &#8212; ")[-1] if title else "Libro"
     doc = (
         '<!DOCTYPE html><html lang="es"><head><meta charset="utf-8"/>'
-        f"<title>{title.group(1) if title else 'Libro'}</title>"
+        f"<title>{book_title}</title>"
         '<link rel="stylesheet" href="_static/pygments.css"/></head><body>'
+        + front_matter(book_title, "Artefacto reproducible de la tesis: método, resultados "
+                       "y análisis <i>post mortem</i>", articles)  # fmt: skip
         + _typeset_math("\n".join(articles))
         + "</body></html>"
     )

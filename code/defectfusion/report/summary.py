@@ -9,6 +9,10 @@ The book reads only this file, the tables and the figures, so this schema is a c
                                 the results were finished, not when this file was written
              "machine":         OS, architecture, CPU count and GPU(s) of the report machine
              "profile":         the profile overlays ("micro", "thesis"...), "default" if none},
+     "reproduce": {"command": the snakemake command of this profile, "data_seed": the data
+                   generator's seed, "dvc_remote": the remote's URL, "wall_seconds",
+                   "wall_minutes": the run on the clock (null: unknown), "wall_known",
+                   "wall_es": the same as the book's table prints it},
      "dataset": {"name":        the dataset's info.dataset,
                  "classes":     class names in id order, "n_classes": how many,
                  "critical_classes": names of data.critical_classes,
@@ -20,7 +24,8 @@ The book reads only this file, the tables and the figures, so this schema is a c
                          "best_epoch":       epoch of best.pt (selected on val),
                          "train_seconds":    training time, the sum of history's per-epoch
                                              "seconds" (validation excluded),
-                         "plateau": {"gain", "from_epoch", "to_epoch", "min_gain", "reached"}:
+                         "plateau": {"gain", "from_epoch", "to_epoch", "min_gain", "reached",
+                                     "judged" (false: too few epochs, gain and reached null)}:
                                              val mAP gain over the last epochs, as the log's
                                              "plateau reached/NOT reached" line,
                          "per_class": {name: {"ap", "recall"}} (test)}},
@@ -65,7 +70,7 @@ The book reads only this file, the tables and the figures, so this schema is a c
                                              {key: {"value", "ci"}}, plus "tp_score_mean"}},
      "contrasts": [{"a", "b", "metric", "split", "which", "diff", "ci", "n_seeds", "verdict",
                     "covers", ...}]: every variant against Phase 1 and against the adopted one,
-     "postmortem": {"adopted", "n_seeds", "n_boot", "ci_level", "seconds", "covers", "thesis",
+     "postmortem": {"adopted", "n_seeds", "n_phase1", "n_seeds_each", "n_boot", "ci_level", "seconds", "covers", "thesis",
                     "operating_point", "outcome": {"adopted_drop", "n_drop", "drop_variants",
                     "explained", "no_drop", "open", ...}, "phase1": {"operating_point",
                     "tp_score_mean"}} (``postmortem_summary``),
@@ -101,6 +106,7 @@ from defectfusion.report import (
     SPLIT_NAMES,
     Layout,
     number_es,
+    preset_setting,
     variant_name_es,
 )
 from defectfusion.report import provenance as prov
@@ -197,19 +203,8 @@ def plateau(history: list[dict[str, Any]], phase1: dict[str, Any]) -> dict[str, 
     min_gain = float(phase1.get("plateau_min_gain", default.plateau_min_gain))
     p = plateau_gain(history, fraction) if fraction > 0 else {"gain": None}
     reached = None if p["gain"] is None else bool(p["gain"] < min_gain)
-    return {**p, "min_gain": min_gain, "reached": reached}
-
-
-def preset_setting(values: dict[str, Any], preset: str, key: str) -> Any:
-    """A dotted config `key` as `preset`'s run has it: its ``pipeline.preset_overrides``
-    entry, else the config's own value."""
-    overrides = ((values.get("pipeline") or {}).get("preset_overrides") or {}).get(preset) or {}
-    if key in overrides:
-        return overrides[key]
-    node: Any = values
-    for part in key.split("."):
-        node = (node or {}).get(part)
-    return node
+    # judged: enough epochs to measure a gain (a one-epoch Phase 1 has none; reached: null)
+    return {**p, "min_gain": min_gain, "reached": reached, "judged": reached is not None}
 
 
 def phase1_budgets(values: dict[str, Any], presets: Iterable[str]) -> dict[str, tuple[int, int]]:
@@ -389,6 +384,7 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
             "machine": machine(),
             "profile": profile_name(values),
         },
+        "reproduce": reproduce_info(values, layout),
         "dataset": {
             "name": ds["name"],
             "classes": ds["classes"],
@@ -534,6 +530,109 @@ def verdict_words_es(vd: dict[str, Any]) -> str:
     )
 
 
+# The contrasts the book reports (its conclusions list every one that is significant): the
+# main metrics, on the val-selected checkpoint in test and at epoch 1 and the last epoch in val.
+SIGNIFICANT_METRICS = ("map", "critical_recall", "op_recall_critical")
+SIGNIFICANT_SETS = (("test", "best"), ("val", "epoch1"), ("val", "final"))
+
+
+def significant(pm: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every reported contrast (`SIGNIFICANT_METRICS` x `SIGNIFICANT_SETS`, each variant
+    against Phase 1 and against the adopted recipe) whose interval excludes zero at the
+    verdict's adjusted level (the rule's multiplicity correction over its hypotheses,
+    ``rule.level_each``): what the conclusions must report, not only what the verdict
+    decided on."""
+    from defectfusion.bootstrap import seed_t_interval  # numpy and scipy: the report stage
+
+    level = float(pm["rule"]["level_each"])
+    out = []
+    for c in pm["contrasts"]:
+        if c["metric"] not in SIGNIFICANT_METRICS or (c["split"], c["which"]) not in (
+            SIGNIFICANT_SETS
+        ):
+            continue
+        if c.get("se") is None or c.get("diff") is None:
+            continue
+        lo, hi = seed_t_interval(c["diff"], c, level)
+        if lo is None or hi is None or not (lo > 0 or hi < 0):  # a zero-width [0, 0] is not
+            continue
+        out.append({k: c[k] for k in ("a", "b", "metric", "split", "which", "diff", "ci")}
+                   | {"ci_adjusted": [lo, hi], "level": level})  # fmt: skip
+    return out
+
+
+def end_to_end_seconds(layout: Layout) -> float | None:
+    """The run's duration on the clock: from the first job's start (its benchmark file's time
+    less its wall time) to the last job's end (benchmarks/run_times.py's measure). None
+    without the files, or when their times cannot be a run's (a `dvc pull` or checkout
+    rewrites them: the span is then shorter than the chain data -> Phase 1 -> Phase 2 that
+    any run waits for)."""
+    jobs = []
+    for name in layout.stage_benchmarks():
+        path = Path(name)
+        if not path.is_file():
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            wall = float(dict(zip(lines[0].split("\t"), lines[-1].split("\t"), strict=False))["s"])
+        except (IndexError, KeyError, ValueError):
+            continue
+        jobs.append((path.name, wall, path.stat().st_mtime))
+    if not jobs:
+        return None
+    span = max(e for _, _, e in jobs) - min(e - w for _, w, e in jobs)
+    chain = sum(
+        max((w for n, w, _ in jobs if n.startswith(prefix)), default=0.0)
+        for prefix in ("data", "phase1_", "phase2_", "postmortem")
+    )
+    return round(span, 1) if span >= chain else None
+
+
+def dvc_remote() -> str | None:
+    """The URL of the DVC remote the checkout pushes to (.dvc/config's default), or None."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    try:
+        cfg.read(".dvc/config", encoding="utf-8")
+        name = cfg.get("core", "remote", fallback=None)
+        return cfg.get(f'remote "{name}"', "url", fallback=None) if name else None
+    except configparser.Error:
+        return None
+
+
+def reproduce_info(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    """What the reproducibility statement prints: the command that makes this run, the data
+    generator's seed, the DVC remote, and the run's duration on the clock."""
+    profile = (values.get("pipeline") or {}).get("profile") or "default"
+    extra = "" if profile == "default" else f" --configfile configs/{profile}.yaml"
+    seconds = end_to_end_seconds(layout)
+    return {
+        "command": f"snakemake --cores all{extra}",
+        "data_seed": ((values.get("pipeline") or {}).get("dataset") or {}).get("seed"),
+        "dvc_remote": dvc_remote() or "ninguno configurado",
+        "wall_seconds": seconds,
+        "wall_minutes": None if seconds is None else round(seconds / 60, 1),
+        "wall_known": seconds is not None,
+        "wall_es": (
+            f"{number_es(seconds / 60, '.1f')} min"
+            if seconds is not None
+            else "desconocida: las horas de los archivos no son las de la ejecución (p. ej., "
+            "tras dvc pull)"
+        ),
+    }
+
+
+def _sized(pm: dict[str, Any], variant: str) -> str:
+    """A variant's Spanish name with its epoch-1 drop as a share of the thesis's ("Réplica de
+    la tesis (13 % de la caída de la tesis)")."""
+    f = (((pm.get("phase2") or {}).get(variant) or {}).get("verdict") or {}).get(
+        "fraction_of_thesis"
+    )
+    name = variant_name_es(variant)
+    return name if f is None else f"{name} ({number_es(100 * f, '.0f')} % de la caída de la tesis)"
+
+
 def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
     """Top-level ``contrasts`` and ``postmortem`` (what the book's §5.4-5.5 read)."""
     return {
@@ -541,6 +640,10 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
         "postmortem": {
             "adopted": pm["adopted"],
             "n_seeds": len(pm["seeds"]),
+            # the study design: Phase 1 runs (one unless pipeline.phase1_seeds), and the
+            # Phase 2 seeds on each
+            "n_phase1": (n1 := len(pm.get("phase1_runs") or [None])),
+            "n_seeds_each": len(pm["seeds"]) // n1,
             "n_boot": pm["n_boot"],
             "ci_level": pm["ci_level"],
             "seconds": pm["seconds"],
@@ -553,12 +656,27 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             "operating_point": pm["operating_point"],
             "hypotheses": (hypotheses := [v for v in pm["variants"] if v != pm["adopted"]]),
             "n_hypotheses": len(hypotheses),
+            # the conclusions' list (report.tables.significant_table): how many, and whether
+            # the adopted recipe's own operating-point recall is among them
+            "n_significant": len(sig := significant(pm)),
+            "n_reported": sum(
+                c["metric"] in SIGNIFICANT_METRICS and (c["split"], c["which"]) in SIGNIFICANT_SETS
+                for c in pm["contrasts"]
+            ),
+            "any_significant": bool(sig),
             "outcome": {
                 **pm["outcome"],
                 # the book prints these lists (each "<branch>_variants" of the outcome, and
                 # "removing_variants"): the variants' Spanish names
                 **{
                     k.removesuffix("_variants") + "_names": [variant_name_es(v) for v in vs]
+                    for k, vs in pm["outcome"].items()
+                    if k.endswith("_variants")
+                },
+                # the same lists with each variant's epoch-1 val drop as a share of the
+                # thesis's relative drop, so the verdict prints the size it judged
+                **{
+                    k.removesuffix("_variants") + "_sized": [_sized(pm, v) for v in vs]
                     for k, vs in pm["outcome"].items()
                     if k.endswith("_variants")
                 },

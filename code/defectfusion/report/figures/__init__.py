@@ -37,12 +37,11 @@ from defectfusion.data.coco import category_names, images_dir, load_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write
 from defectfusion.report import (
-    BACKBONE_NAMES_ES,
     FIGURES,
     PARAM_SECTIONS,
     PHASE1_COLOR,
     Layout,
-    backbone_of,
+    backbone_name_es,
     chosen,
     class_name_es,
     model_color,
@@ -54,14 +53,20 @@ from defectfusion.report import provenance as prov
 from defectfusion.report import summary as S
 
 WIDTH = 6.3  # inches: a thesis text width
+COLUMN_IN = (210 - 2 * 20) / 25.4  # the PDF's text width (report/book.py: A4, 20 mm margins)
+MIN_PRINT_PT = 8.0  # the smallest text allowed at that width
 STYLE: dict[str, Any] = {
     "font.family": "DejaVu Sans",
-    "font.size": 8,
-    "axes.titlesize": 8.5,
-    "axes.labelsize": 8,
-    "xtick.labelsize": 7,
-    "ytick.labelsize": 7,
-    "legend.fontsize": 7,
+    # 8 pt is the smallest text a printed page reads comfortably: every text of a figure
+    # is at least that at the PDF's column width (`smallest_text_pt` measures it)
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "legend.title_fontsize": 8,
+    "figure.titlesize": 9,
     "legend.frameon": False,
     "axes.spines.top": False,
     "axes.spines.right": False,
@@ -121,7 +126,7 @@ class Ctx:
         return float(self.values["eval"]["score_threshold"])
 
     def phase1_label(self) -> str:
-        return f"Fase 1 ({preset_label(self.layout.main)})"
+        return f"Fase 1 ({preset_label(self, self.layout.main)})"
 
     def phase2_label(self) -> str:
         v, s = self.layout.adopted
@@ -129,9 +134,8 @@ class Ctx:
         return f"Fase 2 ({variant_name_es(v).lower()}{seed})"
 
 
-def preset_label(preset: str, main: str | None = None) -> str:
-    name = BACKBONE_NAMES_ES.get(backbone_of(preset) or "", preset)
-    return f"{name} (principal)" if preset == main else name
+def preset_label(ctx: Ctx, preset: str, main: str | None = None) -> str:
+    return backbone_name_es(preset, ctx.values, main)
 
 
 def new_figure(
@@ -234,6 +238,45 @@ def models_compared(ctx: Ctx) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def _renderer(fig: Figure) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    return canvas.get_renderer()
+
+
+def fit_to_column(fig: Figure, tries: int = 3) -> None:
+    """Narrow a figure whose tight box (what savefig keeps: legends and labels outside the
+    axes included) is wider than the PDF's column, so the book prints it at full size and
+    its text keeps its points; the axes give up the width (the layout is constrained)."""
+    for _ in range(tries):
+        fig.draw_without_rendering()
+        tight = fig.get_tightbbox(_renderer(fig)).width
+        if tight <= COLUMN_IN * 1.001:
+            return
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w - (tight - COLUMN_IN) - 0.02, h)
+
+
+def smallest_text_pt(fig: Figure) -> float | None:
+    """The figure's smallest visible text, in points, as printed at the book's column width:
+    the book scales a figure wider than the column (legends outside the axes widen its tight
+    box) down to it, and every font with it. None: no text."""
+    from matplotlib.text import Text
+
+    fig.draw_without_rendering()
+    renderer = _renderer(fig)
+    width = fig.get_tightbbox(renderer).width  # inches, as savefig's bbox "tight" crops
+    sizes = [
+        t.get_fontsize()
+        for t in fig.findobj(Text)
+        if t.get_visible() and t.get_text().strip() and t.get_window_extent(renderer).width > 0
+    ]
+    if not sizes:
+        return None
+    return round(min(sizes) * min(1.0, COLUMN_IN / width), 2)
+
+
 def save(fig: Figure, out: Path, name: str, record: dict[str, Any]) -> list[Path]:
     """PNG and PDF, each with the provenance record in its metadata; no timestamp."""
     line = prov.one_line(record)
@@ -304,6 +347,9 @@ def write_figures(
         )
         with matplotlib.rc_context({**STYLE, **style}):
             fig = draw_function(name)(ctx)
+            fit_to_column(fig)
+            # what a printed page shows (the book's tests hold it to MIN_PRINT_PT)
+            record["smallest_text_pt"] = smallest_text_pt(fig)
             paths = save(fig, Path(out), name, record)
         prov.write_sidecar(results, record, paths)
         written += paths

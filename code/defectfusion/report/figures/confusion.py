@@ -4,6 +4,8 @@ positives; background column: missed boxes), (a) Phase 1, (b) Phase 2.
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
@@ -34,7 +36,7 @@ def confusion(ctx: Ctx) -> Figure:
                         f"{100 * norm[i, j]:.0f}",
                         ha="center",
                         va="center",
-                        fontsize=6,
+                        fontsize=8,
                         color="white" if norm[i, j] > 0.6 else "black",
                     )
         names = [cls(n) for n in conf["classes"]]
@@ -51,9 +53,13 @@ def confusion(ctx: Ctx) -> Figure:
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="% de la fila")
     m0 = models[0][1]["confusion"]
     fig.suptitle(
-        f"Cada celda: % de su fila. Detecciones con puntuación ≥ {num(m0['score_threshold'], 'g')}"
-        f" e IoU ≥ {num(m0['iou_threshold'], 'g')}.\nFila «Fondo»: falsos positivos (entre "
-        "paréntesis, cuántos); columna «Fondo»: cajas no detectadas. Clases críticas en negrita.",
-        fontsize=7,
+        textwrap.fill(
+            f"Cada celda: % de su fila. Detecciones con puntuación ≥ "
+            f"{num(m0['score_threshold'], 'g')} e IoU ≥ {num(m0['iou_threshold'], 'g')}. Fila "
+            "«Fondo»: falsos positivos (entre paréntesis, cuántos); columna «Fondo»: cajas no "
+            "detectadas. Clases críticas en negrita.",
+            100,  # at 8 pt, a line of the column's width
+        ),
+        fontsize=8,
     )
     return fig

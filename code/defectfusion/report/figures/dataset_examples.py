@@ -46,7 +46,7 @@ def dataset_examples(ctx: Ctx) -> Figure:
                     draw_box(ax, a["bbox"], CLASS_COLORS[k % len(CLASS_COLORS)], lw=1.6)
                 else:
                     draw_box(ax, a["bbox"], "white", lw=0.7, ls="--")
-            ax.set_title(f"imagen {im['id']}", fontsize=6.5, pad=2)
+            ax.set_title(f"imagen {im['id']}", fontsize=8, pad=2)
         mark = " (crítica)" if k in ctx.critical_ids else ""
         axes[k, 0].set_ylabel(f"{cls(name)}{mark}", fontsize=8, fontweight="bold" if mark else None)
         if not having:

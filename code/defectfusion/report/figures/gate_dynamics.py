@@ -21,7 +21,7 @@ def gate_dynamics(ctx: Ctx) -> Figure:
     panels = [
         ("alpha", "(a) α − α₀ (compuerta)", True),
         ("tau", "(b) τ (temperatura)", False),
-        ("w_proj_norm", "(c) ‖W_proj‖ − ‖W_proj‖₀", True),
+        ("w_proj_norm", r"(c) $\Vert W_{\mathrm{proj}}\Vert - \Vert W_{\mathrm{proj}}\Vert_0$", True),
     ]
     for v in ctx.layout.variants:
         for k, s in enumerate(ctx.layout.seeds):
@@ -34,7 +34,7 @@ def gate_dynamics(ctx: Ctx) -> Figure:
                 label = (
                     name
                     if a0 is None or w0 is None
-                    else f"{name} (α₀ = {num(a0, '.3g')}, ‖W‖₀ = {num(w0, '.3g')})"
+                    else f"{name} (α₀ {num(a0, '.3g')}, ‖W‖₀ {num(w0, '.3g')})"
                 )
             for ax, (key, _, relative) in zip(axes[0], panels, strict=True):
                 pts = [(r["step"], r[key]) for r in steps if r.get(key) is not None]
@@ -61,5 +61,6 @@ def gate_dynamics(ctx: Ctx) -> Figure:
     if not handles:
         say(axes[0, 1], "la Fase 2 no registró ningún paso de entrenamiento")
     else:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(2, len(labels)))
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(2, len(labels)),
+                   columnspacing=1.2, handlelength=1.8)  # fmt: skip
     return fig

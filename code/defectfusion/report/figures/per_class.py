@@ -41,7 +41,7 @@ def per_class(ctx: Ctx) -> Figure:
             for p, v in zip(pos, vals, strict=True):
                 text = "n/d" if v is None else num(v)
                 ax.text(
-                    p, (v or 0) + 0.01, text, ha="center", va="bottom", fontsize=5.5, rotation=90
+                    p, (v or 0) + 0.01, text, ha="center", va="bottom", fontsize=8, rotation=90
                 )
         ax.set_xticks(
             x,
@@ -65,6 +65,6 @@ def per_class(ctx: Ctx) -> Figure:
         loc="outside lower center",
         ncol=2,
         title="† clase crítica",
-        title_fontsize=7,
+        title_fontsize=8,
     )
     return fig

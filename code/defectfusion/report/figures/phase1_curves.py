@@ -24,7 +24,7 @@ def phase1_curves(ctx: Ctx) -> Figure:
         h = S.read_jsonl(path)
         main = preset == ctx.layout.main
         color = model_color(preset, ctx.layout.main, ctx.layout.presets)
-        label = preset_label(preset, ctx.layout.main)
+        label = preset_label(ctx, preset, ctx.layout.main)
         epochs_plot(
             axes[0, 0], [h], "loss", color, label, DASHES[i % len(DASHES)], 1.8 if main else None
         )

@@ -123,9 +123,9 @@ def postmortem_forest(ctx: Any) -> Figure:
             ax.axvline(thesis, color=GREY, ls=(0, (4, 2)), lw=1.0, zorder=0)
             ax.annotate(
                 f" tesis: {num(thesis, '.3f')}", xy=(thesis, 0.02), xycoords=("data", "axes fraction"),
-                ha="left", va="bottom", fontsize=6.5, color=GREY,
+                ha="left", va="bottom", fontsize=8, color=GREY,
             )  # fmt: skip
-        ax.set_title(title, fontsize=7.5)
+        ax.set_title(title, fontsize=8)
         ax.set_xlabel("Δ mAP@[.50:.95]")
         ax.grid(axis="y", visible=False)
         ax.xaxis.set_major_locator(MaxNLocator(3))
@@ -138,7 +138,7 @@ def postmortem_forest(ctx: Any) -> Figure:
         f"Intervalos sobre imágenes y {n} semilla{'s' if n != 1 else ''} de la Fase 2;\n(a) y (c) "
         f"ajustados por {rule['n_hypotheses']} hipótesis (cada uno al "
         f"{num(rule['level_each'], '.2f')} %), (b) al 95 %. Relleno: excluye el 0",
-        fontsize=7.5,
+        fontsize=8,
     )
     return fig
 
@@ -177,7 +177,7 @@ def postmortem_mechanism(ctx: Any) -> Figure:
     ax_a.set_yticks(ys, [variant_name_es(v) for v in variants])
     ax_a.set_ylim(-0.7, len(variants) - 0.3)
     ax_a.set_xlabel("Δ mAP val.")
-    ax_a.set_title("(a) azul: época 0 − Fase 1;\nnaranja: época 1 − época 0", fontsize=7.5)
+    ax_a.set_title("(a) azul: época 0 − Fase 1;\nnaranja: época 1 − época 0", fontsize=8)
     ax_a.xaxis.set_major_locator(MaxNLocator(4))
     ax_a.ticklabel_format(axis="x", style="plain", useOffset=False)
     switches = ctx.values["pipeline"].get("variant_switches") or {}
@@ -202,7 +202,7 @@ def postmortem_mechanism(ctx: Any) -> Figure:
         ax_b.axhline(thesis, color=GREY, ls=(0, (4, 2)), lw=1.0)
         ax_b.axhline(0.0, color=PHASE1_COLOR, lw=0.8, zorder=0)
         ax_b.annotate(f"tesis: {num(thesis, '.3f')}", xy=(0.02, thesis), xycoords=("axes fraction", "data"),
-                      va="bottom", fontsize=6.5, color=GREY)  # fmt: skip
+                      va="bottom", fontsize=8, color=GREY)  # fmt: skip
         ax_b.set_xticks(xs, [variant_name_es(v) for v, _ in doses], rotation=30, ha="right")
         ax_b.set_ylabel("Δ mAP val. (− Fase 1)")
         ax_b.yaxis.set_major_locator(MaxNLocator(5))
@@ -210,12 +210,12 @@ def postmortem_mechanism(ctx: Any) -> Figure:
     else:
         ax_b.set_axis_off()
         ax_b.text(0.5, 0.5, "sin variantes de dosis en esta ejecución\n(perfil configs/mechanism.yaml)",
-                  ha="center", va="center", fontsize=7.5, transform=ax_b.transAxes)  # fmt: skip
+                  ha="center", va="center", fontsize=8, transform=ax_b.transAxes)  # fmt: skip
     ax_b.set_title(
         "(b) dosis del desajuste de la entrada;\nazul: época 0; rojo: época 1 (IC ajustado)",
-        fontsize=7.5,
+        fontsize=8,
     )
-    fig.suptitle("Relleno: el intervalo excluye el 0", fontsize=7.5)
+    fig.suptitle("Relleno: el intervalo excluye el 0", fontsize=8)
     return fig
 
 
@@ -250,7 +250,7 @@ def postmortem_drift(ctx: Any) -> Figure:
     data = {v: _deltas(layout, v, phase1) for v in variants}
     cols = min(4, len(variants))
     rows = -(-len(variants) // cols)
-    fig = Figure(figsize=(WIDTH, 0.4 + 1.55 * rows), layout="constrained")
+    fig = Figure(figsize=(WIDTH, 0.5 + 1.7 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
     lows = [np.nanmin(d) for _, d in data.values() if np.isfinite(d).any()]
     highs = [np.nanmax(d) for _, d in data.values() if np.isfinite(d).any()]
@@ -280,7 +280,7 @@ def postmortem_drift(ctx: Any) -> Figure:
         ax.axhline(0.0, color=PHASE1_COLOR, lw=0.7, zorder=0)
         if show_thesis:
             ax.plot([1], [thesis], marker="x", ms=6, color=PHASE1_COLOR, ls="none")
-        ax.set_title(textwrap.fill(variant_name_es(v), 24), fontsize=7.5)  # long names wrap
+        ax.set_title(textwrap.fill(variant_name_es(v), 20), fontsize=8)  # long names wrap
         ax.set_ylim(lo, hi)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
@@ -294,10 +294,13 @@ def postmortem_drift(ctx: Any) -> Figure:
     band = f"; banda: mínimo y máximo de {n} semillas" if n > 1 else ""
     where = "×" if show_thesis else f"fuera de escala, {num(thesis, '.3f')}"
     fig.suptitle(
-        f"Cambio respecto de la Fase 1 (época 0: antes de actualizar). Media de las "
-        f"semillas{band};\ndiscontinua gris: «{variant_name_es(adopted).lower()}»; la tesis en "
-        f"la época 1: {where}",
-        fontsize=7.5,
+        textwrap.fill(
+            f"Cambio respecto de la Fase 1 (época 0: antes de actualizar). Media de las "
+            f"semillas{band}; discontinua gris: «{variant_name_es(adopted).lower()}»; la tesis "
+            f"en la época 1: {where}",
+            100,  # at 8 pt, a line of the column's width
+        ),
+        fontsize=8,
     )
     return fig
 

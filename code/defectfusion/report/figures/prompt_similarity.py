@@ -34,7 +34,7 @@ def prompt_similarity(ctx: Ctx) -> Figure:
                 num(cos[i, j]),
                 ha="center",
                 va="center",
-                fontsize=6.5,
+                fontsize=8,
                 color="black" if bright or i == j else "white",
             )
     crit = {cls(c) for c in ctx.critical}
@@ -45,9 +45,9 @@ def prompt_similarity(ctx: Ctx) -> Figure:
             t.set_fontweight("bold")
     ax.set_title(
         f"Descripciones de las clases, {text_encoder_es(data.get('encoder', '?'))} "
-        f"(D_t = {data.get('dim', '?')})"
+        f"($D_t$ = {data.get('dim', '?')})"
         "\nclases críticas en negrita",
-        fontsize=7.5,
+        fontsize=8,
     )
     fig.colorbar(image, ax=ax, shrink=0.8, label="similitud coseno")
     return fig

@@ -114,11 +114,11 @@ def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
         if not cases[direction]:
             sub.suptitle(
                 f"{heading}:\nninguna imagen de prueba cumple el criterio",
-                fontsize=7.5,
+                fontsize=8,
                 fontweight="bold",
             )
             continue
-        sub.suptitle(heading, fontsize=7.5, fontweight="bold")
+        sub.suptitle(heading, fontsize=8, fontweight="bold")
         axes = sub.subplots(rows[direction], 2 * per_row, squeeze=False)
         for ax in axes.flat:
             no_ticks(ax)
@@ -156,10 +156,10 @@ def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
                         verdict = f"ve {cls(ctx.classes[d['category_id']])} ({num(d['score'])})"
                     else:
                         verdict = "no lo encuentra"
-                ax.set_title(f"{short[key]}: {verdict}", fontsize=6, pad=2)
+                ax.set_title(f"{short[key]}: {verdict}", fontsize=8, pad=2)
                 if col == 0:
                     ax.set_ylabel(
-                        f"imagen {im['id']}: {cls(ctx.classes[box['category_id']])}", fontsize=6
+                        f"imagen {im['id']}: {cls(ctx.classes[box['category_id']])}", fontsize=8
                     )
     from matplotlib.lines import Line2D
 
