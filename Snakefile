@@ -83,7 +83,7 @@ REPORT = Layout.from_config(config)
 # runs/phase1/MAIN (the config's seed) and MAIN_seedK; each Phase 2 seed fine-tunes the run
 # REPORT.phase1_run_of(seed). By default one run, MAIN.
 MAIN_RUNS = list(REPORT.main_runs)
-PHASE1_RUNS = PRESETS + [r for r in MAIN_RUNS if r not in PRESETS]
+PHASE1_RUNS = list(REPORT.phase1_runs)
 
 
 

@@ -93,6 +93,12 @@ class Layout:
         """The main preset's Phase 1 runs, one per Phase 1 seed (one by default: ``main``)."""
         return tuple(self.phase1_run(k) for k in self.phase1_seeds or (self.base_seed,))
 
+    @property
+    def phase1_runs(self) -> tuple[str, ...]:
+        """Every Phase 1 run: each preset at the config's seed, then the main preset's other
+        Phase 1 seeds."""
+        return tuple(dict.fromkeys([*self.presets, *self.main_runs]))
+
     def phase1_run(self, phase1_seed: int) -> str:
         """The folder name (under runs/phase1, results/phase1) of a main Phase 1 seed's run."""
         return self.main if phase1_seed == self.base_seed else f"{self.main}_seed{phase1_seed}"
@@ -219,8 +225,8 @@ class Layout:
         return [
             f"{b}/data.tsv",
             f"{b}/text_embed.tsv",
-            *(f"{b}/phase1_{p}.tsv" for p in dict.fromkeys([*self.presets, *self.main_runs])),
-            *(self.eval_benchmark(p) for p in dict.fromkeys([*self.presets, *self.main_runs])),
+            *(f"{b}/phase1_{p}.tsv" for p in self.phase1_runs),
+            *(self.eval_benchmark(p) for p in self.phase1_runs),
             *(f"{b}/phase2_{v}_seed{s}.tsv" for v, s in pairs),
             *(f"{b}/evaluate_phase2_{v}_seed{s}.tsv" for v, s in pairs),
             *(f"{b}/compare_{v}_seed{s}.tsv" for v, s in pairs),

@@ -239,18 +239,33 @@ def phase1_entry(
     }
 
 
-def eval_ms_per_image(layout: Layout, preset: str) -> float | None:
-    """Wall time of the evaluate job (start-up and model loading included) per test image,
-    from Snakemake's benchmark file; None without one."""
-    path = Path(layout.eval_benchmark(preset))
+def read_benchmark(path: Path) -> dict[str, float | None] | None:
+    """A Snakemake benchmark file (TSV, one job): its wall seconds ``s``, peak memory
+    ``max_rss`` (MiB) and ``cpu_time``; None without the file or its row, a value None when
+    the file lacks it."""
     if not path.is_file():
         return None
     lines = path.read_text(encoding="utf-8").splitlines()
     if len(lines) < 2:
         return None
-    seconds = float(dict(zip(lines[0].split("\t"), lines[1].split("\t"), strict=False))["s"])
+    row = dict(zip(lines[0].split("\t"), lines[1].split("\t"), strict=False))
+    out: dict[str, float | None] = {}
+    for key in ("s", "max_rss", "cpu_time"):
+        try:
+            out[key] = float(row[key])
+        except (KeyError, ValueError):
+            out[key] = None
+    return out
+
+
+def eval_ms_per_image(layout: Layout, preset: str) -> float | None:
+    """Wall time of the evaluate job (start-up and model loading included) per test image,
+    from Snakemake's benchmark file; None without one."""
+    bench = read_benchmark(Path(layout.eval_benchmark(preset)))
+    if bench is None or bench["s"] is None:
+        return None
     n = load_json(layout.phase1(preset, "test_metrics.json"))["n_images"]
-    return 1000.0 * seconds / max(1, n)
+    return 1000.0 * bench["s"] / max(1, n)
 
 
 # ---- Phase 2 ---------------------------------------------------------------------------------
@@ -536,6 +551,13 @@ SIGNIFICANT_METRICS = ("map", "critical_recall", "op_recall_critical")
 SIGNIFICANT_SETS = (("test", "best"), ("val", "epoch1"), ("val", "final"))
 
 
+def reported(contrast: dict[str, Any]) -> bool:
+    """Whether the book reports this contrast (`SIGNIFICANT_METRICS` x `SIGNIFICANT_SETS`)."""
+    return contrast["metric"] in SIGNIFICANT_METRICS and (
+        contrast["split"], contrast["which"]
+    ) in SIGNIFICANT_SETS
+
+
 def significant(pm: dict[str, Any]) -> list[dict[str, Any]]:
     """Every reported contrast (`SIGNIFICANT_METRICS` x `SIGNIFICANT_SETS`, each variant
     against Phase 1 and against the adopted recipe) whose interval excludes zero at the
@@ -547,11 +569,7 @@ def significant(pm: dict[str, Any]) -> list[dict[str, Any]]:
     level = float(pm["rule"]["level_each"])
     out = []
     for c in pm["contrasts"]:
-        if c["metric"] not in SIGNIFICANT_METRICS or (c["split"], c["which"]) not in (
-            SIGNIFICANT_SETS
-        ):
-            continue
-        if c.get("se") is None or c.get("diff") is None:
+        if not reported(c) or c.get("se") is None or c.get("diff") is None:
             continue
         lo, hi = seed_t_interval(c["diff"], c, level)
         if lo is None or hi is None or not (lo > 0 or hi < 0):  # a zero-width [0, 0] is not
@@ -570,14 +588,9 @@ def end_to_end_seconds(layout: Layout) -> float | None:
     jobs = []
     for name in layout.stage_benchmarks():
         path = Path(name)
-        if not path.is_file():
-            continue
-        lines = path.read_text(encoding="utf-8").splitlines()
-        try:
-            wall = float(dict(zip(lines[0].split("\t"), lines[-1].split("\t"), strict=False))["s"])
-        except (IndexError, KeyError, ValueError):
-            continue
-        jobs.append((path.name, wall, path.stat().st_mtime))
+        bench = read_benchmark(path)
+        if bench is not None and bench["s"] is not None:
+            jobs.append((path.name, bench["s"], path.stat().st_mtime))
     if not jobs:
         return None
     span = max(e for _, _, e in jobs) - min(e - w for _, w, e in jobs)
@@ -656,13 +669,10 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             "operating_point": pm["operating_point"],
             "hypotheses": (hypotheses := [v for v in pm["variants"] if v != pm["adopted"]]),
             "n_hypotheses": len(hypotheses),
-            # the conclusions' list (report.tables.significant_table): how many, and whether
-            # the adopted recipe's own operating-point recall is among them
+            # the conclusions' list (report.tables.significant_table): how many of how many
+            # reported, and whether there is any
             "n_significant": len(sig := significant(pm)),
-            "n_reported": sum(
-                c["metric"] in SIGNIFICANT_METRICS and (c["split"], c["which"]) in SIGNIFICANT_SETS
-                for c in pm["contrasts"]
-            ),
+            "n_reported": sum(reported(c) for c in pm["contrasts"]),
             "any_significant": bool(sig),
             "outcome": {
                 **pm["outcome"],

@@ -1045,22 +1045,6 @@ def prompts_table(values: dict[str, Any], layout: Layout) -> Table:
 # ---- the appendix: runtime per stage and the environment --------------------------------------
 
 
-def _benchmark(path: Path) -> dict[str, float] | None:
-    if not path.is_file():
-        return None
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if len(lines) < 2:
-        return None
-    row = dict(zip(lines[0].split("\t"), lines[1].split("\t"), strict=False))
-    out = {}
-    for key in ("s", "max_rss", "cpu_time"):
-        try:
-            out[key] = float(row[key])
-        except (KeyError, ValueError):
-            out[key] = None
-    return out
-
-
 def runtime_table(values: dict[str, Any], layout: Layout) -> Table:
     """Each stage's wall time and peak memory; the per-seed jobs of a Phase 2 variant summed
     into one row (their seeds' count beside it), so the table fits a page or two; and the
@@ -1095,7 +1079,7 @@ def runtime_table(values: dict[str, Any], layout: Layout) -> Table:
     rows = []
     total = 0.0
     for es, en, paths, epochs in stages:
-        benches = [_benchmark(Path(path)) for path in paths]
+        benches = [S.read_benchmark(Path(path)) for path in paths]
         known = [x for x in benches if x]
         seconds = sum(x["s"] or 0.0 for x in known) if known else None
         rss = [x["max_rss"] for x in known if x["max_rss"] is not None]
