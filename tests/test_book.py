@@ -643,3 +643,25 @@ def test_the_book_builds_without_the_optional_controls(tmp_path: Path) -> None:
     site = build(tmp_path, summary, fill=False).parent
     assert "no se midió" in _text(site / "conclusiones.html")
     assert "no se juzga aquí" in _text(site / "resultados.html")
+
+
+def test_display_math_keeps_the_cases_brace_and_full_size_fractions() -> None:
+    """The PDF draws math with mathtext, which has no environments: a `cases` equation must
+    still print its brace and its rows in two columns, and a display fraction at text size."""
+    from defectfusion.report.book import _math_svg
+
+    tex = r"\begin{split}L = \begin{cases} a & y = 1,\\ b & y = 0, \end{cases}\end{split}"
+    html = _math_svg(tex, 11, display=True)
+    assert html is not None and '<table class="cases">' in html
+    assert html.count("<tr>") == 2 and html.count("<td>") == 4
+    assert "\\begin" not in html
+
+    def height(svg_html: str) -> float:
+        import base64
+        import re
+
+        data = base64.b64decode(re.search(r"base64,([^\"]+)", svg_html).group(1)).decode()
+        return float(re.search(r'height="([\d.]+)pt"', data).group(1))
+
+    frac = r"\frac{a}{b}"
+    assert height(_math_svg(frac, 11, display=True)) > 1.2 * height(_math_svg(frac, 11))

@@ -113,6 +113,9 @@ th, td { padding: 2pt 4pt; border-bottom: 0.5pt solid #bbb; }
 caption, figcaption { font-size: 8.5pt; text-align: left; }
 abbr { text-decoration: none; }
 .math-svg { vertical-align: middle; }
+.cases-eq > * { vertical-align: middle; }
+table.cases { display: inline-table; margin: 0; font-size: inherit; }
+table.cases td { border: none; padding: 1pt 6pt 1pt 0; text-align: left; }
 div.math { text-align: center; margin: 6pt 0; }
 .eqno { float: right; }
 pre { font-size: 8pt; white-space: pre-wrap; }
@@ -139,34 +142,73 @@ _MATH_FIXES = (
     (r"\\ge(?![a-zA-Z])", r"\\geq"),
     (r"\\;", r"\\ "),
     (r"\\!", ""),
-    # environments (the book has `cases` only) become lines; a column break, a space
-    (r"\\begin\{[a-z]+\*?\}|\\end\{[a-z]+\*?\}", ""),
-    (r"&", r"\\quad "),
 )
 
 
-def _math_svg(tex: str, size: float) -> str | None:
-    """`tex` drawn by matplotlib's mathtext, as an inline <img>; None if mathtext can't."""
+def _mathtext_img(tex: str, size: float) -> str | None:
+    """One line of `tex` drawn by matplotlib's mathtext, as an inline <img>; None if it can't."""
     import base64
     import io
-    import re
 
     from matplotlib.font_manager import FontProperties
     from matplotlib.mathtext import math_to_image
 
+    buf = io.BytesIO()
+    try:
+        math_to_image(f"${tex}$", buf, prop=FontProperties(size=size), format="svg")
+    except Exception:  # noqa: BLE001 - what mathtext does not know stays TeX
+        return None
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img class="math-svg" alt="" src="data:image/svg+xml;base64,{data}"/>'
+
+
+def _cases_html(lhs: str, rows: list[str], rhs: str, size: float) -> str | None:
+    """``lhs \\begin{cases} a & b \\\\ c & d \\end{cases} rhs`` as what TeX prints: the left
+    side, one brace as tall as the rows, and the rows in two aligned columns. mathtext has no
+    environments, so the brace is mathtext's own ``\\left\\{`` around an invisible stack of
+    the rows' height, and the columns are an HTML table."""
+    stack = r"\phantom{(}"
+    for _ in rows[1:]:
+        stack = r"\genfrac{}{}{0}{0}{\phantom{(}}{" + stack + "}"
+    parts = [_mathtext_img(lhs, size) if lhs.strip() else ""]
+    parts.append(_mathtext_img(r"\left\{" + stack + r"\right.", size))
+    cells = []
+    for row in rows:
+        expr, _, cond = row.partition("&")
+        e, c = _mathtext_img(expr.strip(), size), _mathtext_img(cond.strip() or r"\ ", size)
+        if e is None or c is None:
+            return None
+        cells.append(f"<tr><td>{e}</td><td>{c}</td></tr>")
+    parts.append(f'<table class="cases">{"".join(cells)}</table>')
+    if rhs.strip():
+        parts.append(_mathtext_img(rhs, size))
+    if any(p is None for p in parts):
+        return None
+    return f'<span class="cases-eq">{"".join(parts)}</span>'
+
+
+def _math_svg(tex: str, size: float, display: bool = False) -> str | None:
+    """`tex` drawn by matplotlib's mathtext, as inline <img>s; None if mathtext can't.
+    Display math keeps TeX's display style: full-size fractions, and `cases` with its brace."""
+    import re
+
     for pattern, repl in _MATH_FIXES:
         tex = re.sub(pattern, repl, tex)
+    if display:
+        tex = re.sub(r"\\frac(?![a-zA-Z])", r"\\dfrac", tex)
+    # Sphinx wraps display math in `split`; it, like `aligned`, becomes its lines
+    tex = re.sub(r"\\(begin|end)\{(split|aligned|align)\*?\}", "", tex)
+    cases = re.fullmatch(r"(.*?)\\begin\{cases\}(.*?)\\end\{cases\}(.*)", tex, flags=re.S)
+    if cases:
+        lhs, body, rhs = (" ".join(g.split()) for g in cases.groups())
+        rows = [r for r in re.split(r"\\\\", body) if r.strip()]
+        return _cases_html(lhs, rows, rhs, size)
+    tex = tex.replace("&", r"\quad ")  # a column break: a space
     lines = [" ".join(t.split()) for t in re.split(r"\\\\", tex) if t.strip()]
-    imgs = []
-    for line in lines:
-        buf = io.BytesIO()
-        try:
-            math_to_image(f"${line}$", buf, prop=FontProperties(size=size), format="svg")
-        except Exception:  # noqa: BLE001 - what mathtext does not know stays TeX
-            return None
-        data = base64.b64encode(buf.getvalue()).decode()
-        imgs.append(f'<img class="math-svg" alt="" src="data:image/svg+xml;base64,{data}"/>')
-    return "<br/>".join(imgs)
+    imgs = [_mathtext_img(line, size) for line in lines]
+    if any(i is None for i in imgs):
+        return None
+    return "<br/>".join(imgs)  # type: ignore[arg-type]
 
 
 def _typeset_math(html: str) -> str:
@@ -175,7 +217,7 @@ def _typeset_math(html: str) -> str:
     import re
 
     def display(m: re.Match) -> str:
-        svg = _math_svg(html_lib.unescape(m.group(1)), 11)
+        svg = _math_svg(html_lib.unescape(m.group(1)), 11, display=True)
         return svg if svg else f"<code>{m.group(1)}</code>"
 
     def inline(m: re.Match) -> str:
