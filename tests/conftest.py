@@ -106,7 +106,7 @@ def tiny_run(tiny_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = (  # fmt: skip
-    "Snakefile", "params.yaml", "configs", "profiles", "prompts", "code", "thesis", "report",
+    "Snakefile", "rules", "params.yaml", "configs", "profiles", "prompts", "code", "thesis", "report",
     "requirements.lock",
 )
 MICRO = ["--configfile", "configs/micro.yaml"]

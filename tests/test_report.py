@@ -18,7 +18,7 @@ import pytest
 from conftest import run_snakemake
 from defectfusion.cli import main
 from defectfusion.errors import UserError
-from defectfusion.report import FIGURES, TABLES, Layout
+from defectfusion.report import FIGURES, TABLES, Layout, inputs_of
 from defectfusion.report import provenance as prov
 
 SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -343,16 +343,16 @@ def test_layout_names_every_output_and_refuses_unknown_ones() -> None:
     assert layout.adopted == ("zero_start", 0)
     for kind, names in (("tables", TABLES), ("figures", FIGURES), ("summary", ("summary",))):
         for name in names:
-            files = layout.inputs(kind, name)
+            files = inputs_of(layout, kind, name)
             assert files == sorted(set(files)) and files
             assert all(
                 f.startswith(("results/", "data/d/"))
                 or f in ("thesis/thesis_figures.yaml", "thesis/deimv2_recipe.yaml", "requirements.lock")
                 for f in files
             ), (name, files)
-    assert "results/phase2/naive/seed1/steps.jsonl" in layout.inputs("figures", "gate_dynamics")
+    assert "results/phase2/naive/seed1/steps.jsonl" in inputs_of(layout, "figures", "gate_dynamics")
     with pytest.raises(KeyError):
-        layout.inputs("figures", "nope")
+        inputs_of(layout, "figures", "nope")
 
 
 def test_summary_helpers() -> None:

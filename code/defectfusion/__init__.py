@@ -11,7 +11,8 @@ if _typing.TYPE_CHECKING:  # torch is imported lazily, by `load`
 
     from defectfusion.predict import Detector
 
-__version__ = "0.1.0"
+from defectfusion.version import __version__
+
 __all__ = ["__version__", "load"]
 
 

@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from defectfusion import __version__
 from defectfusion.errors import UserError
 from defectfusion.fsutil import os_error_message
+from defectfusion.version import __version__
 
 Handler = Callable[[argparse.Namespace], int | None]
 

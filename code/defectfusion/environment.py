@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import platform
 import re
+import subprocess
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -156,3 +158,29 @@ def lock_problems(pyproject: str | Path, lock: str | Path) -> list[str]:
                 f"{req.name}: locked at {pins[name]}, pyproject.toml asks {req.specifier}"
             )
     return problems
+
+
+@cache
+def git_commit() -> str | None:
+    """The commit of the checkout the running code comes from, ``-dirty`` if tracked files
+    changed; None when it is not a git checkout (an installed package) or git is missing."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            # --no-optional-locks: `status` must not rewrite the index of a shared checkout.
+            out = subprocess.run(
+                ["git", "--no-optional-locks", "-C", str(here), *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return f"{sha}-dirty" if status else sha

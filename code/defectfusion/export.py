@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectfusion import __version__
 from defectfusion.errors import MAX_CLASSES, MAX_IMAGE_SIZE, UserError, is_int, is_number
 from defectfusion.fsutil import atomic_write_json, atomic_write_text, staged_dir, swap_dir
+from defectfusion.version import __version__
 
 FORMATS = ("hf", "onnx")
 FORMAT_HF = "defectfusion-hf-v1"

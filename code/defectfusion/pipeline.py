@@ -73,6 +73,96 @@ def weights_problem(key: str, weights: str | None, names_ok: bool = False) -> st
     return None
 
 
+def preflight_problem(config: dict[str, Any]) -> str | None:
+    """What this run's config needs and this machine lacks (None when nothing): the
+    Snakefile checks it before any work, so a run never stops halfway for a missing dataset,
+    GPU or weights."""
+    from defectfusion.config import phase1_seeds_problem
+
+    if problem := phase1_seeds_problem(config):
+        return problem
+    p = config["pipeline"]
+    d = p["dataset"]
+    if d["kind"] in ("neu", "coco") and not (d.get("src") and Path(d["src"]).exists()):
+        return (
+            f"profile needs pipeline.dataset.src (the {d['kind']} images folder); got "
+            f"{d.get('src')!r}. Set it in the profile or with "
+            "--config 'pipeline={\"dataset\": {\"src\": \"DIR\"}}'"
+        )
+    if d["kind"] == "coco" and not (d.get("annotations") and Path(d["annotations"]).is_file()):
+        return (
+            "profile needs pipeline.dataset.annotations (a COCO JSON); got "
+            f"{d.get('annotations')!r}"
+        )
+    for problem in (
+        weights_problem("model.weights", config["model"].get("weights")),
+        weights_problem("text.weights", config["text"].get("weights"), names_ok=True),
+        # each preset's own weights (a CNN baseline's backbone; timm names allowed)
+        *(
+            weights_problem(
+                f"pipeline.preset_overrides.{name}.model.weights", o["model.weights"], True
+            )
+            for name, o in p["preset_overrides"].items()
+            if name in p["presets"] and isinstance(o, dict) and "model.weights" in o
+        ),
+    ):
+        if problem:
+            return problem
+    if (
+        p["requires_gpu"]
+        and shutil.which("nvidia-smi") is None
+        and not os.environ.get("DEFECTFUSION_ALLOW_CPU")
+    ):
+        return (
+            "this profile trains on a GPU and none is visible (nvidia-smi not found); run it "
+            "on a GPU machine (profiles/slurm for a cluster) or set DEFECTFUSION_ALLOW_CPU=1"
+        )
+    return None
+
+
+# ---- what the Snakefile hands its jobs -------------------------------------------------------
+
+
+def typed_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config checked once, every section typed (config.py): a bad key or value
+    stops the run before anything reads it, in one line naming it (a UserError). Snakemake's
+    `--config` hands values inside a mapping over as text ('false', '3'): those take their
+    typed value here, so the workflow and its jobs read the same thing."""
+    from defectfusion.config import checked_config, with_typed_text
+
+    cfg = checked_config(config, "the run's config (params.yaml, --configfile, --config)")
+    return with_typed_text(config, cfg.to_dict())
+
+
+def resolved_config_file(values: dict[str, Any]) -> str:
+    """The config Snakemake resolved (params.yaml, every --configfile, every --config),
+    written once under .snakemake/ and named by its content: every job reads exactly what
+    Snakemake was told, and jobs of two different runs never share a file."""
+    import hashlib
+    import json
+
+    from defectfusion.fsutil import atomic_write_text
+
+    text = json.dumps(values, sort_keys=True, indent=1)  # JSON is YAML: the CLI reads it
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = Path(".snakemake/defectfusion") / f"config-{digest}.yaml"
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return str(path)
+
+
+def canonical(value: Any) -> Any:
+    """A param as Snakemake should compare it: dict keys sorted, recursively. Snakemake
+    records a param's repr, so the same values in another key order (params.yaml after
+    `pipeline use-profile` merged an overlay into it) would count as a change and rerun
+    everything."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
 # ---- Snakemake -> DVC ----------------------------------------------------------------------
 
 

@@ -109,16 +109,16 @@ from defectfusion.bootstrap import (
     verdict,
 )
 from defectfusion.config import PostmortemSection
-from defectfusion.data.coco import load_json
+from defectfusion.data.coco import load_json, read_jsonl
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json, os_error_message
-from defectfusion.metrics import check_critical, check_results
-from defectfusion.report import (
+from defectfusion.layout import (
     ADOPTED_VARIANT,
     PHASE1_PREDICTIONS,
     PHASE2_PREDICTIONS,
     Layout,
 )
+from defectfusion.metrics import check_critical, check_results
 
 SPLITS = ("val", "test")
 WHICH = ("best", "epoch1", "final")
@@ -196,8 +196,6 @@ def _load(path: str, gt: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _history(path: str) -> list[dict[str, Any]]:
-    from defectfusion.report.summary import read_jsonl
-
     return read_jsonl(path)
 
 

@@ -76,6 +76,19 @@ def parse_json(text: str, where: str | Path) -> Any:
     return data
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """A JSON-lines file (a training history, its steps): one parsed row per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        rows.append(parse_json(line, f"{path}: line {i}"))  # depth-capped, one line on error
+    return rows
+
+
 def json_depth(obj: Any, limit: int) -> int:
     """Nesting depth of lists/dicts in `obj`, counted without recursion; stops past `limit`."""
     deepest = 0

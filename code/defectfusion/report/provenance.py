@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Iterable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
+from defectfusion.environment import git_commit  # noqa: F401 (re-exported: prov.git_commit)
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json, sha256_file  # noqa: F401 (re-exported: prov.sha256_file)
 
@@ -36,32 +35,6 @@ def sha256_json(obj: Any) -> str:
     """Hash of a JSON-able object, independent of key order."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-@cache
-def git_commit() -> str | None:
-    """The commit of the checkout the running code comes from, ``-dirty`` if tracked files
-    changed; None when it is not a git checkout (an installed package) or git is missing."""
-    here = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            # --no-optional-locks: `status` must not rewrite the index of a shared checkout.
-            out = subprocess.run(
-                ["git", "--no-optional-locks", "-C", str(here), *args],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
-    if not sha:
-        return None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return f"{sha}-dirty" if status else sha
 
 
 def params_subset(values: dict[str, Any], sections: Iterable[str]) -> dict[str, Any]:

@@ -97,7 +97,12 @@ from pathlib import Path
 from typing import Any
 
 from defectfusion.config import TrainSection
-from defectfusion.data.coco import category_names, load_json, parse_json
+from defectfusion.data.coco import (  # noqa: F401 (read_jsonl re-exported: S.read_jsonl)
+    category_names,
+    load_json,
+    parse_json,
+    read_jsonl,
+)
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write_json
 from defectfusion.report import (
@@ -105,6 +110,7 @@ from defectfusion.report import (
     PARAM_SECTIONS,
     SPLIT_NAMES,
     Layout,
+    inputs_of,
     number_es,
     preset_setting,
     variant_name_es,
@@ -116,18 +122,6 @@ TEST_KEYS = ("map", "map50", "map75", "critical_recall", "critical_recall50", "c
 
 
 # ---- readers ---------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        rows.append(parse_json(line, f"{path}: line {i}"))  # depth-capped, one line on error
-    return rows
 
 
 def best_row(history: list[dict[str, Any]], where: str = "history") -> dict[str, Any]:
@@ -395,7 +389,7 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "run": {
             "commit": prov.git_commit(),
             "params_sha256": prov.sha256_json(values),
-            "date": results_date(layout.inputs("summary", "summary")),
+            "date": results_date(inputs_of(layout, "summary", "summary")),
             "machine": machine(),
             "profile": profile_name(values),
         },
@@ -706,7 +700,7 @@ def write_summary(
 ) -> dict[str, Any]:
     """Write `out` and its provenance sidecar (under `results`/provenance)."""
     layout = Layout.from_config(values, results)
-    inputs = layout.inputs("summary", "summary")
+    inputs = inputs_of(layout, "summary", "summary")
     record = prov.make_record(
         "summary/summary", rule, prov.params_subset(values, PARAM_SECTIONS), inputs
     )

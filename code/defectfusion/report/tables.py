@@ -43,6 +43,8 @@ from defectfusion.report import (
     backbone_name_es,
     chosen,
     class_name_es,
+    inputs_of,
+    optional_inputs_of,
     preset_setting,
     text_encoder_es,
     variant_name_es,
@@ -1211,8 +1213,8 @@ def write_tables(
             f"tables/{name}",
             rule,
             params,
-            layout.inputs("tables", name),
-            layout.optional_inputs("tables", name),
+            inputs_of(layout, "tables", name),
+            optional_inputs_of(layout, "tables", name),
         )
         texts = render(BUILDERS[name](values, layout), record)
         paths = [atomic_write_text(Path(out) / f"{name}.{ext}", t) for ext, t in texts.items()]

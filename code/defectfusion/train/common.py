@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectfusion import __version__
 from defectfusion.config import Config
 from defectfusion.data import coco
 from defectfusion.models import backbone_module, count_parameters, norm_for
+from defectfusion.version import __version__
 
 
 def param_groups(

@@ -48,9 +48,9 @@ from defectfusion.checkpoint import (
     state_problem,
 )
 from defectfusion.config import Config, TrainSection, safe_name
+from defectfusion.environment import git_commit
 from defectfusion.errors import UserError, is_int
 from defectfusion.fsutil import atomic_write_text
-from defectfusion.report.provenance import git_commit
 from defectfusion.train.schedule import ema_decay_at, lr_lambda, plateau_gain
 
 

@@ -44,6 +44,7 @@ from defectfusion.report import (
     backbone_name_es,
     chosen,
     class_name_es,
+    inputs_of,
     model_color,
     number_es,
     output,
@@ -343,7 +344,7 @@ def write_figures(
         style = styles.get(name, {})
         fig_params = {**params, "figure_style": {name: style}} if style else params
         record = prov.make_record(
-            f"figures/{name}", rule, fig_params, layout.inputs("figures", name)
+            f"figures/{name}", rule, fig_params, inputs_of(layout, "figures", name)
         )
         with matplotlib.rc_context({**STYLE, **style}):
             fig = draw_function(name)(ctx)
