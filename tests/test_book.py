@@ -67,6 +67,8 @@ def fake_summary() -> dict:
             "best_epoch": 2,
             "val_map_by_epoch": [SENTINEL_EPOCH0, 0.6, 0.59],
             "alpha_final": 0.00042,
+            "alpha_by_seed_es": "+0.0004",
+            "alpha_signs_agree": True,
             "tau_final": 0.0701,
             "diff_map": -0.012,
             "ci_map": [-0.03, -0.004],

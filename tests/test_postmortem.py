@@ -478,24 +478,33 @@ def test_the_postmortem_page_says_what_the_numbers_say(tmp_path: Path) -> None:
 
     from test_book import build, fake_summary
 
-    def page(drop: tuple[str, ...], where: str) -> str:
+    def page(drop: tuple[str, ...], where: str, late: dict[str, Any] | None = None) -> str:
         s = fake_summary()
         for v in ALL_VARIANTS:  # the variants the page names
             s["phase2"].setdefault(v, copy.deepcopy(s["phase2"]["zero_start"]))
-        index = build(tmp_path / where, fake_postmortem_keys(s, drop))
+        s = fake_postmortem_keys(s, drop)
+        if late is not None:
+            s["postmortem"]["late"] = late
+        index = build(tmp_path / where, s)
         html = (index.parent / "postmortem.html").read_text(encoding="utf-8")
         return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", html))
 
     calm = page((), "calm")
-    assert "No hay caída que explicar en este escenario" in calm
+    assert "No se reproduce la caída de la época 1" in calm
+    assert "Más tarde, una deriva pequeña" not in calm  # nothing falls by the last epoch
     assert "la causa sigue abierta" in calm
     assert "Un mecanismo reproduce" not in calm
     assert "esta hipótesis no mueve la mAP a efectos prácticos" in calm
     assert "reproduce la caída de la tesis: en validación" not in calm
     dropped = page(("raw_start",), "drop")
     assert "Un mecanismo reproduce, en esta ejecución, una caída del tamaño" in dropped
-    assert "No hay caída que explicar" not in dropped
+    assert "No se reproduce la caída de la época 1" not in dropped
     assert "esta hipótesis reproduce la caída de la tesis: en validación" in dropped
+    # a fall by the last epoch, which the epoch-1 rule does not judge, is still reported
+    late = {"any": True, "n": 1, "variants": ["zero_start"], "adopted": True,
+            "sized": ["Arranque en cero (mAP −0.0100)"]}  # fmt: skip
+    later = page((), "late", late)
+    assert "Más tarde, una deriva pequeña" in later and "Arranque en cero (mAP −0.0100)" in later
 
 
 def test_the_figures_draw_from_the_results(

@@ -152,7 +152,7 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     p2_keys = {
         "seeds", "n_seeds", "map", "map50", "critical_recall", "critical_recall50", "composite",
         "max_correction", "epoch0_val_map", "epoch1_val_map", "best_epoch", "val_map_by_epoch", "alpha_final",
-        "tau_final", "diff_map", "ci_map", "diff_critical_recall", "ci_critical_recall",
+        "tau_final", "alpha_by_seed_es", "alpha_signs_agree", "diff_map", "ci_map", "diff_critical_recall", "ci_critical_recall",
         "frac_b_gt_a_map", "drift", "verdict", "operating_point", "mechanism",
         "trainable_parameters",
     }  # fmt: skip
@@ -512,3 +512,37 @@ def test_the_gpu_profiles_follow_deimv2(profile: str | None) -> None:
     main = values["model"]["preset"]
     values["pipeline"]["preset_overrides"] = {main: {"phase1.backbone_lr_mult": 0.123}}
     assert {r["item"]: r for r in recipe_rows(values)}["backbone_lr_mult"]["run"] == "0.123"
+
+
+def test_the_gate_is_read_seed_by_seed() -> None:
+    """Seeds whose gates open in opposite senses must not read as one small positive gate:
+    the book prints each seed, says the signs disagree, and bounds the correction by the seed
+    that opened most (their mean hid all three)."""
+    from defectfusion.report.summary import _gate_by_seed
+
+    runs = [{"last": {"alpha": a, "tau": 0.07}} for a in (0.016, 0.016, -0.016)]
+    g = _gate_by_seed(runs)
+    assert g["alpha_by_seed_es"] == "+0.0160, +0.0160 y \u22120.0160"
+    assert g["alpha_signs_agree"] is False
+    assert g["max_correction"] == pytest.approx(0.016 / 0.07)
+    assert _gate_by_seed(runs[:2])["alpha_signs_agree"] is True
+
+
+def test_a_fall_by_the_last_epoch_is_reported_beside_the_epoch1_verdict() -> None:
+    from defectfusion.report.summary import _late_drift
+
+    def c(b: str, metric: str, which: str, diff: float) -> dict:
+        return {"a": "phase1", "b": b, "metric": metric, "split": "val", "which": which,
+                "diff": diff}  # fmt: skip
+
+    sig = [
+        c("zero_start", "critical_recall", "final", -0.0054),
+        c("thesis_replica", "map", "final", -0.0145),
+        c("clip_norm", "critical_recall", "epoch1", -0.0166),  # epoch 1: the verdict's
+    ]
+    late = _late_drift(sig, "zero_start")
+    assert late["variants"] == ["zero_start", "thesis_replica"] and late["adopted"]
+    assert late["sized"][1] == "Réplica de la tesis (mAP \u22120.0145)"
+    assert _late_drift(sig[2:], "zero_start") == {
+        "any": False, "n": 0, "variants": [], "sized": [], "adopted": False,
+    }  # fmt: skip

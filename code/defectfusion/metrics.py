@@ -458,3 +458,63 @@ def row_normalized(confusion: dict[str, Any]) -> np.ndarray:
     sums = m.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(sums > 0, m / sums, np.nan)
+
+
+# ---- the qualitative cases (figure `qualitative`, counted in summary.json) ----------------
+
+
+def _best_match(
+    dets: list[dict[str, Any]], box: dict[str, Any], iou_min: float = 0.5
+) -> float | None:
+    """The best score among same-class detections overlapping `box` at IoU >= iou_min."""
+    same = [d for d in dets if d["category_id"] == box["category_id"]]
+    if not same:
+        return None
+    ious = box_iou(same, [box])[:, 0]
+    scores = [d["score"] for d, i in zip(same, ious, strict=True) if i >= iou_min]
+    return max(scores) if scores else None
+
+
+def qualitative_cases(
+    gt: dict[str, Any],
+    preds_a: list[dict[str, Any]],
+    preds_b: list[dict[str, Any]],
+    critical: Sequence[int],
+    score_threshold: float,
+    top: int | None = 4,
+) -> dict[str, list[dict[str, Any]]]:
+    """The critical boxes one model finds and the other does not, ``{"b_not_a": [...],
+    "a_not_b": [...]}``, the best `top` images of each direction: a model *finds* a box when
+    a same-class detection with score >= `score_threshold` overlaps it at IoU >= 0.5; a
+    case's gap is the finder's score minus the other's best same-class score there (0 if
+    none); per image the largest gap counts. The ``qualitative`` figure draws them, the
+    summary counts them (``top=None``: all)."""
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in gt["annotations"]:
+        if ann["category_id"] in critical and not ann.get("iscrowd", 0):
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    dets = {"a": {}, "b": {}}
+    for key, preds in (("a", preds_a), ("b", preds_b)):
+        for d in preds:
+            dets[key].setdefault(d["image_id"], []).append(d)
+    cases: dict[str, list[dict[str, Any]]] = {"b_not_a": [], "a_not_b": []}
+    for image_id in sorted(by_image):
+        best: dict[str, dict[str, Any]] = {}
+        for box in by_image[image_id]:
+            sa = _best_match(dets["a"].get(image_id, []), box)
+            sb = _best_match(dets["b"].get(image_id, []), box)
+            found_a = sa is not None and sa >= score_threshold
+            found_b = sb is not None and sb >= score_threshold
+            if found_a == found_b:
+                continue
+            direction = "b_not_a" if found_b else "a_not_b"
+            gap = (sb if found_b else sa) - ((sa if found_b else sb) or 0.0)
+            case = {"image_id": image_id, "box": box, "gap": gap, "score_a": sa, "score_b": sb}
+            if direction not in best or gap > best[direction]["gap"]:
+                best[direction] = case
+        for direction, case in best.items():
+            cases[direction].append(case)
+    for direction in cases:
+        cases[direction].sort(key=lambda c: (-c["gap"], c["image_id"]))
+        cases[direction] = cases[direction][:top] if top is not None else cases[direction]
+    return cases

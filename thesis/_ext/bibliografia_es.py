@@ -42,7 +42,7 @@ VOLUME_END = re.compile(r"\bvol\.\s*$")
 AUTHORS = [(re.compile(r",? and "), " y "), (re.compile(r"\bothers\b"), "otros")]
 WORDS = [
     (re.compile(r"(?:(?<=\. )|^)In\b"), "En"),
-    (re.compile(r"\bpages\b"), "págs."),
+    (re.compile(r"\bpages\s"), ""),  # page ranges print bare, as in the other entries
     (re.compile(r"\bvolume(\s)(\S+) of\b"), r"vol.\1\2 de"),
     (re.compile(r"\b[Vv]olume\b"), "vol."),
     (re.compile(r"\beditors\b"), "eds."),
@@ -75,6 +75,19 @@ def _translate(app: Sphinx, doctree: nodes.document, docname: str) -> None:
             previous = (previous + new)[-40:]
             if new != old:
                 text.parent.replace(text, nodes.Text(new))
+        _year_after_comma(citation)
+
+
+# pybtex's plain style ends an entry without a publisher with "pages. 2015.": the year joins
+# the rest with a comma, as it does after a publisher ("Springer, 2020.").
+YEAR = re.compile(r"^\s*(?:\d{4}[a-z]?|s\.\s?f\.)\.?\s*$")
+
+
+def _year_after_comma(citation: nodes.citation) -> None:
+    texts = [t for t in citation.findall(nodes.Text) if not isinstance(t.parent, nodes.label)]
+    for before, year in zip(texts, texts[1:], strict=False):
+        if YEAR.match(str(year)) and str(before).endswith(". "):
+            before.parent.replace(before, nodes.Text(str(before)[:-2] + ", "))
 
 
 def setup(app: Sphinx) -> dict[str, Any]:

@@ -113,6 +113,7 @@ th, td { padding: 2pt 4pt; border-bottom: 0.5pt solid #bbb; }
 caption, figcaption { font-size: 8.5pt; text-align: left; }
 abbr { text-decoration: none; }
 .math-svg { vertical-align: middle; }
+.nobr { white-space: nowrap; }
 .cases-eq > * { vertical-align: middle; }
 table.cases { display: inline-table; margin: 0; font-size: inherit; }
 table.cases td { border: none; padding: 1pt 6pt 1pt 0; text-align: left; }
@@ -278,11 +279,22 @@ def front_matter(title: str, subtitle: str, articles: list[str]) -> str:
         for sid, level, text in heads
     )
 
+    def short(caption: str) -> str:
+        """A caption's first sentence, cut at a word (never inside its math) past 140
+        characters."""
+        first = _strip_tags(caption).split(". ")[0]
+        if len(first) <= 140:
+            return first
+        cut = first[:140].rsplit(" ", 1)[0]
+        if cut.count("\\(") > cut.count("\\)"):  # an inline formula would be cut open
+            cut = cut[: cut.rfind("\\(")].rstrip()
+        return cut.rstrip(",;:") + "…"
+
     def listed(pattern: str) -> str:
         items = re.findall(pattern, joined, re.S)
         return "".join(
             f'<li><a href="#{fid}">{html_lib.escape(_strip_tags(num))} '
-            f"{html_lib.escape(_strip_tags(text).split('. ')[0][:140])}</a></li>"
+            f"{html_lib.escape(short(text))}</a></li>"
             for fid, num, text in items
         )
 
@@ -300,6 +312,19 @@ def front_matter(title: str, subtitle: str, articles: list[str]) -> str:
         f'<div class="indice"><h1>Índice de figuras</h1><ul>{figures}</ul>'
         f"<h1>Índice de tablas</h1><ul>{tables}</ul></div>"
     )
+
+
+def _unbroken_intervals(html: str) -> str:
+    """Each confidence interval ``[−0.0437, −0.0068]`` of a table cell kept on one line: a
+    narrow printed column broke them after the comma."""
+    import re
+
+    interval = re.compile(r"\[[−+-]?\d+(?:\.\d+)?, [−+-]?\d+(?:\.\d+)?\]")
+
+    def table(m: re.Match) -> str:
+        return interval.sub(lambda i: f'<span class="nobr">{i.group(0)}</span>', m.group(0))
+
+    return re.sub(r"<table\b.*?</table>", table, html, flags=re.S)
 
 
 def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
@@ -335,9 +360,11 @@ def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
         '<!DOCTYPE html><html lang="es"><head><meta charset="utf-8"/>'
         f"<title>{book_title}</title>"
         '<link rel="stylesheet" href="_static/pygments.css"/></head><body>'
-        + front_matter(book_title, "Artefacto reproducible de la tesis: método, resultados "
-                       "y análisis <i>post mortem</i>", articles)  # fmt: skip
-        + _typeset_math("\n".join(articles))
+        + _typeset_math(
+            front_matter(book_title, "Artefacto reproducible de la tesis: método, resultados "
+                         "y análisis <i>post mortem</i>", articles)  # fmt: skip
+            + _unbroken_intervals("\n".join(articles))
+        )
         + "</body></html>"
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,13 @@ The book reads only this file, the tables and the figures, so this schema is a c
              "date":            UTC time of the newest results file read (ISO 8601): when
                                 the results were finished, not when this file was written
              "machine":         OS, architecture, CPU count and GPU(s) of the report machine
-             "profile":         the profile overlays ("micro", "thesis"...), "default" if none},
+             "profile":         the profile overlays ("micro", "thesis"...), "default" if none,
+             "profile_es":      the same as the prose says it ("por defecto")},
      "reproduce": {"command": the snakemake command of this profile, "data_seed": the data
                    generator's seed, "dvc_remote": the remote's URL, "wall_seconds",
                    "wall_minutes": the run on the clock (null: unknown), "wall_known",
                    "wall_es": the same as the book's table prints it},
-     "dataset": {"name":        the dataset's info.dataset,
+     "dataset": {"name":        the dataset's info.dataset, "synthetic": made by data/synth.py,
                  "classes":     class names in id order, "n_classes": how many,
                  "critical_classes": names of data.critical_classes,
                  "n_images":    {split: images}, "n_boxes": {split: boxes}},
@@ -41,7 +42,8 @@ The book reads only this file, the tables and the figures, so this schema is a c
                                              seeds that reached the epoch (null where none),
                           "alpha_final", "tau_final": the gate and temperature after the
                                              last training step, mean over seeds,
-                          "max_correction":  |alpha_final| / tau_final, the most the text
+                          "alpha_by_seed_es", "alpha_signs_agree": each seed's gate,
+                          "max_correction":  max over seeds of |alpha| / tau, the most the text
                                              branch can add to a logit (|S| <= 1 / tau),
                           "diff_map", "diff_critical_recall": test B - A, B this variant
                                              (val-selected checkpoint), A the main Phase 1
@@ -110,6 +112,8 @@ from defectfusion.report import (
     PARAM_SECTIONS,
     SPLIT_NAMES,
     Layout,
+    backbone_name_es,
+    class_name_es,
     inputs_of,
     number_es,
     preset_setting,
@@ -294,6 +298,26 @@ def ci_envelope(cis: list[list[float | None]]) -> list[float | None]:
     return [min(los) if los else None, max(his) if his else None]
 
 
+def _gate_by_seed(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gate after the last epoch, seed by seed: the values as the book prints them
+    ("+0.0163, +0.0161 y −0.0161"), whether their signs agree, and the most the text branch
+    adds to a logit in any seed, max |alpha| max|S| = max |alpha| / tau."""
+    pairs = [
+        (float(run["last"]["alpha"]), float(run["last"]["tau"]))
+        for run in runs
+        if run["last"].get("alpha") is not None and run["last"].get("tau")
+    ]
+    if not pairs:
+        return {"alpha_by_seed_es": None, "alpha_signs_agree": None, "max_correction": None}
+    texts = [number_es(a, "+.4f") for a, _ in pairs]
+    signs = {(a > 0) - (a < 0) for a, _ in pairs}
+    return {
+        "alpha_by_seed_es": texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " y " + texts[-1],
+        "alpha_signs_agree": len(signs) == 1 and 0 not in signs,
+        "max_correction": max(abs(a) / t for a, t in pairs),
+    }
+
+
 def phase2_entry(layout: Layout, variant: str, pm: dict[str, Any]) -> dict[str, Any]:
     runs = phase2_runs(layout, variant)
     last_epoch = max(int(r["epoch"]) for run in runs for r in run["history"])
@@ -316,10 +340,10 @@ def phase2_entry(layout: Layout, variant: str, pm: dict[str, Any]) -> dict[str, 
         "epoch1_val_map": mean((epoch_row(run["history"], 1) or {}).get("val_map") for run in runs),
         "best_epoch": int(statistics.median_low(int(run["best"]["epoch"]) for run in runs)),
         "val_map_by_epoch": by_epoch,
-        "alpha_final": (alpha := mean(run["last"].get("alpha") for run in runs)),
-        "tau_final": (tau := mean(run["last"].get("tau") for run in runs)),
-        # the most the text branch can add to a logit: |alpha| max|S| = |alpha| / tau
-        "max_correction": abs(alpha) / tau if alpha is not None and tau else None,
+        "alpha_final": mean(run["last"].get("alpha") for run in runs),
+        "tau_final": mean(run["last"].get("tau") for run in runs),
+        # per seed: the seeds' gates may open in opposite senses, which their mean hides
+        **_gate_by_seed(runs),
         "diff_map": cmp("map")["diff"],
         "ci_map": cmp("map")["ci"],
         "diff_critical_recall": cmp("critical_recall")["diff"],
@@ -366,6 +390,23 @@ def results_date(paths: Iterable[str]) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest))
 
 
+def _phase1_top(
+    phase1: dict[str, Any], values: dict[str, Any], main: str
+) -> dict[str, Any]:
+    """The Phase 1 preset with the highest test mAP beside the main one, in the tables'
+    Spanish names, and whether the main backbone is pretrained (``model.init``)."""
+    scored = {p: e["map"] for p, e in phase1.items() if e.get("map") is not None}
+    top = max(scored, key=lambda p: (scored[p], p == main)) if scored else main
+    return {
+        "name_es": backbone_name_es(top, values),
+        "map": scored.get(top),
+        "main_name_es": backbone_name_es(main, values),
+        "main_map": scored.get(main),
+        "main_is_top": top == main,
+        "main_pretrained": preset_setting(values, main, "model.init") != "scratch",
+    }
+
+
 def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
     """The summary of the module docstring, from config dict `values` (``Config.to_dict()``)."""
     ds = dataset_counts(layout)
@@ -391,13 +432,16 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
             "params_sha256": prov.sha256_json(values),
             "date": results_date(inputs_of(layout, "summary", "summary")),
             "machine": machine(),
-            "profile": profile_name(values),
+            "profile": (profile := profile_name(values)),
+            "profile_es": "por defecto" if profile == "default" else profile,  # for the prose
         },
         "reproduce": reproduce_info(values, layout),
         "dataset": {
             "name": ds["name"],
             "classes": ds["classes"],
             "n_classes": len(ds["classes"]),
+            # made by data/synth.py (the book says "synthetic" only of such a dataset)
+            "synthetic": values["pipeline"]["dataset"]["kind"] == "synth",
             "critical_classes": critical,
             "n_images": {s: ds["splits"][s]["n_images"] for s in SPLIT_NAMES},
             "n_boxes": {s: ds["splits"][s]["n_boxes"] for s in SPLIT_NAMES},
@@ -408,6 +452,9 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "phase1_val_map_best": main_best.get("val_map"),
         # the backbones trained the same number of epochs (the book may compare them then)
         "phase1_equal_epochs": len(set(phase1_budgets(values, layout.presets).values())) == 1,
+        # which backbone scored highest on test (one run each, no interval: a direction, not
+        # a ranking), and whether the main one started from pretrained weights
+        "phase1_top": _phase1_top(phase1, values, layout.main),
         "epoch0_equals_phase1": equal,
         # every variant params.yaml defines -> whether this run trained it (a profile may run a
         # subset): the book's paragraph on a hypothesis appears only when it was measured
@@ -418,11 +465,56 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
             )
         },
         **confusion_summary(layout),  # issue 14: the book's reading of the confusion figure
+        "qualitative": qualitative_summary(layout, values),  # how many cases Fig. qualitative has
+        "similarity": similarity_summary(layout, values),  # what Fig. prompt_similarity shows
         **postmortem_summary(pm),  # issue 13: drifts, contrasts and verdicts
     }
 
 
 # ---- issue 14: the confusion matrices the book discusses (figure "confusion") ---------------
+
+
+def similarity_summary(layout: Layout, values: dict[str, Any]) -> dict[str, Any]:
+    """The class prompts' cosine similarities (results/text/embeddings.json) as the book
+    reads them: the most alike pair of all and of the critical classes, and the range off
+    the diagonal. The more alike two prompts, the less the text can tell those classes apart."""
+    data = load_json(layout.text)
+    names, cos = data["class_names"], data["cosine"]
+    critical = set(values["data"]["critical_classes"])
+    pairs = [(cos[i][j], i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    if not pairs:
+        return {"any": False}
+    crit = [p for p in pairs if p[1] in critical and p[2] in critical] or pairs
+
+    def pair_es(p: tuple[float, int, int]) -> str:
+        return f"{class_name_es(names[p[1]])}–{class_name_es(names[p[2]])}"
+
+    top, top_crit = max(pairs), max(crit)
+    return {
+        "any": True,
+        "max": top[0], "max_pair_es": pair_es(top),
+        "min": min(pairs)[0],
+        "critical_max": top_crit[0], "critical_max_pair_es": pair_es(top_crit),
+        "critical_is_max": top_crit[1:] == top[1:],
+    }  # fmt: skip
+
+
+def qualitative_summary(layout: Layout, values: dict[str, Any]) -> dict[str, Any]:
+    """How many test images the ``qualitative`` figure can choose from in each direction
+    (``metrics.qualitative_cases``: Phase 2 finds a critical box Phase 1 misses, and the
+    reverse), so the book says what it shows, or that there is nothing to show."""
+    from defectfusion.metrics import qualitative_cases
+
+    if not layout.variants:
+        return {"b_not_a": 0, "a_not_b": 0, "any": False}
+    preds_a, preds_b = (load_json(p) for p in layout.test_predictions())
+    cases = qualitative_cases(
+        load_json(layout.split("test")), preds_a, preds_b,
+        values["data"]["critical_classes"], values["eval"]["score_threshold"], top=None,
+    )  # fmt: skip
+    n = {k: len(v) for k, v in cases.items()}
+    return {**n, "any": any(n.values())}
+
 
 
 def confusion_summary(layout: Layout) -> dict[str, Any]:
@@ -640,6 +732,31 @@ def _sized(pm: dict[str, Any], variant: str) -> str:
     return name if f is None else f"{name} ({number_es(100 * f, '.0f')} % de la caída de la tesis)"
 
 
+def _late_drift(sig: list[dict[str, Any]], adopted: str) -> dict[str, Any]:
+    """The last epoch's significant val falls against Phase 1 (from `significant`): which
+    variants, by how much, in which metric ("Arranque en cero (recall crítico −0.0054)")."""
+    metric_es = {"map": "mAP", "critical_recall": "recall crítico"}
+    late = [
+        c for c in sig
+        if c["a"] == "phase1" and c["which"] == "final" and c["split"] == "val"
+        and c["diff"] < 0 and c["metric"] in metric_es
+    ]  # fmt: skip
+    variants = sorted({c["b"] for c in late}, key=lambda v: [c["b"] for c in late].index(v))
+    sized = [
+        f"{variant_name_es(v)} ("
+        + ", ".join(
+            f"{metric_es[c['metric']]} {number_es(c['diff'], '+.4f')}"
+            for c in late if c["b"] == v
+        )
+        + ")"
+        for v in variants
+    ]
+    return {
+        "any": bool(late), "n": len(variants), "variants": variants, "sized": sized,
+        "adopted": adopted in variants,
+    }  # fmt: skip
+
+
 def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
     """Top-level ``contrasts`` and ``postmortem`` (what the book's §5.4-5.5 read)."""
     return {
@@ -666,6 +783,9 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             # the conclusions' list (report.tables.significant_table): how many of how many
             # reported, and whether there is any
             "n_significant": len(sig := significant(pm)),
+            # after epoch 1: the variants whose val metrics fall against Phase 1 by the last
+            # epoch at the same adjusted level (the verdict judges epoch 1 only)
+            "late": _late_drift(sig, pm["adopted"]),
             "n_reported": sum(reported(c) for c in pm["contrasts"]),
             "any_significant": bool(sig),
             "outcome": {

@@ -350,7 +350,7 @@ def phase1_table(values: dict[str, Any], layout: Layout) -> Table:
         [
             "Partición de prueba. Recall crítico: recall medio COCO AR@[.50:.95] (100 "
             "detecciones por imagen) promediado sobre las clases críticas. Épocas: las que "
-            "entrenó cada backbone (los presupuestos pueden ser distintos). Mejor época: el "
+            "entrenó cada backbone. Mejor época: el "
             "punto de control elegido en validación. Detalle por clase en el apéndice."
         ],
     )
@@ -498,8 +498,9 @@ def phase2_table(values: dict[str, Any], layout: Layout) -> Table:
         [
             "Métricas de prueba del punto de control que eligió la validación, media sobre las "
             "semillas. Δ: Fase 2 menos Fase 1 sobre las mismas imágenes de prueba, con su "
-            "intervalo de confianza del 95 % por *bootstrap* emparejado (jerárquico: remuestrea "
-            "las semillas y las imágenes de prueba). Detalle por semilla en el apéndice."
+            "intervalo de confianza del 95 % sin ajustar (sección 5.4: una *t* de Student sobre "
+            "las semillas más un *bootstrap* emparejado de las imágenes de prueba; el veredicto "
+            "usa el nivel ajustado). Detalle por semilla en el apéndice."
         ],
     )
 
@@ -744,7 +745,7 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
             _seeds_es(layout)),
         row("Lo que cubren los intervalos", "what the intervals cover", "sin intervalos", "none",
             _covers_es(layout)),
-        row("Réplicas *bootstrap* (jerárquico: semillas e imágenes)", "bootstrap replicates",
+        row("Réplicas *bootstrap* de las imágenes", "bootstrap replicates",
             "sin *bootstrap*", "none", pm.get("n_boot")),
         row("Nivel de los intervalos de confianza (%)", "CI level (%)", "sin intervalos", "none",
             pm.get("ci_level")),
@@ -1114,8 +1115,9 @@ def runtime_table(values: dict[str, Any], layout: Layout) -> Table:
         [
             f"Medido por Snakemake en cada trabajo ({b}/*.tsv): tiempo de reloj (sumado sobre "
             "las semillas de cada variante) y memoria residente máxima. n/d: sin archivo de "
-            "medida. Los trabajos independientes corren a la vez, así que la suma de los "
-            "tiempos no es la duración: esta es la última fila, del comienzo del primer "
+            "medida. La suma de los tiempos no es la duración (los trabajos independientes "
+            "corren a la vez; entre un trabajo y otro hay esperas): esta es la última fila, "
+            "del comienzo del primer "
             "trabajo al final del último (n/d si las horas de los archivos no son las de la "
             "ejecución, por ejemplo tras un dvc pull)."
         ],

@@ -14,14 +14,11 @@ there instead). A direction without candidates is said so in its heading.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 from matplotlib.figure import Figure
 
 from defectfusion.data.coco import load_json
-from defectfusion.metrics import box_iou
+from defectfusion.metrics import box_iou, qualitative_cases
 from defectfusion.report.figures import (
     CLASS_COLORS,
     WIDTH,
@@ -32,58 +29,6 @@ from defectfusion.report.figures import (
     no_ticks,
     num,
 )
-
-
-def _best_match(
-    dets: list[dict[str, Any]], box: dict[str, Any], iou_min: float = 0.5
-) -> float | None:
-    """The best score among same-class detections overlapping `box` at IoU >= iou_min."""
-    same = [d for d in dets if d["category_id"] == box["category_id"]]
-    if not same:
-        return None
-    ious = box_iou(same, [box])[:, 0]
-    scores = [d["score"] for d, i in zip(same, ious, strict=True) if i >= iou_min]
-    return max(scores) if scores else None
-
-
-def qualitative_cases(
-    gt: dict[str, Any],
-    preds_a: list[dict[str, Any]],
-    preds_b: list[dict[str, Any]],
-    critical: Sequence[int],
-    score_threshold: float,
-    top: int = 4,
-) -> dict[str, list[dict[str, Any]]]:
-    """``{"b_not_a": [...], "a_not_b": [...]}``: the module docstring's selection."""
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for ann in gt["annotations"]:
-        if ann["category_id"] in critical and not ann.get("iscrowd", 0):
-            by_image.setdefault(ann["image_id"], []).append(ann)
-    dets = {"a": {}, "b": {}}
-    for key, preds in (("a", preds_a), ("b", preds_b)):
-        for d in preds:
-            dets[key].setdefault(d["image_id"], []).append(d)
-    cases: dict[str, list[dict[str, Any]]] = {"b_not_a": [], "a_not_b": []}
-    for image_id in sorted(by_image):
-        best: dict[str, dict[str, Any]] = {}
-        for box in by_image[image_id]:
-            sa = _best_match(dets["a"].get(image_id, []), box)
-            sb = _best_match(dets["b"].get(image_id, []), box)
-            found_a = sa is not None and sa >= score_threshold
-            found_b = sb is not None and sb >= score_threshold
-            if found_a == found_b:
-                continue
-            direction = "b_not_a" if found_b else "a_not_b"
-            gap = (sb if found_b else sa) - ((sa if found_b else sb) or 0.0)
-            case = {"image_id": image_id, "box": box, "gap": gap, "score_a": sa, "score_b": sb}
-            if direction not in best or gap > best[direction]["gap"]:
-                best[direction] = case
-        for direction, case in best.items():
-            cases[direction].append(case)
-    for direction in cases:
-        cases[direction].sort(key=lambda c: (-c["gap"], c["image_id"]))
-        cases[direction] = cases[direction][:top]
-    return cases
 
 
 def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
