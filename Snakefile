@@ -46,9 +46,8 @@ CONFIG = resolved_config_file(config)
 resolved = lambda wildcards, output: CONFIG
 
 
-def section(*keys):
-    """The params a rule depends on: Snakemake reruns it when they change, and only then."""
-    return canonical({k: config[k] for k in keys})
+# The params a rule depends on: Snakemake reruns it when they change, and only then.
+section = lambda *keys: canonical({k: config[k] for k in keys})
 
 
 DATA = config["data"]["dir"]

@@ -117,6 +117,7 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     assert set(s) == {
         "run", "dataset", "main_preset", "phase1", "phase2", "phase1_val_map_best",
         "epoch0_equals_phase1", "phase1_equal_epochs", "confusion", "contrasts", "postmortem",
+        "qualitative", "similarity", "phase1_top",
         "variants_run", "reproduce",
     }  # fmt: skip
     assert s["phase1_equal_epochs"] is True  # the micro profile: 2 epochs for every preset
@@ -209,9 +210,10 @@ def test_a_changed_result_rebuilds_only_what_reads_it(micro_run: Path) -> None:
         return counts
 
     text = planned_after_changing("results/text/embeddings.json")
-    # prompt_similarity, the settings table (the text encoder and D_t it names) and the
-    # prompts table (the descriptions it lists)
-    assert text.get("figure") == 1 and text.get("table") == 2 and "summary" not in text
+    # prompt_similarity, the settings table (the text encoder and D_t it names), the
+    # prompts table (the descriptions it lists) and the summary (the similarities the book
+    # reads out)
+    assert text.get("figure") == 1 and text.get("table") == 2 and text.get("summary") == 1
     assert text.get("provenance") == 1
     compare = planned_after_changing("results/compare/frozen0_seed0.json")
     assert compare.get("table") == 1  # phase2_detail: P(ΔmAP > 0) per seed
@@ -540,9 +542,11 @@ def test_a_fall_by_the_last_epoch_is_reported_beside_the_epoch1_verdict() -> Non
         c("thesis_replica", "map", "final", -0.0145),
         c("clip_norm", "critical_recall", "epoch1", -0.0166),  # epoch 1: the verdict's
     ]
-    late = _late_drift(sig, "zero_start")
+    # the replica's gap was there before any update: a starting gap, not a decline
+    epoch0 = {"zero_start": {"critical_recall": 0.0}, "thesis_replica": {"map": -0.0130}}
+    late = _late_drift(sig, "zero_start", epoch0)
     assert late["variants"] == ["zero_start", "thesis_replica"] and late["adopted"]
-    assert late["sized"][1] == "Réplica de la tesis (mAP \u22120.0145)"
-    assert _late_drift(sig[2:], "zero_start") == {
-        "any": False, "n": 0, "variants": [], "sized": [], "adopted": False,
-    }  # fmt: skip
+    assert late["sized"][1] == "Réplica de la tesis (mAP \u22120.0145; en la época 0, \u22120.0130)"
+    assert late["from_training_names"] == ["Arranque en cero"] and late["n_map"] == 1
+    none = _late_drift(sig[2:], "zero_start", epoch0)
+    assert not none["any"] and none["n"] == 0 and none["n_from_training"] == 0

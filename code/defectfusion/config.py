@@ -590,12 +590,22 @@ def safe_name(name: object) -> bool:
     return isinstance(name, str) and len(name) <= 100 and bool(_SAFE_NAME.fullmatch(name))
 
 
+# The dataset kinds, one registry: each kind and the pipeline.dataset keys it needs besides
+# (a path that must exist). Config validation, data.prepare and the pipeline's preflight ask
+# it; data.prepare maps each kind to its maker.
+DATASET_KINDS: dict[str, tuple[str, ...]] = {
+    "synth": (),  # generated: data/synth.py
+    "neu": ("src",),  # a NEU-DET folder
+    "coco": ("src", "annotations"),  # an images folder and one COCO JSON
+}
+
+
 def check_pipeline(pipe: PipelineSection, where: str) -> None:
     """The pipeline section: names that exist, overrides whose keys are the config's."""
-    if pipe.dataset.kind not in ("synth", "neu", "coco"):
+    if pipe.dataset.kind not in DATASET_KINDS:
         raise UserError(
             f"{where}: pipeline.dataset.kind={pipe.dataset.kind!r} must be one of "
-            "['synth', 'neu', 'coco']"
+            f"{list(DATASET_KINDS)}"
         )
     for name in ("presets", "variants", "seeds"):
         values = getattr(pipe, name)

@@ -77,19 +77,20 @@ def preflight_problem(config: dict[str, Any]) -> str | None:
     """What this run's config needs and this machine lacks (None when nothing): the
     Snakefile checks it before any work, so a run never stops halfway for a missing dataset,
     GPU or weights."""
-    from defectfusion.config import phase1_seeds_problem
+    from defectfusion.config import DATASET_KINDS, phase1_seeds_problem
 
     if problem := phase1_seeds_problem(config):
         return problem
     p = config["pipeline"]
     d = p["dataset"]
-    if d["kind"] in ("neu", "coco") and not (d.get("src") and Path(d["src"]).exists()):
+    needs = DATASET_KINDS.get(d["kind"], ())
+    if "src" in needs and not (d.get("src") and Path(d["src"]).exists()):
         return (
             f"profile needs pipeline.dataset.src (the {d['kind']} images folder); got "
             f"{d.get('src')!r}. Set it in the profile or with "
             "--config 'pipeline={\"dataset\": {\"src\": \"DIR\"}}'"
         )
-    if d["kind"] == "coco" and not (d.get("annotations") and Path(d["annotations"]).is_file()):
+    if "annotations" in needs and not (d.get("annotations") and Path(d["annotations"]).is_file()):
         return (
             "profile needs pipeline.dataset.annotations (a COCO JSON); got "
             f"{d.get('annotations')!r}"

@@ -14,29 +14,44 @@ def prepare(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[s
     ``kind`` picks the maker: ``synth`` (generated), ``neu`` (NEU-DET folder ``src``) or
     ``coco`` (images folder ``src`` + one ``annotations`` JSON, split here).
     """
+    from defectfusion.config import DATASET_KINDS
+
     kind = dataset.get("kind")
+    if kind not in DATASET_KINDS:
+        raise UserError(f"pipeline.dataset.kind={kind!r} must be one of {list(DATASET_KINDS)}")
+    for key in DATASET_KINDS[kind]:
+        if not dataset.get(key):
+            what = f"the {kind} source folder" if key == "src" else "the COCO JSON"
+            raise UserError(f"pipeline.dataset.{key}: {what} is not set")
+    return MAKERS[kind](dataset, image_size, out)
+
+
+def _synth(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
+    from defectfusion.data.synth import SynthSpec, generate
+
+    spec = SynthSpec(
+        seed=int(dataset.get("seed", 0)),
+        n_train=int(dataset["n_train"]),
+        n_val=int(dataset["n_val"]),
+        n_test=int(dataset["n_test"]),
+        image_size=image_size,
+    )
+    return generate(out, spec)
+
+
+def _neu(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
+    from defectfusion.data.importers import import_neu
+
+    return import_neu(dataset["src"], out, seed=int(dataset.get("seed", 0)))
+
+
+def _coco(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
+    from defectfusion.data.importers import import_coco
+
     seed = int(dataset.get("seed", 0))
-    if kind == "synth":
-        from defectfusion.data.synth import SynthSpec, generate
+    return import_coco(dataset["src"], [dataset["annotations"]], out, seed=seed, splits=None)
 
-        spec = SynthSpec(
-            seed=seed,
-            n_train=int(dataset["n_train"]),
-            n_val=int(dataset["n_val"]),
-            n_test=int(dataset["n_test"]),
-            image_size=image_size,
-        )
-        return generate(out, spec)
-    if kind in ("neu", "coco") and not dataset.get("src"):
-        raise UserError(f"pipeline.dataset.src: the {kind} source folder is not set")
-    if kind == "neu":
-        from defectfusion.data.importers import import_neu
 
-        return import_neu(dataset["src"], out, seed=seed)
-    if kind == "coco":
-        from defectfusion.data.importers import import_coco
-
-        if not dataset.get("annotations"):
-            raise UserError("pipeline.dataset.annotations: the COCO JSON is not set")
-        return import_coco(dataset["src"], [dataset["annotations"]], out, seed=seed, splits=None)
-    raise UserError(f"pipeline.dataset.kind={kind!r} must be one of ['synth', 'neu', 'coco']")
+# Each kind of config.DATASET_KINDS and the function that makes its folder (imports deferred:
+# the CLI's start-up does not pay for PIL and numpy).
+MAKERS = {"synth": _synth, "neu": _neu, "coco": _coco}

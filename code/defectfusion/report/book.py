@@ -246,6 +246,19 @@ def _strip_tags(text: str) -> str:
     return html_lib.unescape(re.sub(r"<[^>]+>", "", text)).strip()
 
 
+def _heading_ids(article: str) -> str:
+    """Each section's heading given the id ``SECTION-titulo``: the contents point at the
+    heading, whose page is the one it prints on (a section's own box can start at the foot
+    of the page before, with its label)."""
+    import re
+
+    return re.sub(
+        r'(<section[^>]*\bid="([^"]+)"[^>]*>\s*(?:<span id="[^"]*"></span>\s*)*)<h([12])>',
+        lambda m: f'{m.group(1)}<h{m.group(3)} id="{m.group(2)}-titulo">',
+        article,
+    )
+
+
 def _one_document(name: str, article: str) -> str:
     """A page's article made part of one document: its ids prefixed with the page's name and
     its links, to itself or to another page, pointed at those ids, so references and the
@@ -270,12 +283,13 @@ def front_matter(title: str, subtitle: str, articles: list[str]) -> str:
 
     joined = "\n".join(articles)
     heads = re.findall(
-        r'<section[^>]*\bid="([^"]+)"[^>]*>\s*(?:<span id="[^"]*"></span>\s*)*<h([12])>(.*?)</h\2>',
+        r'<section[^>]*\bid="([^"]+)"[^>]*>\s*(?:<span id="[^"]*"></span>\s*)*<h([12])(?: [^>]*)?>(.*?)</h\2>',
         joined,
         re.S,
     )  # a labelled section ("(sec-x)=") opens with an empty <span id> before its heading
     contents = "".join(
-        f'<li class="h{level}"><a href="#{sid}">{html_lib.escape(_strip_tags(text))}</a></li>'
+        f'<li class="h{level}"><a href="#{sid}-titulo">{html_lib.escape(_strip_tags(text))}'
+        "</a></li>"
         for sid, level, text in heads
     )
 
@@ -352,7 +366,12 @@ def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
         m = re.search(r'<article class="bd-article"[^>]*>(.*?)</article>', text, flags=re.S)
         if not m:
             raise UserError(f"{page}: no <article> to print")
-        body = _one_document(name, m.group(1))
+        # the web's pointer to the post-mortem's own page: in print that page follows
+        article = re.sub(
+            r'<section[^>]*>\s*<span id="sec-postmortem-enlace"></span>.*?</section>', "", m.group(1),
+            flags=re.S,
+        )
+        body = _one_document(name, _heading_ids(article))
         articles.append(f'<div class="pagina" id="pdf-{name}">{body}</div>')
     title = re.search(r"<title>(.*?)</title>", (html / "index.html").read_text(encoding="utf-8"))
     book_title = title.group(1).split(" &#8212; ")[-1] if title else "Libro"

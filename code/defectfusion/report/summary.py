@@ -83,7 +83,15 @@ The book reads only this file, the tables and the figures, so this schema is a c
                              the val metrics of Phase 1's best epoch (null: no zero_start),
      "confusion": {"phase1", "phase2": {"fraction": row-normalised test confusion matrix,
                    rows and columns by class id then background; "boxes": each row's boxes}}
-                   (``confusion_summary``)}
+                   (``confusion_summary``),
+     "qualitative": how many test images figure qualitative can choose from per direction
+                    (``qualitative_summary``),
+     "similarity": the class prompts' cosine similarities as the book reads them
+                   (``similarity_summary``),
+     "phase1_top": the backbone with the highest test mAP and whether the main one is
+                   pretrained (``_phase1_top``),
+     and under "postmortem", "late": the last epoch's significant val falls against Phase 1,
+     each beside its epoch-0 part (``_late_drift``)}
 """
 
 from __future__ import annotations
@@ -490,7 +498,21 @@ def similarity_summary(layout: Layout, values: dict[str, Any]) -> dict[str, Any]
         return f"{class_name_es(names[p[1]])}–{class_name_es(names[p[2]])}"
 
     top, top_crit = max(pairs), max(crit)
+    # the critical pair Phase 1 confuses most (share of the first's test boxes taken for the
+    # second): the confusion the text was meant to resolve, and how alike its prompts are
+    fraction = load_json(layout.phase1(layout.main, "test_metrics.json"))["confusion"]["matrix"]
+    shares = [
+        (fraction[i][j] / sum(fraction[i]), i, j)
+        for i in critical for j in critical
+        if i != j and i < len(fraction) and sum(fraction[i])
+    ]  # fmt: skip
+    confused = max(shares) if shares else None
     return {
+        "confused_any": confused is not None and confused[0] > 0,
+        "confused_pair_es": confused and f"{class_name_es(names[confused[1]])}–"
+        f"{class_name_es(names[confused[2]])}",
+        "confused_share": confused and confused[0],
+        "confused_similarity": confused and cos[confused[1]][confused[2]],
         "any": True,
         "max": top[0], "max_pair_es": pair_es(top),
         "min": min(pairs)[0],
@@ -732,9 +754,15 @@ def _sized(pm: dict[str, Any], variant: str) -> str:
     return name if f is None else f"{name} ({number_es(100 * f, '.0f')} % de la caída de la tesis)"
 
 
-def _late_drift(sig: list[dict[str, Any]], adopted: str) -> dict[str, Any]:
+def _late_drift(
+    sig: list[dict[str, Any]], adopted: str, epoch0: dict[str, dict[str, float]] | None = None
+) -> dict[str, Any]:
     """The last epoch's significant val falls against Phase 1 (from `significant`): which
-    variants, by how much, in which metric ("Arranque en cero (recall crítico −0.0054)")."""
+    variants, by how much, in which metric, and how much of it was there at epoch 0, before
+    any update (`epoch0`: variant -> metric -> that drift), so the book does not read a
+    starting gap as a decline during training ("Réplica de la tesis (mAP −0.0145; en la
+    época 0, −0.0130)"). `from_training`: the variants whose fall grew after epoch 0 by
+    more than half of it."""
     metric_es = {"map": "mAP", "critical_recall": "recall crítico"}
     late = [
         c for c in sig
@@ -742,18 +770,31 @@ def _late_drift(sig: list[dict[str, Any]], adopted: str) -> dict[str, Any]:
         and c["diff"] < 0 and c["metric"] in metric_es
     ]  # fmt: skip
     variants = sorted({c["b"] for c in late}, key=lambda v: [c["b"] for c in late].index(v))
+    epoch0 = epoch0 or {}
+
+    def start(c: dict[str, Any]) -> float | None:
+        return (epoch0.get(c["b"]) or {}).get(c["metric"])
+
+    def one(c: dict[str, Any]) -> str:
+        text = f"{metric_es[c['metric']]} {number_es(c['diff'], '+.4f')}"
+        e0 = start(c)
+        return text if e0 is None else f"{text}; en la época 0, {number_es(e0, '+.4f')}"
+
     sized = [
-        f"{variant_name_es(v)} ("
-        + ", ".join(
-            f"{metric_es[c['metric']]} {number_es(c['diff'], '+.4f')}"
-            for c in late if c["b"] == v
-        )
-        + ")"
+        f"{variant_name_es(v)} (" + "; ".join(one(c) for c in late if c["b"] == v) + ")"
         for v in variants
     ]
+    from_training = [
+        v for v in variants
+        if any(c["b"] == v and (start(c) is None or c["diff"] - start(c) < c["diff"] / 2)
+               for c in late)
+    ]  # fmt: skip
     return {
         "any": bool(late), "n": len(variants), "variants": variants, "sized": sized,
         "adopted": adopted in variants,
+        "n_map": len({c["b"] for c in late if c["metric"] == "map"}),
+        "from_training_names": [variant_name_es(v) for v in from_training],
+        "n_from_training": len(from_training),
     }  # fmt: skip
 
 
@@ -785,7 +826,10 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             "n_significant": len(sig := significant(pm)),
             # after epoch 1: the variants whose val metrics fall against Phase 1 by the last
             # epoch at the same adjusted level (the verdict judges epoch 1 only)
-            "late": _late_drift(sig, pm["adopted"]),
+            "late": _late_drift(sig, pm["adopted"], {
+                v: {m: d["diff"] for m, d in e["drift"]["epoch0"]["val"].items()}
+                for v, e in pm["phase2"].items() if "epoch0" in e.get("drift", {})
+            }),  # fmt: skip
             "n_reported": sum(reported(c) for c in pm["contrasts"]),
             "any_significant": bool(sig),
             "outcome": {
