@@ -667,3 +667,14 @@ def test_display_math_keeps_the_cases_brace_and_full_size_fractions() -> None:
 
     frac = r"\frac{a}{b}"
     assert height(_math_svg(frac, 11, display=True)) > 1.2 * height(_math_svg(frac, 11))
+
+
+def test_every_reference_ends_with_its_year_after_a_comma(site: Path) -> None:
+    """pybtex's plain style printed "…, 249–256. 2010." where a publisher was missing."""
+    page = (site / "bibliografia.html").read_text(encoding="utf-8")
+    entries = re.findall(r'<div class="citation".*?</div>', page, re.S)
+    assert len(entries) > 10
+    for entry in entries:
+        text = " ".join(html_lib.unescape(re.sub(r"<[^>]+>", "", entry)).split())
+        assert not re.search(r"\.\s\d{4}[a-z]?\.$", text), text[-80:]
+        assert "págs." not in text and "n.d." not in text

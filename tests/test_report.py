@@ -129,7 +129,7 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
         m, boxes = s["confusion"][model]["fraction"], s["confusion"][model]["boxes"]
         assert len(m) == len(boxes) == k and all(len(row) == k for row in m)
         assert all(abs(sum(row) - (n > 0)) < 1e-9 for row, n in zip(m, boxes, strict=True))
-    assert set(s["run"]) == {"commit", "params_sha256", "date", "machine", "profile"}
+    assert set(s["run"]) == {"commit", "params_sha256", "date", "machine", "profile", "profile_es"}
     assert s["run"]["profile"] == "micro" and SHA.match(s["run"]["params_sha256"])
     assert set(s["dataset"]) == {
             "name", "classes", "n_classes", "critical_classes", "n_images", "n_boxes"
@@ -546,7 +546,9 @@ def test_a_fall_by_the_last_epoch_is_reported_beside_the_epoch1_verdict() -> Non
     epoch0 = {"zero_start": {"critical_recall": 0.0}, "thesis_replica": {"map": -0.0130}}
     late = _late_drift(sig, "zero_start", epoch0)
     assert late["variants"] == ["zero_start", "thesis_replica"] and late["adopted"]
-    assert late["sized"][1] == "Réplica de la tesis (mAP \u22120.0145; en la época 0, \u22120.0130)"
-    assert late["from_training_names"] == ["Arranque en cero"] and late["n_map"] == 1
+    assert late["sized"][1] == (
+        "Réplica de la tesis (mAP \u22120.0145: \u22120.0130 en la época 0 y \u22120.0015 al entrenar)"
+    )
+    assert late["start_gap_names"] == ["Réplica de la tesis"] and late["n_map"] == 1
     none = _late_drift(sig[2:], "zero_start", epoch0)
-    assert not none["any"] and none["n"] == 0 and none["n_from_training"] == 0
+    assert not none["any"] and none["n"] == 0 and none["n_start_gap"] == 0

@@ -80,14 +80,20 @@ def _translate(app: Sphinx, doctree: nodes.document, docname: str) -> None:
 
 # pybtex's plain style ends an entry without a publisher with "pages. 2015.": the year joins
 # the rest with a comma, as it does after a publisher ("Springer, 2020.").
+IN_NODE = re.compile(r"(?:(?<=[\w)])|^)\.\s+(?=(?:\d{4}[a-z]?|s\.\s?f\.)\.?\s*$)")
 YEAR = re.compile(r"^\s*(?:\d{4}[a-z]?|s\.\s?f\.)\.?\s*$")
 
 
 def _year_after_comma(citation: nodes.citation) -> None:
     texts = [t for t in citation.findall(nodes.Text) if not isinstance(t.parent, nodes.label)]
-    for before, year in zip(texts, texts[1:], strict=False):
-        if YEAR.match(str(year)) and str(before).endswith(". "):
-            before.parent.replace(before, nodes.Text(str(before)[:-2] + ", "))
+    for before, year in zip(texts, texts[1:], strict=False):  # "…256. " then "2010."
+        if YEAR.match(str(year)) and re.search(r"(^|[\w)])\.\s*$", str(before)):
+            sep = ", " if not str(year).startswith(" ") else ","
+            before.parent.replace(before, nodes.Text(re.sub(r"\.\s*$", sep, str(before))))
+    for text in citation.findall(nodes.Text):  # "…256. 2010." in one node
+        new = IN_NODE.sub(", ", str(text))
+        if new != str(text):
+            text.parent.replace(text, nodes.Text(new))
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
