@@ -132,8 +132,9 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
     assert set(s["run"]) == {"commit", "params_sha256", "date", "machine", "profile", "profile_es"}
     assert s["run"]["profile"] == "micro" and SHA.match(s["run"]["params_sha256"])
     assert set(s["dataset"]) == {
-            "name", "classes", "n_classes", "critical_classes", "n_images", "n_boxes"
+            "name", "synthetic", "classes", "n_classes", "critical_classes", "n_images", "n_boxes"
         }  # fmt: skip
+    assert s["dataset"]["synthetic"] is True  # the micro profile generates its data
     assert s["dataset"]["critical_classes"] == ["fracture", "scratch", "contamination"]
     assert set(s["dataset"]["n_images"]) == {"train", "val", "test"}
     assert s["dataset"]["n_images"]["test"] == 12  # configs/micro.yaml
