@@ -252,6 +252,7 @@ def _heading_ids(article: str) -> str:
     of the page before, with its label)."""
     import re
 
+    # a labelled section ("(sec-x)=") opens with an empty <span id> before its heading
     return re.sub(
         r'(<section[^>]*\bid="([^"]+)"[^>]*>\s*(?:<span id="[^"]*"></span>\s*)*)<h([12])>',
         lambda m: f'{m.group(1)}<h{m.group(3)} id="{m.group(2)}-titulo">',
@@ -274,7 +275,8 @@ def _one_document(name: str, article: str) -> str:
 
 
 def front_matter(title: str, subtitle: str, articles: list[str]) -> str:
-    """The PDF's title page, contents (each chapter and section with its page) and lists of
+    """The PDF's title page, contents (each chapter and section with its page: the headings
+    `_heading_ids` marked) and lists of
     figures and tables (each numbered caption with its page), from the joined articles.
     Written here because the book is printed from its HTML by WeasyPrint, which has no
     LaTeX-style front matter; `target-counter` gives the page numbers."""
@@ -282,15 +284,11 @@ def front_matter(title: str, subtitle: str, articles: list[str]) -> str:
     import re
 
     joined = "\n".join(articles)
-    heads = re.findall(
-        r'<section[^>]*\bid="([^"]+)"[^>]*>\s*(?:<span id="[^"]*"></span>\s*)*<h([12])(?: [^>]*)?>(.*?)</h\2>',
-        joined,
-        re.S,
-    )  # a labelled section ("(sec-x)=") opens with an empty <span id> before its heading
+    # every section's heading, with the id `_heading_ids` gave it
+    heads = re.findall(r'<h([12]) id="([^"]+-titulo)">(.*?)</h\1>', joined, re.S)
     contents = "".join(
-        f'<li class="h{level}"><a href="#{sid}-titulo">{html_lib.escape(_strip_tags(text))}'
-        "</a></li>"
-        for sid, level, text in heads
+        f'<li class="h{level}"><a href="#{hid}">{html_lib.escape(_strip_tags(text))}</a></li>'
+        for level, hid, text in heads
     )
 
     def short(caption: str) -> str:

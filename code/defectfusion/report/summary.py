@@ -472,9 +472,10 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
                 {*(values.get("pipeline") or {}).get("variant_switches", {}), *layout.variants}
             )
         },
-        **confusion_summary(layout),  # issue 14: the book's reading of the confusion figure
+        **(confusion := confusion_summary(layout)),  # issue 14: the confusion figure, read
         "qualitative": qualitative_summary(layout, values),  # how many cases Fig. qualitative has
-        "similarity": similarity_summary(layout, values),  # what Fig. prompt_similarity shows
+        # what Fig. prompt_similarity shows, beside the pair Phase 1 confuses most
+        "similarity": similarity_summary(layout, values, confusion["confusion"]["phase1"]),
         **postmortem_summary(pm),  # issue 13: drifts, contrasts and verdicts
     }
 
@@ -482,10 +483,14 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
 # ---- issue 14: the confusion matrices the book discusses (figure "confusion") ---------------
 
 
-def similarity_summary(layout: Layout, values: dict[str, Any]) -> dict[str, Any]:
+def similarity_summary(
+    layout: Layout, values: dict[str, Any], phase1_confusion: dict[str, Any]
+) -> dict[str, Any]:
     """The class prompts' cosine similarities (results/text/embeddings.json) as the book
-    reads them: the most alike pair of all and of the critical classes, and the range off
-    the diagonal. The more alike two prompts, the less the text can tell those classes apart."""
+    reads them: the most alike pair of all and of the critical classes, the range off the
+    diagonal, and the similarity of the critical pair Phase 1 confuses most
+    (`phase1_confusion`: ``confusion_summary``'s Phase 1 entry). The more alike two prompts,
+    the less the text can tell those classes apart."""
     data = load_json(layout.text)
     names, cos = data["class_names"], data["cosine"]
     critical = set(values["data"]["critical_classes"])
@@ -500,17 +505,16 @@ def similarity_summary(layout: Layout, values: dict[str, Any]) -> dict[str, Any]
     top, top_crit = max(pairs), max(crit)
     # the critical pair Phase 1 confuses most (share of the first's test boxes taken for the
     # second): the confusion the text was meant to resolve, and how alike its prompts are
-    fraction = load_json(layout.phase1(layout.main, "test_metrics.json"))["confusion"]["matrix"]
+    fraction, boxes = phase1_confusion["fraction"], phase1_confusion["boxes"]
     shares = [
-        (fraction[i][j] / sum(fraction[i]), i, j)
+        (fraction[i][j], i, j)
         for i in critical for j in critical
-        if i != j and i < len(fraction) and sum(fraction[i])
+        if i != j and i < len(fraction) and boxes[i]
     ]  # fmt: skip
     confused = max(shares) if shares else None
     return {
         "confused_any": confused is not None and confused[0] > 0,
-        "confused_pair_es": confused and f"{class_name_es(names[confused[1]])}–"
-        f"{class_name_es(names[confused[2]])}",
+        "confused_pair_es": confused and pair_es(confused),
         "confused_share": confused and confused[0],
         "confused_similarity": confused and cos[confused[1]][confused[2]],
         "any": True,
@@ -768,7 +772,7 @@ def _late_drift(
         if c["a"] == "phase1" and c["which"] == "final" and c["split"] == "val"
         and c["diff"] < 0 and c["metric"] in metric_es
     ]  # fmt: skip
-    variants = sorted({c["b"] for c in late}, key=lambda v: [c["b"] for c in late].index(v))
+    variants = list(dict.fromkeys(c["b"] for c in late))  # in the contrasts' order
     epoch0 = epoch0 or {}
 
     def start(c: dict[str, Any]) -> float | None:
