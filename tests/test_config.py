@@ -1,4 +1,4 @@
-"""One set of defaults: the config dataclasses' defaults are params.yaml's, key for key."""
+"""One set of defaults: the config dataclasses read theirs from params.yaml, key for key."""
 
 from __future__ import annotations
 
@@ -33,6 +33,46 @@ def test_the_dataclass_defaults_are_params_yaml_s() -> None:
     assert sorted(set(have) - set(want)) == [], "settings params.yaml does not list"
     assert sorted(set(want) - set(have)) == [], "params.yaml settings nothing reads"
     assert {k: v for k, v in have.items() if v != want[k]} == {}, "defaults that disagree"
+
+
+def test_the_sections_declare_no_value_of_their_own() -> None:
+    """No second copy: every field of every section takes its default from params.yaml (a
+    literal default in config.py would be a value params.yaml does not control)."""
+    import dataclasses
+
+    from defectfusion import config
+
+    sections = [config.Config]
+    for cls in sections:
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING, f"{cls.__name__}.{f.name} has a literal default"
+            hint = config._hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                sections.append(hint)
+    assert len(sections) == 12  # Config and its eleven sections, nested ones included
+    assert config.DEFAULTS_FILE.resolve() == (ROOT / "params.yaml").resolve()
+
+
+def test_a_default_missing_from_params_yaml_is_one_line_naming_it(tmp_path, monkeypatch) -> None:
+    """A line deleted from params.yaml: the default it held is a UserError naming the key and
+    the fix, raised when the default is needed (not a traceback at import)."""
+    from defectfusion import config
+    from defectfusion.errors import UserError
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    del params["phase1"]["lr"]
+    broken = tmp_path / "params.yaml"
+    broken.write_text(yaml.safe_dump(params), encoding="utf-8")
+    monkeypatch.setattr(config, "DEFAULTS_FILE", broken)
+    config._defaults.cache_clear()
+    try:
+        assert config.Phase2Section().lr == 5e-5  # phase2.lr is still there
+        with pytest.raises(UserError, match=r"phase1\.lr is missing.*git checkout params.yaml"):
+            config.TrainSection()
+    finally:
+        monkeypatch.undo()
+        config._defaults.cache_clear()
+    assert config.TrainSection().lr == 1e-3
 
 
 def test_a_section_given_in_part_keeps_its_own_defaults() -> None:

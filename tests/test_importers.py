@@ -439,3 +439,13 @@ def test_import_coco_of_zero_images_is_one_line_and_writes_nothing(tmp_path: Pat
     with pytest.raises(UserError, match="no images"):
         import_coco(images, [ann_file], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_every_dataset_kind_has_a_maker_and_every_maker_a_kind() -> None:
+    """The kinds validation and the preflight know (config.DATASET_KINDS) are the kinds
+    `data prepare` can make (data.importers.MAKERS): a new importer added to one only fails
+    here, not in a user's run."""
+    from defectfusion.config import DATASET_KINDS
+    from defectfusion.data.importers import MAKERS
+
+    assert list(MAKERS) == list(DATASET_KINDS)

@@ -207,7 +207,7 @@ def operating_point(meta: dict[str, Any]) -> float:
     config = meta.get("config")
     ev = config.get("eval") if isinstance(config, dict) else None
     t = ev.get("score_threshold") if isinstance(ev, dict) else None
-    return float(t) if is_number(t) and 0.0 <= t <= 1.0 else EvalSection.score_threshold
+    return float(t) if is_number(t) and 0.0 <= t <= 1.0 else EvalSection().score_threshold
 
 
 def check_state(path: str | Path, state: Any, meta: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """The typed run configuration, read from `params.yaml` and profile overlays.
 
 `params.yaml` at the repository root is the single source of hyperparameters: Snakemake
-reads it (``configfile``), DVC tracks it (``params``), and every CLI command that trains
-or evaluates takes it with ``--config``. Profiles (``configs/micro.yaml`` ...) are overlays
+reads it (``configfile``), DVC tracks it (``params``), every CLI command that trains
+or evaluates takes it with ``--config``, and the dataclasses below take their defaults from
+it (`defaults_from`): they declare each setting's name, type and meaning, never its value. Profiles (``configs/micro.yaml`` ...) are overlays
 merged on top, and ``--set key=value`` overrides one value. Unknown keys are errors, so a
 typo never silently falls back to a default.
 """
@@ -10,10 +11,13 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -23,13 +27,67 @@ import yaml
 from defectfusion.errors import UserError
 from defectfusion.fsutil import os_error_message
 
+# The defaults: params.yaml, the one file that holds them. The sections below declare the
+# settings (name, type, what it means) and no values: `defaults_from` gives each field
+# params.yaml's value, read when a section is made without it. The package's params.yaml is
+# a link to the checkout's (a wheel carries a copy), so editing params.yaml changes the
+# defaults too; a profile is an overlay on it either way.
+DEFAULTS_FILE = Path(__file__).with_name("params.yaml")
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return read_yaml(DEFAULTS_FILE)
+
+
+def defaults_from(section: str) -> Callable[[type], type]:
+    """A class decorator (under ``@dataclass``): every field of the class, inherited ones
+    included, defaults to params.yaml's value at ``section.field`` (a nested section: its own
+    class's defaults). Read lazily, so a broken params.yaml is one UserError when a default is
+    needed, not an import-time traceback."""
+
+    def wrap(cls: type) -> type:
+        own = cls.__dict__.get("__annotations__", {})
+        for base in reversed(cls.__mro__[1:-1]):  # redeclare inherited fields: new defaults
+            for name, hint in base.__dict__.get("__annotations__", {}).items():
+                own.setdefault(name, hint)
+        for name in own:
+            default = functools.partial(_default, cls, section, name)
+            setattr(cls, name, field(default_factory=default))
+        return cls
+
+    return wrap
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _default(cls: type, section: str, name: str) -> Any:
+    hint = _hints(cls)[name]
+    if dataclasses.is_dataclass(hint):
+        return hint()
+    key = f"{section}.{name}" if section else name
+    node: Any = _defaults()
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise UserError(
+                f"{DEFAULTS_FILE}: {key} is missing; params.yaml holds every setting's default "
+                "(restore the line: git checkout params.yaml)"
+            )
+        node = node[part]
+    return _coerce(copy.deepcopy(node), hint, f"{DEFAULTS_FILE.name} {key}")
+
+
 
 @dataclass
+@defaults_from("data.augment")
 class AugmentSection:
-    hflip: float = 0.5
-    vflip: float = 0.5
-    scale_jitter: tuple[float, float] = (0.75, 1.25)
-    photometric: float = 0.5
+    hflip: float
+    vflip: float
+    scale_jitter: tuple[float, float]
+    photometric: float
 
 
 # DINOv3 (like most ImageNet-pretrained backbones) was trained on these statistics.
@@ -61,100 +119,92 @@ NORMALIZE_CHOICES: tuple[str, ...] = tuple(NORMALIZATIONS)  # the `data.normaliz
 
 
 @dataclass
+@defaults_from("data")
 class DataSection:
-    dir: str = "data/synth"  # a prepared dataset in the layout of data/coco.py
-    image_size: int = 192  # network input side; a multiple of 32 (DEIMv2's strides)
-    critical_classes: list[int] = field(default_factory=lambda: [2, 3, 5])
-    augment: AugmentSection = field(default_factory=AugmentSection)
-    num_workers: int = 0
+    dir: str  # a prepared dataset in the layout of data/coco.py
+    image_size: int  # network input side; a multiple of 32 (DEIMv2's strides)
+    critical_classes: list[int]
+    augment: AugmentSection
+    num_workers: int
     # Input normalisation (NORMALIZE_CHOICES): imagenet (the backbone's, Phase 1) | clip |
     # siglip (vision-language models' constants) | none (raw [0, 1] pixels): the post-mortem's
     # preprocessing-mismatch controls for Phase 2, from the smallest change to the largest.
-    normalize: str = "imagenet"
+    normalize: str
 
 
 @dataclass
+@defaults_from("model")
 class ModelSection:
-    preset: str = "deimv2-dinov3-tiny"
+    preset: str
     # scratch: random init (asked for by name); backbone: pretrained backbone weights;
     # detector: a whole pretrained detector. `weights` is a hub id or a local path.
-    init: str = "scratch"
-    weights: str | None = None
+    init: str
+    weights: str | None
 
 
 WARMUP_SHAPES = ("linear", "quadratic")  # train.schedule.lr_lambda
 
 
 @dataclass
+@defaults_from("phase1")
 class TrainSection:
-    # The defaults of every section are params.yaml's (the default profile), value for value:
-    # tests/test_config.py holds the two together, so no second set of defaults can drift.
-    epochs: int = 30
-    batch_size: int = 4
-    lr: float = 1e-3
-    backbone_lr_mult: float = 1.0  # backbone lr = lr * this (0.1 for a pretrained backbone)
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    warmup_shape: str = "linear"  # linear | quadratic (DEIMv2's FlatCosineLRScheduler)
-    flat_fraction: float = 0.5  # flat-cosine: constant lr for this fraction, then cosine
-    min_lr_fraction: float = 0.05
+    epochs: int
+    batch_size: int
+    lr: float
+    backbone_lr_mult: float  # backbone lr = lr * this (0.1 for a pretrained backbone)
+    weight_decay: float
+    warmup_steps: int
+    warmup_shape: str  # linear | quadratic (DEIMv2's FlatCosineLRScheduler)
+    flat_fraction: float  # flat-cosine: constant lr for this fraction, then cosine
+    min_lr_fraction: float
     # The last fraction of the steps at the minimum lr (DEIMv2's final epochs; the CPU default
     # has none: `max_epochs` holds the minimum past the schedule instead).
-    final_fraction: float = 0.0
-    clip_grad: float = 0.1
-    ema_decay: float = 0.9999  # 0 disables EMA
-    ema_warmup_steps: int = 1000  # DEIMv2's ramp: decay_t = ema_decay * (1 - exp(-t / this))
-    mal_gamma: float = 1.5  # MAL's gamma in DEIMv2's configs (transformers' default is 2.0)
+    final_fraction: float
+    clip_grad: float
+    ema_decay: float  # 0 disables EMA
+    ema_warmup_steps: int  # DEIMv2's ramp: decay_t = ema_decay * (1 - exp(-t / this))
+    mal_gamma: float  # MAL's gamma in DEIMv2's configs (transformers' default is 2.0)
     # Plateau: the val mAP gain over the last `plateau_fraction` of the epochs is below
     # `plateau_min_gain` (reported for Phase 1; 0 disables the check).
-    plateau_fraction: float = 0.2
-    plateau_min_gain: float = 0.005
+    plateau_fraction: float
+    plateau_min_gain: float
     # Beyond `epochs`, hold the minimum lr up to this many epochs until the plateau is met
     # (then stop); 0 (or <= epochs): the schedule's `epochs` only.
-    max_epochs: int = 45
-    patience: int = 0  # early stopping on the selection metric; 0 disables
-    select_metric: str = "map"  # which val metric picks the best checkpoint
-    amp: bool = True  # bfloat16 autocast on CUDA only
-    eval_every: int = 1  # epochs
+    max_epochs: int
+    patience: int  # early stopping on the selection metric; 0 disables
+    select_metric: str  # which val metric picks the best checkpoint
+    amp: bool  # bfloat16 autocast on CUDA only
+    eval_every: int  # epochs
 
 
 @dataclass
+@defaults_from("phase2")
 class Phase2Section(TrainSection):
-    # Phase 2's own defaults (params.yaml's phase2), here so that a phase2 section given in
-    # part gets them too, not Phase 1's.
-    epochs: int = 3
-    batch_size: int = 8
-    lr: float = 5e-5
-    warmup_steps: int = 0
-    flat_fraction: float = 1.0
-    min_lr_fraction: float = 1.0
-    final_fraction: float = 0.0
-    ema_decay: float = 0.0
-    max_epochs: int = 0  # Phase 1 only
-    select_metric: str = "composite"
+    # Every field takes params.yaml's phase2 value, the inherited ones too: a phase2 section
+    # given in part gets Phase 2's defaults, not Phase 1's.
     # Phase 2 trains on a frozen backbone + encoder: their output is cached per image and
     # view (defectfusion.cache) and reused by every run from the same Phase 1 checkpoint.
-    cache: bool = True  # off, or fusion.bn=train (the frozen part then changes): run it live
+    cache: bool  # off, or fusion.bn=train (the frozen part then changes): run it live
     # Training views: N >= 1 a fixed pool of N augmented views per image, drawn once from
     # view_seed (not the run's seed, so seeds and variants share it); 0 no augmentation;
     # -1 fresh augmentations every epoch (cannot be cached).
-    cache_views: int = 4
-    view_seed: int = 0
-    cache_dtype: str = "float32"  # float32 | float16 | bfloat16: features on disk
-    cache_dir: str = ".cache/defectfusion/phase2"  # relative to the working directory
+    cache_views: int
+    view_seed: int
+    cache_dtype: str  # float32 | float16 | bfloat16: features on disk
+    cache_dir: str  # relative to the working directory
 
 
 @dataclass
+@defaults_from("eval")
 class EvalSection:
-    batch_size: int = 16
-    composite_weights: dict[str, float] = field(
-        default_factory=lambda: {"map": 0.7, "critical_recall": 0.3}
-    )
-    iou_match: float = 0.5  # confusion matrix matching
-    score_threshold: float = 0.3  # confusion matrix and qualitative figures
+    batch_size: int
+    composite_weights: dict[str, float]
+    iou_match: float  # confusion matrix matching
+    score_threshold: float  # confusion matrix and qualitative figures
 
 
 @dataclass
+@defaults_from("postmortem")
 class PostmortemSection:
     """The post-mortem's decision rule, declared before the run (defectfusion.postmortem.judge;
     the book quotes it). A hypothesis "reproduces the thesis's drop" only when its epoch-1
@@ -162,119 +212,88 @@ class PostmortemSection:
     agrees (same sign, its own adjusted interval excluding 0); and its drop relative to Phase 1
     reaches `min_fraction` of the thesis's relative drop. "No change" only by equivalence."""
 
-    level: float = 95.0  # family-wise confidence of the rule's intervals, percent
-    adjust: str = "bonferroni"  # bonferroni (each interval at 1 - (1 - level) / H) | none
-    test_agrees: bool = True  # the test split must confirm the val split's direction
-    min_fraction: float = 0.5  # of the thesis's relative drop (-0.114 / 0.785 = -14.5 %)
-    equivalence_margin: float = 0.01  # mAP: "no change" when the interval lies inside +-margin
+    level: float  # family-wise confidence of the rule's intervals, percent
+    adjust: str  # bonferroni (each interval at 1 - (1 - level) / H) | none
+    test_agrees: bool  # the test split must confirm the val split's direction
+    min_fraction: float  # of the thesis's relative drop (-0.114 / 0.785 = -14.5 %)
+    equivalence_margin: float  # mAP: "no change" when the interval lies inside +-margin
 
 
 @dataclass
+@defaults_from("text")
 class TextSection:
-    encoder: str = "minilm"  # clip-vit-b-32 | siglip-* | minilm | random | a local path
-    weights: str | None = None
-    prompts: str = "prompts/synth.yaml"
+    encoder: str  # clip-vit-b-32 | siglip-* | minilm | random | a local path
+    weights: str | None
+    prompts: str
 
 
 @dataclass
+@defaults_from("fusion")
 class FusionSection:
-    init: str = "zero_start"  # zero_start | naive
-    alpha: str = "learned"  # learned | frozen0 (text branch off: the control)
-    loss: str = "focal"  # focal | mal (Phase 1's loss, DEIMv2's matching-aware loss)
-    bn: str = "eval"  # eval | train (frozen modules' BatchNorm statistics)
-    start: str = "ema"  # ema | raw: which Phase 1 weights Phase 2 starts from
-    tau_init: float = 0.07
-    fuse_encoder_head: bool = True
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    init: str  # zero_start | naive
+    alpha: str  # learned | frozen0 (text branch off: the control)
+    loss: str  # focal | mal (Phase 1's loss, DEIMv2's matching-aware loss)
+    bn: str  # eval | train (frozen modules' BatchNorm statistics)
+    start: str  # ema | raw: which Phase 1 weights Phase 2 starts from
+    tau_init: float
+    fuse_encoder_head: bool
+    focal_alpha: float
+    focal_gamma: float
 
 
 @dataclass
+@defaults_from("pipeline.dataset")
 class DatasetSection:
     """How the pipeline's data step makes data.dir (`defectfusion data prepare`)."""
 
-    kind: str = "synth"  # synth | neu | coco
-    seed: int = 0
-    n_train: int = 800  # synth only: images per split
-    n_val: int = 200
-    n_test: int = 200
-    src: str | None = None  # neu: the NEU-DET folder; coco: the images folder
-    annotations: str | None = None  # coco: the annotations JSON
-
-
-def _default_variant_switches() -> dict[str, Any]:
-    return {
-        "zero_start": {},
-        "naive": {"fusion.init": "naive"},
-        "frozen0": {"fusion.alpha": "frozen0"},
-        "deimv2_loss": {"fusion.loss": "mal"},
-        "bn_train": {"fusion.bn": "train"},
-        "raw_start": {"fusion.start": "raw"},
-        "clip_norm": {"data.normalize": "clip"},
-        "decoder_only": {"fusion.fuse_encoder_head": False},
-        "thesis_replica": {"fusion.start": "raw", "fusion.bn": "train", "data.normalize": "clip"},
-        # Not in the default `variants` (configs/mechanism.yaml runs them): the preprocessing
-        # mismatch's dose-response, then the rest of the thesis replica's 2x2x2 factorial.
-        "siglip_norm": {"data.normalize": "siglip"},
-        "no_norm": {"data.normalize": "none"},
-        "res_256": {"data.image_size": 256},
-        "raw_bn": {"fusion.start": "raw", "fusion.bn": "train"},
-        "raw_clip": {"fusion.start": "raw", "data.normalize": "clip"},
-        "bn_clip": {"fusion.bn": "train", "data.normalize": "clip"},
-    }
-
-
-# The variants the default profile runs: the nine first switches (the new ones above are
-# configs/mechanism.yaml's).
-DEFAULT_VARIANTS: tuple[str, ...] = (
-    "zero_start", "naive", "frozen0", "deimv2_loss", "bn_train", "raw_start", "clip_norm",
-    "decoder_only", "thesis_replica",
-)  # fmt: skip
+    kind: str  # synth | neu | coco
+    seed: int
+    n_train: int  # synth only: images per split
+    n_val: int
+    n_test: int
+    src: str | None  # neu: the NEU-DET folder; coco: the images folder
+    annotations: str | None  # coco: the annotations JSON
 
 
 @dataclass
+@defaults_from("pipeline")
 class PipelineSection:
     """What the Snakefile runs: the dataset, the presets, the Phase 2 variants and seeds."""
 
-    profile: str = "default"  # named in the summary and the book
-    dataset: DatasetSection = field(default_factory=DatasetSection)
-    presets: list[str] = field(
-        default_factory=lambda: [
-            "deimv2-dinov3-tiny",
-            "deimv2-resnet-tiny",
-            "deimv2-efficientnet-tiny",
-        ]
-    )
+    profile: str  # named in the summary and the book
+    dataset: DatasetSection
+    presets: list[str]
     # preset -> {dotted key: value}, variant -> {dotted key: value}: checked key by key
-    preset_overrides: dict[str, Any] = field(default_factory=dict)
-    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
-    variant_switches: dict[str, Any] = field(default_factory=_default_variant_switches)
-    variant_overrides: dict[str, Any] = field(default_factory=dict)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    preset_overrides: dict[str, Any]
+    variants: list[str]
+    variant_switches: dict[str, Any]
+    variant_overrides: dict[str, Any]
+    seeds: list[int]
     # The study design (configs/study.yaml): Phase 1 trained once per seed listed (the main
     # preset), `seeds` split into as many equal consecutive blocks, block k fine-tuned from
     # Phase 1 seed k; the intervals then resample Phase 1 seeds, Phase 2 seeds and images.
     # Empty: one Phase 1 run (the config's `seed`), and every interval is conditional on it.
-    phase1_seeds: list[int] = field(default_factory=list)
-    bootstrap: int = 1000
-    requires_gpu: bool = False
-    gpus: int = 1
+    phase1_seeds: list[int]
+    bootstrap: int
+    requires_gpu: bool
+    gpus: int
 
 
 @dataclass
+@defaults_from("")
 class Config:
-    seed: int = 0
-    data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    phase1: TrainSection = field(default_factory=TrainSection)
-    phase2: Phase2Section = field(default_factory=Phase2Section)
-    eval: EvalSection = field(default_factory=EvalSection)
-    text: TextSection = field(default_factory=TextSection)
-    fusion: FusionSection = field(default_factory=FusionSection)
-    postmortem: PostmortemSection = field(default_factory=PostmortemSection)
-    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    seed: int
+    data: DataSection
+    model: ModelSection
+    phase1: TrainSection
+    phase2: Phase2Section
+    eval: EvalSection
+    text: TextSection
+    fusion: FusionSection
+    postmortem: PostmortemSection
+    pipeline: PipelineSection
     # Per-figure matplotlib rcParams over the report's style: {figure name: {rc key: value}}.
-    figure_style: dict[str, Any] = field(default_factory=dict)
+    figure_style: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -592,7 +611,7 @@ def safe_name(name: object) -> bool:
 
 # The dataset kinds, one registry: each kind and the pipeline.dataset keys it needs besides
 # (a path that must exist). Config validation, data.prepare and the pipeline's preflight ask
-# it; data.prepare maps each kind to its maker.
+# it; data.importers.MAKERS maps each kind to its maker (a test holds the two keys equal).
 DATASET_KINDS: dict[str, tuple[str, ...]] = {
     "synth": (),  # generated: data/synth.py
     "neu": ("src",),  # a NEU-DET folder

@@ -83,7 +83,7 @@ from defectfusion.errors import UserError, is_number
 COCO_AREA_PX2: tuple[float, float] = (32.0**2, 96.0**2)
 REFERENCE_SIDE = 640  # the image side COCO's area cuts were made for
 AREA_MAX = 1e5**2  # COCO's upper bound of "all" and "large"
-# params.yaml's eval.composite_weights (the config dataclass mirrors it, tests/test_config.py)
+# params.yaml's eval.composite_weights (the config's default)
 DEFAULT_WEIGHTS: dict[str, float] = EvalSection().composite_weights
 
 Results = list[dict[str, Any]]

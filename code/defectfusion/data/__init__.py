@@ -23,35 +23,7 @@ def prepare(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[s
         if not dataset.get(key):
             what = f"the {kind} source folder" if key == "src" else "the COCO JSON"
             raise UserError(f"pipeline.dataset.{key}: {what} is not set")
+    # Deferred: the CLI's start-up does not pay for PIL and numpy.
+    from defectfusion.data.importers import MAKERS
+
     return MAKERS[kind](dataset, image_size, out)
-
-
-def _synth(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
-    from defectfusion.data.synth import SynthSpec, generate
-
-    spec = SynthSpec(
-        seed=int(dataset.get("seed", 0)),
-        n_train=int(dataset["n_train"]),
-        n_val=int(dataset["n_val"]),
-        n_test=int(dataset["n_test"]),
-        image_size=image_size,
-    )
-    return generate(out, spec)
-
-
-def _neu(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
-    from defectfusion.data.importers import import_neu
-
-    return import_neu(dataset["src"], out, seed=int(dataset.get("seed", 0)))
-
-
-def _coco(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
-    from defectfusion.data.importers import import_coco
-
-    seed = int(dataset.get("seed", 0))
-    return import_coco(dataset["src"], [dataset["annotations"]], out, seed=seed, splits=None)
-
-
-# Each kind of config.DATASET_KINDS and the function that makes its folder (imports deferred:
-# the CLI's start-up does not pay for PIL and numpy).
-MAKERS = {"synth": _synth, "neu": _neu, "coco": _coco}

@@ -523,3 +523,31 @@ def _image_size(path: Path) -> tuple[int, int]:
     if too_large:
         raise UserError(f"{path}: {too_large}")
     return size
+
+
+# The pipeline's makers: each kind of config.DATASET_KINDS and the function that makes its
+# folder from ``pipeline.dataset`` (`data.prepare`). A new importer is a function above, its
+# maker and its line here, plus its kind in config.DATASET_KINDS and its prompts/KIND.yaml.
+def make_synth(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
+    from defectfusion.data.synth import SynthSpec, generate
+
+    spec = SynthSpec(
+        seed=int(dataset.get("seed", 0)),
+        n_train=int(dataset["n_train"]),
+        n_val=int(dataset["n_val"]),
+        n_test=int(dataset["n_test"]),
+        image_size=image_size,
+    )
+    return generate(out, spec)
+
+
+def make_neu(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
+    return import_neu(dataset["src"], out, seed=int(dataset.get("seed", 0)))
+
+
+def make_coco(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
+    seed = int(dataset.get("seed", 0))
+    return import_coco(dataset["src"], [dataset["annotations"]], out, seed=seed, splits=None)
+
+
+MAKERS = {"synth": make_synth, "neu": make_neu, "coco": make_coco}
