@@ -6,9 +6,10 @@ Snakefile declares exactly these inputs (``Layout.inputs``), so an output is reb
 and only when, a file it reads changes. This module stays light (no numpy, no matplotlib):
 the Snakefile imports it while parsing.
 
-Every output is declared once, in ``OUTPUTS``: its kind and name, the module that makes it
-and the results files it reads. The Snakefile (each job's inputs, its code), the provenance
-records, `write_figures` and the book's checks all read that one list::
+Every output is declared once: its kind and name, the module that makes it and the results
+files it reads; the tables and the summary here, each figure beside its code (`figure`). The
+Snakefile (each job's inputs, its code), the provenance records, `write_figures` and the
+book's checks all read those declarations (``OUTPUTS``)::
 
     results/tables/NAME.{csv,md,tex}   TABLES      (defectfusion.report.tables)
     figures/NAME.{png,pdf}             FIGURES     (defectfusion.report.figures.*, one module
@@ -20,6 +21,7 @@ records, `write_figures` and the book's checks all read that one list::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +57,8 @@ KINDS: tuple[str, ...] = ("tables", "figures", "summary")
 # The config sections every report output depends on: the Snakefile's rule params, and the
 # params hash in each provenance record.
 PARAM_SECTIONS: tuple[str, ...] = ("data", "model", "eval", "pipeline")
+
+
 @dataclass(frozen=True)
 class Output:
     """One report output, declared once: what it is, what makes it and what it reads."""
@@ -64,11 +68,12 @@ class Output:
     module: str  # a figure: its module holds a function of the same name; a table: tables.py
     reads: Callable[[Layout], list[str]]  # the results files it reads (Snakemake's inputs)
     optional: Callable[[Layout], list[str]] = lambda layout: []  # read when present
+    caption: str = ""  # its line in `snakemake --report` (the book writes its own, Spanish)
 
 
 _TABLES = "defectfusion.report.tables"
-_FIG = "defectfusion.report.figures"
-OUTPUTS: tuple[Output, ...] = (
+# The tables and the summary; each figure declares itself beside its code (`figure`).
+_DECLARED: tuple[Output, ...] = (
     # tables (report/tables.py)
     Output("tables", "dataset", _TABLES, lambda L: L.splits()),
     Output("tables", "phase1", _TABLES, lambda L: L.presets_history_and_test(),
@@ -100,35 +105,6 @@ OUTPUTS: tuple[Output, ...] = (
         *(L.phase1(p, "history.jsonl") for p in L.presets), *L.all_phase2("history.jsonl"),
     ], lambda L: L.stage_benchmarks()),
     Output("tables", "environment", _TABLES, lambda L: ["requirements.lock"]),  # versions
-    # figures (report/figures/NAME.py)
-    Output("figures", "dataset_examples", f"{_FIG}.dataset_examples",
-           lambda L: [L.split("train")]),
-    Output("figures", "phase1_curves", f"{_FIG}.phase1_curves",
-           lambda L: [L.phase1(p, "history.jsonl") for p in L.presets]),
-    Output("figures", "postmortem", f"{_FIG}.postmortem",
-           lambda L: [L.phase1(L.main, "history.jsonl"), *L.all_phase2("history.jsonl")]),
-    Output("figures", "initialisation", f"{_FIG}.initialisation", lambda L: [
-        L.phase1(L.main, "history.jsonl"), *L.all_phase2("history.jsonl", L.init_variants),
-    ]),
-    Output("figures", "gate_dynamics", f"{_FIG}.gate_dynamics",
-           lambda L: [*L.all_phase2("history.jsonl"), *L.all_phase2("steps.jsonl")]),
-    Output("figures", "confusion", f"{_FIG}.confusion",
-           lambda L: [L.phase1(L.main, "test_metrics.json"), *L.adopted_test()]),
-    Output("figures", "per_class", f"{_FIG}.per_class",
-           lambda L: [L.phase1(L.main, "test_metrics.json"), *L.adopted_test()]),
-    Output("figures", "pr_curves", f"{_FIG}.pr_curves",
-           lambda L: [L.split("test"), *L.test_predictions()]),
-    Output("figures", "qualitative", f"{_FIG}.qualitative",
-           lambda L: [L.split("test"), *L.test_predictions()]),
-    Output("figures", "prompt_similarity", f"{_FIG}.prompt_similarity", lambda L: [L.text]),
-    # the post-mortem (issue 13): one module for its two figures
-    Output("figures", "postmortem_forest", f"{_FIG}.postmortem_intervals",
-           lambda L: [L.postmortem]),
-    Output("figures", "postmortem_mechanism", f"{_FIG}.postmortem_intervals",
-           lambda L: [L.postmortem]),
-    Output("figures", "postmortem_drift", f"{_FIG}.postmortem_intervals",
-           lambda L: [*L.all_phase2("history.jsonl"), L.phase1(L.main, "history.jsonl"),
-                      THESIS_FIGURES]),
     # the book's numbers (report/summary.py)
     Output("summary", "summary", "defectfusion.report.summary", lambda L: [
         *L.splits(), *L.presets_history_and_test(), *L.all_phase2("history.jsonl"),
@@ -140,9 +116,10 @@ OUTPUTS: tuple[Output, ...] = (
 )  # fmt: skip
 
 
-# One line per table and figure: its caption in `snakemake --report` (report/*.rst reads it
-# through the rules' `caption` param). The book writes its own Spanish captions.
-CAPTIONS: dict[str, str] = {
+# One line per table: its caption in `snakemake --report` (report/*.rst reads it through the
+# rules' `caption` param; a figure's is in its `figure` declaration). The book writes its own
+# Spanish captions.
+TABLE_CAPTIONS: dict[str, str] = {
     "dataset": "Images, boxes and boxes per class of each split.",
     "phase1": "Phase 1 presets on the test split: mAP, mAP50, critical recall, composite, "
     "parameters, training and evaluation time.",
@@ -161,42 +138,82 @@ CAPTIONS: dict[str, str] = {
     "with Phase 1.",
     "runtime": "Wall and CPU time of every training run and pipeline stage.",
     "environment": "The versions of the libraries the run used.",
-    "dataset_examples": "A few training images of each class with their boxes.",
-    "phase1_curves": "Phase 1 training loss and validation mAP per epoch, per preset.",
-    "postmortem": "Validation mAP per Phase 2 epoch (0: before any update) of every variant, "
-    "beside Phase 1's best: the epoch-1 drop the thesis saw, or its absence.",
-    "initialisation": "Zero-start against the naive initialisation: validation mAP per epoch.",
-    "gate_dynamics": "The fusion gate alpha and temperature tau per step.",
-    "confusion": "Confusion matrix at the operating point, Phase 1 and adopted Phase 2.",
-    "per_class": "AP and recall per class, Phase 1 against the adopted Phase 2 variant.",
-    "pr_curves": "Precision-recall curves per class on the test split.",
-    "qualitative": "Test images with their boxes: hits, misses and false alarms.",
-    "prompt_similarity": "Cosine similarity of the class prompts' text embeddings.",
-    "postmortem_forest": "Each hypothesis's epoch-1 drift with its adjusted interval, against "
-    "the thesis's drop and the equivalence margin.",
-    "postmortem_mechanism": "The drift split into its epoch-0 shift (before any update) and its "
-    "epoch-1 adaptation, per hypothesis.",
-    "postmortem_drift": "Validation mAP change from Phase 1 per epoch and variant, beside the "
-    "thesis's drop.",
 }
 
 
-def names(kind: str) -> tuple[str, ...]:
+_FIGURES: dict[str, Output] = {}  # filled by `figure` as report/figures/*.py are imported
+
+
+def figure(
+    reads: Callable[[Layout], list[str]],
+    caption: str,
+    optional: Callable[[Layout], list[str]] = lambda layout: [],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare the function below as a report figure, beside its code: the figure is named
+    after the function, its module is the code that draws it (the Snakefile's code input),
+    `reads` the results files it reads (the rule's inputs), `caption` its English line in
+    `snakemake --report`. A new figure is its module in report/figures/ and the book page
+    that shows it: nothing else lists it."""
+
+    def declare(draw: Callable[..., Any]) -> Callable[..., Any]:
+        name = draw.__name__
+        known = _FIGURES.get(name)
+        if known is not None and known.module != draw.__module__:
+            raise ValueError(f"figure {name!r} declared in {known.module} and {draw.__module__}")
+        _FIGURES[name] = Output("figures", name, draw.__module__, reads, optional, caption)
+        return draw
+
+    return declare
+
+
+@functools.cache
+def _figures() -> tuple[Output, ...]:
+    """Every figure module imported, so each has declared itself: in module-name order, then
+    in each module's order. Imported here, not at the top: the figures bring matplotlib and
+    numpy (0.4 s), which only what asks for the figures pays."""
+    import importlib
+    import pkgutil
+
+    # By name, not `from ... import`: the tables and the summary import this module but run
+    # no figure code, and the Snakefile's code scan (pipeline.code_deps) follows imports.
+    figures = importlib.import_module(f"{__name__}.figures")
+    for module in pkgutil.iter_modules(figures.__path__):
+        importlib.import_module(f"{figures.__name__}.{module.name}")
+    return tuple(_FIGURES.values())
+
+
+def declared(kind: str) -> tuple[Output, ...]:
     """The declared outputs of `kind` (tables, figures, summary), in declaration order."""
-    return tuple(o.name for o in OUTPUTS if o.kind == kind)
+    if kind == "figures":
+        return _figures()
+    return tuple(o for o in _DECLARED if o.kind == kind)
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The names of the declared outputs of `kind`."""
+    return tuple(o.name for o in declared(kind))
 
 
 TABLES: tuple[str, ...] = names("tables")
-FIGURES: tuple[str, ...] = names("figures")
+
+
+def __getattr__(name: str) -> Any:
+    """`FIGURES`, `CAPTIONS` and `OUTPUTS` made on first use (they import the figures)."""
+    if name == "FIGURES":
+        return names("figures")
+    if name == "CAPTIONS":
+        return {**TABLE_CAPTIONS, **{o.name: o.caption for o in _figures()}}
+    if name == "OUTPUTS":
+        return (*declared("tables"), *_figures(), *declared("summary"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def output(kind: str, name: str) -> Output:
     """The declaration of report output `name` of `kind`."""
-    for o in OUTPUTS:
-        if (o.kind, o.name) == (kind, name):
+    for o in declared(kind):
+        if o.name == name:
             return o
-    known = ", ".join(f"{o.kind}/{o.name}" for o in OUTPUTS)
-    raise KeyError(f"no report output {kind}/{name}; known: {known}")
+    raise KeyError(f"no report output {kind}/{name}; known: {', '.join(names(kind))}")
 
 
 def inputs_of(layout: Layout, kind: str, name: str) -> list[str]:

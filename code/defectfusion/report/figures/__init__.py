@@ -1,7 +1,8 @@
 """The thesis's figures, as PNG (200 dpi) and PDF, from the results files: one module per
-figure (or per small family), each declared once in ``report.OUTPUTS`` (its name, its module
-and the results files it reads), so the Snakefile gives each figure exactly its own code as
-input: editing ``confusion.py`` redraws the confusion figure and nothing else.
+figure (or per small family), each declared beside its code with ``report.figure`` (its
+name, its module, the results files it reads and its caption), so the Snakefile gives each
+figure exactly its own code as input: editing ``confusion.py`` redraws the confusion figure
+and nothing else.
 
 This package holds what the figures share: one style (a 6.3-inch text width, 7-9 pt type,
 matplotlib's object API, headless), the helpers, the colours (one per model in every figure,
@@ -37,7 +38,6 @@ from defectfusion.data.coco import category_names, images_dir, load_json
 from defectfusion.errors import UserError
 from defectfusion.fsutil import atomic_write
 from defectfusion.report import (
-    FIGURES,
     PARAM_SECTIONS,
     PHASE1_COLOR,
     Layout,
@@ -46,6 +46,7 @@ from defectfusion.report import (
     class_name_es,
     inputs_of,
     model_color,
+    names,
     number_es,
     output,
     variant_name_es,
@@ -306,8 +307,10 @@ def figure_styles(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """
     styles = values.get("figure_style") or {}
     for name, style in styles.items():
-        if name not in FIGURES:
-            raise UserError(f"figure_style.{name}: no such figure; figures are {list(FIGURES)}")
+        if name not in names("figures"):
+            raise UserError(
+                f"figure_style.{name}: no such figure; figures are {list(names('figures'))}"
+            )
         if not isinstance(style, dict):
             raise UserError(f"figure_style.{name}: expected a mapping of rcParams, got {style!r}")
         for key in style:
@@ -321,8 +324,8 @@ def figure_styles(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def draw_function(name: str) -> Callable[[Ctx], Figure]:
-    """The function that draws figure `name`: the one of that name in the module
-    ``report.OUTPUTS`` declares for it (imported only when drawn)."""
+    """The function that draws figure `name`: the one its `figure` declaration names (its
+    module imported only when drawn)."""
     module = importlib.import_module(output("figures", name).module)
     return getattr(module, name)
 

@@ -11,9 +11,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from defectfusion.metrics import row_normalized
+from defectfusion.report import figure
 from defectfusion.report.figures import Ctx, cls, models_compared, new_figure, num
 
 
+@figure(
+    reads=lambda L: [L.phase1(L.main, "test_metrics.json"), *L.adopted_test()],
+    caption="Confusion matrix at the operating point, Phase 1 and adopted Phase 2.",
+)
 def confusion(ctx: Ctx) -> Figure:
     models = models_compared(ctx)
     k = len(models[0][1]["confusion"]["classes"])

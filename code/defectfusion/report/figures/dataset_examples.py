@@ -9,6 +9,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from defectfusion.data.coco import category_names, load_json
+from defectfusion.report import figure
 from defectfusion.report.figures import (
     CLASS_COLORS,
     WIDTH,
@@ -21,6 +22,10 @@ from defectfusion.report.figures import (
 )
 
 
+@figure(
+    reads=lambda L: [L.split("train")],
+    caption="A few training images of each class with their boxes.",
+)
 def dataset_examples(ctx: Ctx) -> Figure:
     gt = load_json(ctx.layout.split("train"))
     names = category_names(gt)

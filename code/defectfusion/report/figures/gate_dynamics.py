@@ -8,11 +8,15 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from defectfusion.report import figure, variant_name_es
 from defectfusion.report import summary as S
-from defectfusion.report import variant_name_es
 from defectfusion.report.figures import Ctx, new_figure, num, say, variant_color, variant_dash
 
 
+@figure(
+    reads=lambda L: [*L.all_phase2("history.jsonl"), *L.all_phase2("steps.jsonl")],
+    caption="The fusion gate alpha and temperature tau per step.",
+)
 def gate_dynamics(ctx: Ctx) -> Figure:
     """Changes since initialisation for alpha and ||W_proj||: naive starts at alpha = 0.1 and
     a 100x larger W_proj, which would flatten zero-start's curves on a shared absolute axis.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from defectfusion.report import variant_name_es
+from defectfusion.report import figure, variant_name_es
 from defectfusion.report.figures import (
     Ctx,
     epoch_axis,
@@ -21,6 +21,13 @@ from defectfusion.report.figures import (
 )
 
 
+@figure(
+    reads=lambda L: [
+        L.phase1(L.main, "history.jsonl"),
+        *L.all_phase2("history.jsonl", L.init_variants),
+    ],
+    caption="Zero-start against the naive initialisation: validation mAP per epoch.",
+)
 def initialisation(ctx: Ctx, max_epoch: int = 10) -> Figure:
     fig, axes = new_figure(1, 2, 2.6)
     shown = 0

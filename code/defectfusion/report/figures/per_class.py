@@ -5,11 +5,15 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from defectfusion.report import PHASE1_COLOR
+from defectfusion.report import PHASE1_COLOR, figure
 from defectfusion.report import summary as S
 from defectfusion.report.figures import Ctx, cls, models_compared, new_figure, num, variant_color
 
 
+@figure(
+    reads=lambda L: [L.phase1(L.main, "test_metrics.json"), *L.adopted_test()],
+    caption="AP and recall per class, Phase 1 against the adopted Phase 2 variant.",
+)
 def per_class(ctx: Ctx) -> Figure:
     models = models_compared(ctx)
     names = S.class_order(models[0][1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from defectfusion.report import model_color
+from defectfusion.report import figure, model_color
 from defectfusion.report import summary as S
 from defectfusion.report.figures import (
     DASHES,
@@ -17,6 +17,10 @@ from defectfusion.report.figures import (
 )
 
 
+@figure(
+    reads=lambda L: [L.phase1(p, "history.jsonl") for p in L.presets],
+    caption="Phase 1 training loss and validation mAP per epoch, per preset.",
+)
 def phase1_curves(ctx: Ctx) -> Figure:
     fig, axes = new_figure(1, 2, 2.5)
     for i, preset in enumerate(ctx.layout.presets):

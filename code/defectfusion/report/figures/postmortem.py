@@ -10,7 +10,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from defectfusion.report import variant_name_es
+from defectfusion.report import figure, variant_name_es
 from defectfusion.report.figures import (
     Ctx,
     epoch_axis,
@@ -36,6 +36,13 @@ def _relative_loss(histories: list[list[dict[str, Any]]]) -> list[list[dict[str,
     return out
 
 
+@figure(
+    reads=lambda L: [L.phase1(L.main, "history.jsonl"), *L.all_phase2("history.jsonl")],
+    caption=(
+        "Validation mAP per Phase 2 epoch (0: before any update) of every variant, beside Phase "
+        "1's best: the epoch-1 drop the thesis saw, or its absence."
+    ),
+)
 def postmortem(ctx: Ctx) -> Figure:
     fig, axes = new_figure(1, 3, 2.6)
     best = phase1_best(ctx)

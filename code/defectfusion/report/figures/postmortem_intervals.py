@@ -43,6 +43,7 @@ from defectfusion.report import (
     PHASE1_COLOR,
     THESIS_FIGURES,
     Layout,
+    figure,
     model_color,
     variant_name_es,
 )
@@ -83,6 +84,13 @@ def _interval(
     )  # fmt: skip
 
 
+@figure(
+    reads=lambda L: [L.postmortem],
+    caption=(
+        "Each hypothesis's epoch-1 drift with its adjusted interval, against the thesis's drop "
+        "and the equivalence margin."
+    ),
+)
 def postmortem_forest(ctx: Any) -> Figure:
     layout: Layout = ctx.layout
     pm = _postmortem(layout)
@@ -161,6 +169,13 @@ def input_dose(switches: dict[str, Any], phase1_size: int) -> tuple[str, float] 
     return None
 
 
+@figure(
+    reads=lambda L: [L.postmortem],
+    caption=(
+        "The drift split into its epoch-0 shift (before any update) and its epoch-1 adaptation, "
+        "per hypothesis."
+    ),
+)
 def postmortem_mechanism(ctx: Any) -> Figure:
     layout: Layout = ctx.layout
     pm = _postmortem(layout)
@@ -238,6 +253,14 @@ def _deltas(layout: Layout, variant: str, phase1: float) -> tuple[list[int], np.
     return epochs, out
 
 
+@figure(
+    reads=lambda L: [
+        *L.all_phase2("history.jsonl"),
+        L.phase1(L.main, "history.jsonl"),
+        THESIS_FIGURES,
+    ],
+    caption="Validation mAP change from Phase 1 per epoch and variant, beside the thesis's drop.",
+)
 def postmortem_drift(ctx: Any) -> Figure:
     layout: Layout = ctx.layout
     variants = list(layout.variants)

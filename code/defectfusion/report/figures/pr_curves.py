@@ -10,10 +10,14 @@ from matplotlib.figure import Figure
 
 from defectfusion.data.coco import load_json
 from defectfusion.metrics import precision_recall
-from defectfusion.report import PHASE1_COLOR
+from defectfusion.report import PHASE1_COLOR, figure
 from defectfusion.report.figures import Ctx, cls, new_figure, num, variant_color
 
 
+@figure(
+    reads=lambda L: [L.split("test"), *L.test_predictions()],
+    caption="Precision-recall curves per class on the test split.",
+)
 def pr_curves(ctx: Ctx) -> Figure:
     gt = load_json(ctx.layout.split("test"))
     v, s = ctx.layout.adopted

@@ -7,10 +7,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from defectfusion.data.coco import load_json
-from defectfusion.report import text_encoder_es
+from defectfusion.report import figure, text_encoder_es
 from defectfusion.report.figures import Ctx, cls, new_figure, num
 
 
+@figure(
+    reads=lambda L: [L.text],
+    caption="Cosine similarity of the class prompts' text embeddings.",
+)
 def prompt_similarity(ctx: Ctx) -> Figure:
     data = load_json(ctx.layout.text)
     cos = np.asarray(data["cosine"], dtype=float)

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from defectfusion.data.coco import load_json
 from defectfusion.metrics import box_iou, qualitative_cases
+from defectfusion.report import figure
 from defectfusion.report.figures import (
     CLASS_COLORS,
     WIDTH,
@@ -31,6 +32,10 @@ from defectfusion.report.figures import (
 )
 
 
+@figure(
+    reads=lambda L: [L.split("test"), *L.test_predictions()],
+    caption="Test images with their boxes: hits, misses and false alarms.",
+)
 def qualitative(ctx: Ctx, per_row: int = 2) -> Figure:
     gt = load_json(ctx.layout.split("test"))
     v, s = ctx.layout.adopted
