@@ -1,20 +1,17 @@
 # The pipeline: data -> text embeddings -> Phase 1 per preset -> Phase 2 per variant and
 # seed -> evaluation on the test split -> paired bootstrap comparisons and the post-mortem ->
 # tables, figures and the book. Rules are thin: each calls the `defectfusion` CLI; they live
-# in rules/*.smk (data, train, analysis, report), their helpers in defectfusion.pipeline and
+# in rules/*.smk (data, train, analysis, report), their helpers in defectfusion.workflow and
 # defectfusion.layout. params.yaml is the single source of hyperparameters; a profile is an
 # overlay: snakemake --cores all --configfile configs/micro.yaml
 import sys
 from pathlib import Path
 
 from defectfusion.config import variant_settings
-from defectfusion.errors import UserError
-from defectfusion.pipeline import (
-    canonical,
-    code_deps,  # each rule's code: what its stage imports
-    preflight_problem,
-    resolved_config_file,
-    typed_config,
+from defectfusion.core.errors import UserError
+from defectfusion.workflow.code_deps import code_deps
+from defectfusion.workflow.preflight import (
+    canonical, preflight_problem, resolved_config_file, typed_config
 )
 from defectfusion.report import (
     CAPTIONS, FIGURES, PARAM_SECTIONS, TABLES, Layout, inputs_of, optional_inputs_of, output
@@ -117,9 +114,9 @@ rule trained:
 
 
 # After a successful run, record it in dvc.lock so `dvc repro` does not redo it
-# (defectfusion/pipeline.py says when that is possible).
+# (defectfusion/workflow/versioning.py says when that is possible).
 onsuccess:
-    from defectfusion.pipeline import record_in_dvc_lock
+    from defectfusion.workflow.versioning import record_in_dvc_lock
 
     print(record_in_dvc_lock(config))
 

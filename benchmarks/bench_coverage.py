@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from defectfusion.bootstrap import (
+from defectfusion.analysis.bootstrap import (
     INTERVALS,
     SetMetrics,
     hierarchical_diff,

@@ -81,7 +81,7 @@ def measure(
     """Training images per second of one option (after `warmup` steps)."""
     import torch
 
-    from defectfusion.models import set_train_mode
+    from defectfusion.model.models import set_train_mode
     from defectfusion.train.common import param_groups
 
     batch = {"batch8": 8, "batch16": 16}.get(option, 4)
@@ -124,7 +124,7 @@ def measure(
 
 def val_seconds(model: Any, split: Path, size: int, n_val: int) -> float:
     from defectfusion.data.loader import make_loader
-    from defectfusion.evaluate import predict
+    from defectfusion.evaluation.evaluate import predict
 
     ld = make_loader(split, size, 16, train=False)
     t = time.perf_counter()
@@ -155,8 +155,8 @@ def main() -> None:
 
     import torch
 
-    from defectfusion.losses import install_loss
-    from defectfusion.models import build_model
+    from defectfusion.model.losses import install_loss
+    from defectfusion.model.models import build_model
 
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)  # as the training engine does on CPU

@@ -6,7 +6,7 @@ then slows every mode alike, so the ratios hold on a shared machine):
 - ``phase1``: every parameter trains (forward, backward through the whole detector, AdamW);
 - ``phase2``: the fusion and the class heads train; the frozen backbone and hybrid encoder
   still run forward on every step (the uncached path, what ``fusion.bn=train`` runs);
-- ``phase2_cached``: the frozen part's output comes from `defectfusion.cache` (packed
+- ``phase2_cached``: the frozen part's output comes from `defectfusion.model.cache` (packed
   features computed once before the timed steps, as a Phase 2 run reads them from disk);
   the decoder, matcher and loss still run live.
 
@@ -61,10 +61,10 @@ def build(mode: str, preset: str, size: int, batch: int, n: int):
     """One mode's model, optimiser and inputs (the same images and boxes in every mode)."""
     import torch
 
-    from defectfusion import cache
-    from defectfusion.fusion import attach_fusion, set_trainable
-    from defectfusion.losses import install_loss
-    from defectfusion.models import build_model
+    from defectfusion.model import cache
+    from defectfusion.model.fusion import attach_fusion, set_trainable
+    from defectfusion.model.losses import install_loss
+    from defectfusion.model.models import build_model
     from defectfusion.train.common import param_groups
 
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def run(
     comes and goes then slows every mode alike, and the ratios stay meaningful."""
     import torch
 
-    from defectfusion.models import count_parameters, set_train_mode
+    from defectfusion.model.models import count_parameters, set_train_mode
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)

@@ -64,9 +64,9 @@ def measure(
     """Runs in its own process (see `main`); returns one table row."""
     import torch
 
-    from defectfusion.evaluate import postprocess
-    from defectfusion.losses import install_loss
-    from defectfusion.models import build_model, count_parameters, set_train_mode
+    from defectfusion.evaluation.evaluate import postprocess
+    from defectfusion.model.losses import install_loss
+    from defectfusion.model.models import build_model, count_parameters, set_train_mode
     from defectfusion.train.common import param_groups
 
     torch.set_num_threads(threads)
@@ -137,7 +137,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from defectfusion.models import PRESETS
+    from defectfusion.model.models import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(

@@ -51,8 +51,8 @@ def main() -> int:
     import torch
 
     from defectfusion.config import load_config
+    from defectfusion.core.errors import UserError
     from defectfusion.data import prepare
-    from defectfusion.errors import UserError
     from defectfusion.train.phase1 import train_phase1
     from defectfusion.train.phase2 import train_phase2
 

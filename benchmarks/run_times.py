@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"end to end: {end - start:.0f} s ({(end - start) / 60:.1f} min) on the clock")
     if args.graph.is_file():
         sys.path.insert(0, str(ROOT / "code"))
-        from defectfusion.pipeline import rulegraph_edges
+        from defectfusion.workflow.rulegraph import rulegraph_edges
 
         _, edges = rulegraph_edges(args.graph.read_text(encoding="utf-8"))
         longest = {GRAPH_NAME.get(r, r): p["max"] for r, p in per.items()}

@@ -11,7 +11,7 @@ rule evaluate_phase1:
     input:
         ckpt="runs/phase1/{preset}/best.pt",
         split=f"{DATA}/annotations/{{split}}.json",
-        code=code_deps("defectfusion.evaluate"),
+        code=code_deps("defectfusion.evaluation.evaluate"),
     params:
         section("data", "eval"),
         config=resolved,
@@ -42,7 +42,7 @@ rule evaluate_phase2:
     input:
         ckpt=expand("runs/phase2/{{variant}}/seed{{seed}}/{c}.pt", c=PHASE2_TEST.values()),
         split=SPLITS[2],
-        code=code_deps("defectfusion.evaluate"),
+        code=code_deps("defectfusion.evaluation.evaluate"),
     params:
         section("data", "eval"),
         out=expand("results/phase2/{{variant}}/seed{{seed}}/test_{which}.json", which=PHASE2_TEST),
@@ -63,7 +63,7 @@ rule compare:
         a=lambda w: f"results/phase1/{REPORT.phase1_run_of(w.seed)}/test_metrics.json",
         b="results/phase2/{variant}/seed{seed}/test_metrics.json",
         split=SPLITS[2],
-        code=code_deps("defectfusion.compare"),
+        code=code_deps("defectfusion.analysis.compare"),
     params:
         n=P["bootstrap"],
         cfg=section("data", "eval"),
@@ -87,7 +87,7 @@ rule postmortem:
     input:
         REPORT.postmortem_inputs(),
         "thesis/thesis_figures.yaml",  # the thesis's epoch-1 drop, beside each verdict
-        code=code_deps("defectfusion.postmortem"),
+        code=code_deps("defectfusion.analysis.postmortem"),
     params:
         cfg=section("seed", "data", "eval", "postmortem"),  # postmortem: the decision rule
         pipe=canonical({k: P[k] for k in ("variants", "seeds", "phase1_seeds", "bootstrap")}),

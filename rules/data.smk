@@ -30,7 +30,7 @@ rule text_embed:
     input:
         SPLITS[0],
         config["text"]["prompts"],
-        code_deps("defectfusion.text"),
+        code_deps("defectfusion.model.text"),
     params:
         section("text"),
         config=resolved,

@@ -55,7 +55,7 @@ def write_dinov3(cache: Path) -> None:
     import torch
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-    from defectfusion.models import get_preset
+    from defectfusion.model.models import get_preset
 
     spec = dict(get_preset("deimv2-dinov3-m").backbone)  # the thesis's ViT-S/16
     spec.pop("kind")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from defectfusion.errors import UserError
+from defectfusion.core.errors import UserError
 from defectfusion.report import FIGURES, TABLES  # the names the pages must use
 
 ROOT = Path(__file__).resolve().parents[1]

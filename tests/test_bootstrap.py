@@ -1,4 +1,4 @@
-"""Tests of defectfusion.bootstrap: exact COCO metrics of many replicates at once, the
+"""Tests of defectfusion.analysis.bootstrap: exact COCO metrics of many replicates at once, the
 fixed-threshold recall, and the hierarchical bootstrap over seeds and images."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectfusion.bootstrap import (
+from defectfusion.analysis.bootstrap import (
     REC_THRS,
     PerImageEval,
     SetMetrics,
@@ -22,7 +22,7 @@ from defectfusion.bootstrap import (
     seed_replicates,
     verdict,
 )
-from defectfusion.metrics import coco_metrics
+from defectfusion.evaluation.metrics import coco_metrics
 from test_compare import CRITICAL, make_gt, noisy_predictions
 
 
@@ -98,7 +98,7 @@ def test_recall_at_a_threshold_is_recall50_of_the_detections_above_it(threshold:
 
 
 def test_a_bad_operating_iou_is_a_user_error() -> None:
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
 
     gt = make_gt(1, n_images=4)
     ev = PerImageEval(gt, noisy_predictions(gt, 1))

@@ -1,4 +1,4 @@
-"""Phase 2's cache of the frozen backbone + encoder (defectfusion.cache): cached and live runs
+"""Phase 2's cache of the frozen backbone + encoder (defectfusion.model.cache): cached and live runs
 are the same run, the key covers what decides an entry, and a damaged entry is rebuilt."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import TINY_SIZE, tiny_overrides
-from defectfusion import cache as C
 from defectfusion.config import load_config
+from defectfusion.core.errors import UserError
 from defectfusion.data.loader import CocoDetection, make_loader, view_seed
-from defectfusion.errors import UserError
+from defectfusion.model import cache as C
 
 NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 
@@ -139,7 +139,7 @@ def phase2_model(phase1: Path, normalize: str = "imagenet"):
 
 
 def weights(phase1: Path) -> str:
-    from defectfusion.checkpoint import load_checkpoint
+    from defectfusion.model.checkpoint import load_checkpoint
 
     return C.frozen_weights_sha256(load_checkpoint(phase1)["model"])
 
@@ -187,7 +187,7 @@ def test_entries_are_reused_and_match_the_live_encoder(
 def test_another_phase1_checkpoint_invalidates(
     tiny_data: Path, tiny_run: Path, tmp_path: Path, model
 ) -> None:
-    from defectfusion.checkpoint import load_checkpoint, save_checkpoint
+    from defectfusion.model.checkpoint import load_checkpoint, save_checkpoint
 
     s = split(tiny_data, tiny_run / "best.pt", tmp_path)
     build(s, model)
@@ -363,7 +363,7 @@ def test_a_second_build_waits_for_the_first(tmp_path: Path) -> None:
     """Two jobs building one cache folder: the second waits (and says so), then proceeds."""
     import threading
 
-    from defectfusion.cache import build_lock
+    from defectfusion.model.cache import build_lock
 
     said: list[str] = []
     entered = threading.Event()

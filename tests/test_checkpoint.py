@@ -1,4 +1,4 @@
-"""Tests of defectfusion.checkpoint: round trips, refusals of other models and of files that
+"""Tests of defectfusion.model.checkpoint: round trips, refusals of other models and of files that
 are not checkpoints (without running their code), and the `evaluate` command's refusals."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from defectfusion.checkpoint import (
+from defectfusion.cli import main
+from defectfusion.core.errors import UserError
+from defectfusion.data import coco
+from defectfusion.model.checkpoint import (
     FORMAT,
     check_compatible,
     load_checkpoint,
@@ -21,10 +24,7 @@ from defectfusion.checkpoint import (
     load_model_state,
     save_checkpoint,
 )
-from defectfusion.cli import main
-from defectfusion.data import coco
-from defectfusion.errors import UserError
-from defectfusion.models import build_model
+from defectfusion.model.models import build_model
 
 NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 TINY = "deimv2-dinov3-tiny"
@@ -92,11 +92,11 @@ def test_a_checkpoint_s_normalisation_drives_evaluation_prediction_and_export(
     """`normalize` in the meta decides the input constants everywhere a checkpoint is used; a
     checkpoint from before the key (no `normalize`, no `data.normalize` in its config) was
     trained with ImageNet's, the only ones its loader had. Refusals: tests/test_faults.py."""
-    from defectfusion.checkpoint import input_mean_std, normalize_of
     from defectfusion.config import NORMALIZE_CHOICES
     from defectfusion.data.loader import normalization
-    from defectfusion.export import image_processor
-    from defectfusion.predict import Detector
+    from defectfusion.model.checkpoint import input_mean_std, normalize_of
+    from defectfusion.serve.export import image_processor
+    from defectfusion.serve.predict import Detector
 
     meta = load_checkpoint(tiny_run / "best.pt")["meta"]
     assert meta["normalize"] == meta["config"]["data"]["normalize"] == "imagenet"

@@ -75,7 +75,7 @@ def test_missing_weights_stop_the_pipeline_before_any_work(tmp_path: Path) -> No
 
 
 def test_weights_problem_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from defectfusion.pipeline import weights_problem
+    from defectfusion.workflow.preflight import weights_problem
 
     assert weights_problem("model.weights", None) is None
     assert weights_problem("model.weights", str(ROOT)) is None  # an existing folder

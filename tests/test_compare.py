@@ -1,4 +1,4 @@
-"""Tests of defectfusion.compare: the paired bootstrap of `defectfusion compare`."""
+"""Tests of defectfusion.analysis.compare: the paired bootstrap of `defectfusion compare`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from defectfusion import cli
-from defectfusion.compare import PerImageEval, compare_files, paired_bootstrap, resample
+from defectfusion.analysis.compare import PerImageEval, compare_files, paired_bootstrap, resample
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write_json
 from defectfusion.data.coco import make_coco
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_json
-from defectfusion.metrics import coco_metrics
+from defectfusion.evaluation.metrics import coco_metrics
 
 NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 CRITICAL = [2, 3, 5]
@@ -317,7 +317,7 @@ def test_a_non_finite_prediction_is_refused_not_ranked(
     tmp_path: Path, field: str, value: object
 ) -> None:
     """A NaN score used to rank silently: rc 0 and a plausible, wrong mAP (issue 27)."""
-    from defectfusion.metrics import check_results
+    from defectfusion.evaluation.metrics import check_results
 
     gt = make_gt(0, n_images=4)
     results = noisy_predictions(gt, 0)

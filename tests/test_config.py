@@ -57,7 +57,7 @@ def test_a_default_missing_from_params_yaml_is_one_line_naming_it(tmp_path, monk
     """A line deleted from params.yaml: the default it held is a UserError naming the key and
     the fix, raised when the default is needed (not a traceback at import)."""
     from defectfusion import config
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     del params["phase1"]["lr"]
@@ -116,7 +116,7 @@ def test_the_pipeline_section_is_checked_like_the_others(overlay: dict, message:
     """A typo in a variant's switches or a preset's overrides used to reach Snakemake and
     fail inside a job (or not at all); now it stops the config, naming the key."""
     from defectfusion.config import checked_config, deep_merge, read_yaml
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
 
     values = deep_merge(read_yaml(ROOT / "params.yaml"), overlay)
     with pytest.raises(UserError) as e:
@@ -169,7 +169,7 @@ def test_data_normalize_takes_each_name(name: str) -> None:
 @pytest.mark.parametrize("name", ["inception", "ImageNet", "raw"])
 def test_an_unknown_data_normalize_is_one_line_naming_the_choices(name: str) -> None:
     from defectfusion.config import load_config
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
 
     with pytest.raises(UserError) as e:
         load_config([ROOT / "params.yaml"], overrides=[f"data.normalize={name}"])

@@ -41,13 +41,13 @@ def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 def jobs_run(r: subprocess.CompletedProcess) -> set[str]:
     """The Snakemake rules a `dvc repro` ran (its stage runs Snakemake with `--quiet rules`,
     which prints each pass's job counts, to stderr), or a dry run planned."""
-    from defectfusion.pipeline import job_counts
+    from defectfusion.workflow.jobs import job_counts
 
     return set(job_counts(r.stdout + r.stderr))
 
 
 def planned_rules(cwd: Path) -> list[str]:
-    from defectfusion.pipeline import planned_jobs
+    from defectfusion.workflow.jobs import planned_jobs
 
     return sorted(planned_jobs(cwd))
 
@@ -294,7 +294,7 @@ def test_the_stage_depends_on_every_book_source() -> None:
 
 
 def test_a_run_with_an_overlay_is_not_recorded(tmp_path: Path) -> None:
-    from defectfusion.pipeline import record_in_dvc_lock
+    from defectfusion.workflow.versioning import record_in_dvc_lock
 
     (tmp_path / ".dvc").mkdir()
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
@@ -331,8 +331,8 @@ def test_use_profile_refuses_a_profile_the_pipeline_would_refuse(
     """Invalid values used to be written into params.yaml with a success message (issue 27)."""
     import shutil
 
-    from defectfusion.errors import UserError
-    from defectfusion.pipeline import use_profile
+    from defectfusion.core.errors import UserError
+    from defectfusion.workflow.versioning import use_profile
 
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from defectfusion.environment import (
+from defectfusion.core.environment import (
     CONDA_FILE,
     LOCK_FILE,
     closure,
@@ -17,7 +17,7 @@ from defectfusion.environment import (
     lock_problems,
     read_lock,
 )
-from defectfusion.errors import UserError
+from defectfusion.core.errors import UserError
 
 
 def test_the_lock_agrees_with_pyproject() -> None:

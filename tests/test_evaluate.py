@@ -1,4 +1,4 @@
-"""Tests of defectfusion.evaluate: post-processing, COCO metrics, confusion matrix, the command."""
+"""Tests of defectfusion.evaluation.evaluate: post-processing, COCO metrics, confusion matrix, the command."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from defectfusion import evaluate as ev
-from defectfusion import metrics
+from defectfusion.core.errors import UserError
 from defectfusion.data.coco import make_coco, write_split
-from defectfusion.errors import UserError
+from defectfusion.evaluation import evaluate as ev
+from defectfusion.evaluation import metrics
 
 NAMES = ["normal", "perforation", "fracture", "scratch"]
 
@@ -434,7 +434,7 @@ def tiny_dataset(tmp_path: Path) -> Path:
 
 
 def fake_checkpoint_module(monkeypatch, names: list[str]) -> None:
-    """Stand `defectfusion.checkpoint` in with a `load_detector` giving a `FixedDetector`."""
+    """Stand `defectfusion.model.checkpoint` in with a `load_detector` giving a `FixedDetector`."""
     # Query 0: class 2, centred box of half the image (right in every image, whatever its size).
     logits = torch.full((5, 4), -6.0)  # 4 classes, whatever `names` claims
     logits[0, 2] = 4.0
@@ -453,12 +453,12 @@ def fake_checkpoint_module(monkeypatch, names: list[str]) -> None:
     def load_detector(path, device="cpu"):
         return FixedDetector(logits, boxes).to(device), meta
 
-    from defectfusion.checkpoint import normalize_of  # the real one: meta -> data.normalize
+    from defectfusion.model.checkpoint import normalize_of  # the real one: meta -> data.normalize
 
-    module = types.ModuleType("defectfusion.checkpoint")
+    module = types.ModuleType("defectfusion.model.checkpoint")
     module.load_detector = load_detector
     module.normalize_of = normalize_of
-    monkeypatch.setitem(sys.modules, "defectfusion.checkpoint", module)
+    monkeypatch.setitem(sys.modules, "defectfusion.model.checkpoint", module)
 
 
 def test_evaluate_checkpoint_writes_metrics_and_predictions(tiny_dataset, tmp_path, monkeypatch):

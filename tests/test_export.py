@@ -1,4 +1,4 @@
-"""Tests of `defectfusion export` (defectfusion.export): the transformers folder and its model
+"""Tests of `defectfusion export` (defectfusion.serve.export): the transformers folder and its model
 card against transformers' own pipeline, ONNX against PyTorch, the Phase 2 round trip."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import defectfusion
-from defectfusion import evaluate as ev
-from defectfusion.checkpoint import load_detector, save_checkpoint
 from defectfusion.cli import main
-from defectfusion.export import OnnxDetector, postprocess_onnx
-from defectfusion.predict import read_image
+from defectfusion.evaluation import evaluate as ev
+from defectfusion.model.checkpoint import load_detector, save_checkpoint
+from defectfusion.serve.export import OnnxDetector, postprocess_onnx
+from defectfusion.serve.predict import read_image
 
 # transformers' pipeline gives integer boxes (it truncates the coordinates), and its image
 # processor rescales and normalises in one fused step: scores agree to float rounding.
@@ -47,7 +47,7 @@ def hf_dir(tiny_run: Path, metrics: Path, tmp_path_factory: pytest.TempPathFacto
 
 def phase2_checkpoint(tiny_run: Path, path: Path) -> Path:
     """A Phase 2 checkpoint of the tiny run: fusion attached, gate open, trained-looking."""
-    from defectfusion.fusion import attach_fusion
+    from defectfusion.model.fusion import attach_fusion
 
     model, meta = load_detector(tiny_run / "best.pt")
     text = torch.randn(len(meta["class_names"]), 16, generator=torch.Generator().manual_seed(0))
@@ -248,8 +248,8 @@ def test_phase2_export_round_trip(tiny_run: Path, tiny_data: Path, tmp_path: Pat
 def test_a_re_export_never_deletes_what_the_export_did_not_write(tmp_path: Path) -> None:
     """Re-exporting into an earlier export removed the user's NOTES.txt and eval/report.txt,
     and a user's folder named like the old fixed backup name was deleted (issue 27)."""
-    from defectfusion.errors import UserError
-    from defectfusion.export import META_FILE, _into_folder
+    from defectfusion.core.errors import UserError
+    from defectfusion.serve.export import META_FILE, _into_folder
 
     def write(folder: Path) -> dict:
         (folder / META_FILE).write_text("{}", encoding="utf-8")
@@ -402,7 +402,7 @@ def test_a_tampered_export_folder_is_one_line(
     RecursionError, SafetensorError or RuntimeError tracebacks, and image_size 32768 allocated
     3.2 GB, in `predict` and `defectfusion.load` alike (issue 27): each is one line now, before
     anything is allocated."""
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
 
     edit, word = TAMPERED_EXPORTS[case]
     folder = tmp_path / "export"
@@ -441,7 +441,7 @@ TAMPERED_PHASE2 = {
 
 
 def test_a_tampered_phase2_export_is_one_line(tiny_run: Path, tmp_path: Path) -> None:
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
 
     good = _phase2_folder(tiny_run, tmp_path)
     for case, (change, word) in TAMPERED_PHASE2.items():

@@ -25,21 +25,21 @@ import pytest
 import torch
 from PIL import Image
 
-from defectfusion import fsutil
-from defectfusion.checkpoint import (
-    load_checkpoint,
-    load_detector,
-    load_model_state,
-    save_checkpoint,
-)
 from defectfusion.cli import main
 from defectfusion.config import load_config, read_yaml
+from defectfusion.core import fsutil
+from defectfusion.core.errors import UserError
 from defectfusion.data import coco
 from defectfusion.data.importers import import_coco
 from defectfusion.data.loader import CocoDetection
 from defectfusion.data.synth import SynthSpec, generate
 from defectfusion.data.validate import validate_path
-from defectfusion.errors import UserError
+from defectfusion.model.checkpoint import (
+    load_checkpoint,
+    load_detector,
+    load_model_state,
+    save_checkpoint,
+)
 
 NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 TINY = "deimv2-dinov3-tiny"
@@ -356,7 +356,7 @@ HOSTILE_META = {
 def tiny_state() -> dict[str, torch.Tensor]:
     """Real weights of the tiny preset for NAMES: only the meta is hostile, so a refusal is
     the meta check's, not a mismatch found after the model was built."""
-    from defectfusion.models import build_model
+    from defectfusion.model.models import build_model
 
     return build_model(TINY, NAMES).state_dict()
 
@@ -390,7 +390,7 @@ def test_class_heads_that_do_not_match_the_meta_are_refused(tmp_path: Path) -> N
 
 
 def test_weights_of_the_wrong_shape_are_one_line(tmp_path: Path) -> None:
-    from defectfusion.models import build_model
+    from defectfusion.model.models import build_model
 
     model = build_model(TINY, NAMES)
     state = model.state_dict()
@@ -437,7 +437,7 @@ def test_evaluate_refuses_a_checkpoint_with_nan_weights(
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage-header"])
 def test_corrupt_safetensors_weights_are_one_line(damage: str, tmp_path: Path) -> None:
-    from defectfusion.models import build_model
+    from defectfusion.model.models import build_model
 
     folder = tmp_path / "weights"
     build_model(TINY, ["a", "b"]).save_pretrained(folder)

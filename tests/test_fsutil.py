@@ -7,7 +7,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     """mkstemp's private 0600 must not leak into results others read (a DVC remote, a web server)."""
     import os
 
-    from defectfusion.fsutil import atomic_write_json
+    from defectfusion.core.fsutil import atomic_write_json
 
     umask = os.umask(0o022)
     try:

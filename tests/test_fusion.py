@@ -1,4 +1,4 @@
-"""Tests of the Phase 2 fusion (defectfusion.fusion): zero-start, gate gradients, the trainable
+"""Tests of the Phase 2 fusion (defectfusion.model.fusion): zero-start, gate gradients, the trainable
 set, frozen statistics, the controls (naive init, alpha frozen at 0) and checkpoints."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from defectfusion import evaluate as ev
-from defectfusion.checkpoint import load_detector, load_model_state, save_checkpoint
-from defectfusion.errors import UserError
-from defectfusion.fusion import attach_fusion, class_heads, set_trainable
-from defectfusion.losses import install_loss
-from defectfusion.models import build_model, count_parameters, set_train_mode
+from defectfusion.core.errors import UserError
+from defectfusion.evaluation import evaluate as ev
+from defectfusion.model.checkpoint import load_detector, load_model_state, save_checkpoint
+from defectfusion.model.fusion import attach_fusion, class_heads, set_trainable
+from defectfusion.model.losses import install_loss
+from defectfusion.model.models import build_model, count_parameters, set_train_mode
 from defectfusion.train.common import param_groups
 
 NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from defectfusion.core.errors import UserError
 from defectfusion.data import coco
 from defectfusion.data.importers import NEU_CLASSES, import_coco, import_neu
 from defectfusion.data.validate import validate_path
-from defectfusion.errors import UserError
 
 NEU = Path(__file__).parents[2] / "shared/datasets/neu-det"
 requires_neu = pytest.mark.skipif(

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from defectfusion.core.errors import UserError
 from defectfusion.data import coco
 from defectfusion.data.loader import (
     IMAGENET_MEAN,
@@ -25,7 +26,6 @@ from defectfusion.data.loader import (
     geometric_transform,
     make_loader,
 )
-from defectfusion.errors import UserError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]  # class k is drawn in COLOURS[k]
 BACKGROUND = 60

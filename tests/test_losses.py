@@ -1,4 +1,4 @@
-"""Tests of defectfusion.losses: the focal loss against a hand computation, the auxiliary
+"""Tests of defectfusion.model.losses: the focal loss against a hand computation, the auxiliary
 pairing of layers, and the upstream (transformers 5.23) defects they replace: when a
 `test_upstream_*` test fails, upstream changed and the workaround may be dropped."""
 
@@ -11,9 +11,9 @@ import torch
 from transformers.loss import loss_deimv2
 from transformers.loss.loss_deimv2 import Deimv2Loss
 
-from defectfusion import losses
-from defectfusion.losses import DetectionCriterion, install_loss
-from defectfusion.models import build_config, build_model
+from defectfusion.model import losses
+from defectfusion.model.losses import DetectionCriterion, install_loss
+from defectfusion.model.models import build_config, build_model
 
 NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 TINY = "deimv2-dinov3-tiny"

@@ -1,4 +1,4 @@
-"""Tests of defectfusion.models (presets, weights) and config validation, plus the upstream
+"""Tests of defectfusion.model.models (presets, weights) and config validation, plus the upstream
 transformers 5.23 defects the code works around: when a `test_upstream_*` test fails,
 upstream changed and the workaround may be dropped."""
 
@@ -12,13 +12,13 @@ import timm
 import torch
 from transformers import AutoBackbone, Deimv2ForObjectDetection
 
-from defectfusion import models
 from defectfusion.cli import main
 from defectfusion.config import load_config
+from defectfusion.core.errors import UserError
 from defectfusion.data.loader import CocoDetection
-from defectfusion.errors import UserError
-from defectfusion.losses import install_loss
-from defectfusion.models import (
+from defectfusion.model import models
+from defectfusion.model.losses import install_loss
+from defectfusion.model.models import (
     PRESETS,
     backbone_module,
     build_model,
@@ -164,7 +164,7 @@ def test_scratch_cnn_baselines_train_their_batchnorm(preset: str) -> None:
 def test_a_checkpoint_is_rebuilt_with_the_batchnorm_it_trained_with(tmp_path: Path) -> None:
     """Rebuilt from its meta's norm, or, for a checkpoint from before it was recorded, from
     its weights (trainable BatchNorm counts its batches)."""
-    from defectfusion.checkpoint import load_detector, save_checkpoint
+    from defectfusion.model.checkpoint import load_detector, save_checkpoint
 
     for norm in ("frozen", "trainable"):  # what training chooses (models.norm_for)
         model = build_model("deimv2-resnet-tiny", NAMES, norm=norm)
@@ -249,7 +249,7 @@ def test_detector_init_loads_a_saved_detector(tmp_path: Path) -> None:
 
 
 def test_detector_init_from_a_trained_run(tiny_run: Path, tmp_path: Path) -> None:
-    from defectfusion.checkpoint import load_detector
+    from defectfusion.model.checkpoint import load_detector
 
     trained, meta = load_detector(tiny_run / "best.pt")
     trained.save_pretrained(tmp_path)  # what a Phase 1 export to transformers format is

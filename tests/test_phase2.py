@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from defectfusion.checkpoint import load_checkpoint
 from defectfusion.config import load_config
+from defectfusion.model.checkpoint import load_checkpoint
 from defectfusion.train.schedule import ema_decay_at, plateau_gain
 
 
@@ -129,7 +129,7 @@ def test_a_variant_s_own_normalisation_or_input_size_trains_and_evaluates_at_it(
     training's validation did: the same detections, bit for bit."""
     from conftest import TINY_SIZE
     from defectfusion.data.coco import split_path
-    from defectfusion.evaluate import evaluate_checkpoint, predictions_path
+    from defectfusion.evaluation.evaluate import evaluate_checkpoint, predictions_path
     from defectfusion.train.phase2 import train_phase2
 
     cache = tmp_path / "cache"
@@ -157,8 +157,8 @@ def test_a_variant_s_own_normalisation_or_input_size_trains_and_evaluates_at_it(
 def test_a_model_that_fixes_its_input_size_is_not_resized() -> None:
     """Nothing in the presets is tied to the training size; a DEIMv2 config that fixes it
     (eval_size, anchor_image_size: size-bound buffers) is refused at another size, one line."""
-    from defectfusion.errors import UserError
-    from defectfusion.models import build_model
+    from defectfusion.core.errors import UserError
+    from defectfusion.model.models import build_model
     from defectfusion.train.phase2 import check_resizable
 
     model = build_model("deimv2-dinov3-tiny", ["a", "b"])
@@ -175,7 +175,7 @@ def test_raw_start_without_raw_weights_is_one_line(
 ) -> None:
     import shutil
 
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
     from defectfusion.train.phase2 import train_phase2
 
     shutil.copy(tiny_run / "best.pt", tmp_path / "best.pt")
@@ -240,7 +240,7 @@ def test_quadratic_warmup_is_deims_and_a_bad_shape_is_one_line() -> None:
     """DEIM's FlatCosineLRScheduler warms up as (t / W)^2 (the GPU profiles' warmup_shape)."""
     from types import SimpleNamespace
 
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
     from defectfusion.train.schedule import lr_lambda
 
     tc = SimpleNamespace(warmup_steps=10, flat_fraction=0.5, min_lr_fraction=0.5,
@@ -253,7 +253,7 @@ def test_quadratic_warmup_is_deims_and_a_bad_shape_is_one_line() -> None:
 
 
 def test_flat_and_final_stretches_cannot_overlap() -> None:
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
 
     with pytest.raises(UserError, match="final_fraction"):
         load_config(None, ["phase1.flat_fraction=0.9", "phase1.final_fraction=0.2"])
@@ -262,9 +262,10 @@ def test_flat_and_final_stretches_cannot_overlap() -> None:
 def test_phase2_reads_the_text_stage_embeddings_and_refuses_others(
     tiny_data: Path, tmp_path: Path
 ) -> None:
-    from defectfusion.data.coco import category_names, load_json, split_path
-    from defectfusion.errors import UserError
-    from defectfusion.text import embed_prompts, save_embeddings
+    from defectfusion.core.errors import UserError
+    from defectfusion.core.jsonio import load_json
+    from defectfusion.data.coco import category_names, split_path
+    from defectfusion.model.text import embed_prompts, save_embeddings
     from defectfusion.train.phase2 import text_embeddings
 
     cfg = phase2_cfg(tiny_data)
@@ -286,7 +287,7 @@ def test_cached_test_evaluation_equals_the_live_one(
 ) -> None:
     """`evaluate` reads a Phase 2 checkpoint's frozen part from the cache: same detections."""
     from defectfusion.data.coco import split_path
-    from defectfusion.evaluate import evaluate_checkpoint, predictions_path
+    from defectfusion.evaluation.evaluate import evaluate_checkpoint, predictions_path
 
     test = split_path(tiny_data, "test")
     out = {}

@@ -21,7 +21,7 @@ def _planned(workdir: Path, *args: str) -> dict[str, int]:
     """Dry run: the jobs Snakemake would run now, counted by rule."""
     out = _snakemake(workdir, "-n", "--quiet", "rules", *args)
     assert out.returncode == 0, out.stderr[-2000:]
-    from defectfusion.pipeline import job_counts
+    from defectfusion.workflow.jobs import job_counts
 
     return job_counts(out.stdout)
 
@@ -119,7 +119,7 @@ def test_the_readme_rule_graph_is_the_snakefile_s(tmp_path: Path) -> None:
     """docs/rulegraph.{dot,png} (the README's figure) must match the current Snakefile:
     regenerate with `defectfusion pipeline rulegraph` when a rule's inputs change."""
     from conftest import ROOT, copy_workflow
-    from defectfusion.pipeline import rulegraph_edges, write_rulegraph
+    from defectfusion.workflow.rulegraph import rulegraph_edges, write_rulegraph
 
     copy_workflow(tmp_path)
     dot, png = write_rulegraph(tmp_path / "rulegraph.png", root=tmp_path)

@@ -1,4 +1,4 @@
-"""Tests of defectfusion.postmortem: drifts, contrasts and verdicts on constructed results.
+"""Tests of defectfusion.analysis.postmortem: drifts, contrasts and verdicts on constructed results.
 
 The results tree is built by hand (no training): ground truth from test_compare's generator,
 Phase 1 predictions that are noisy copies of it, and Phase 2 prediction sets derived from
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from defectfusion import cli
-from defectfusion.bootstrap import verdict
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_json
-from defectfusion.postmortem import BRANCHES, judge, run_postmortem, thesis_drop
+from defectfusion.analysis.bootstrap import verdict
+from defectfusion.analysis.postmortem import BRANCHES, judge, run_postmortem, thesis_drop
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write_json
 from defectfusion.report import PHASE1_PREDICTIONS, PHASE2_PREDICTIONS, Layout
 from test_compare import make_gt, noisy_predictions
 
@@ -413,8 +413,8 @@ def fake_postmortem_keys(summary: dict[str, Any], drop: tuple[str, ...] = ()) ->
     outcome come from the real rule (postmortem.judge, summary.verdict_words_es, _outcome)."""
     import dataclasses
 
+    from defectfusion.analysis.postmortem import _outcome
     from defectfusion.config import PostmortemSection
-    from defectfusion.postmortem import _outcome
     from defectfusion.report.summary import postmortem_summary, verdict_words_es
 
     def d(diff: float, se: float) -> dict[str, Any]:
@@ -547,7 +547,7 @@ def test_the_outcome_follows_the_branches(
 ) -> None:
     """Each combination the book's §5.5 distinguishes (a review found three that read
     against each other): explained only by a hypothesis that reproduces the drop."""
-    from defectfusion.postmortem import _outcome
+    from defectfusion.analysis.postmortem import _outcome
 
     p2: dict[str, Any] = {"zero_start": {"verdict": {"branch": adopted, "vs_adopted": None}}}
     for v, (branch, vs) in controls.items():

@@ -1,4 +1,4 @@
-"""Tests of `defectfusion predict` and `defectfusion.load(...).predict` (defectfusion.predict):
+"""Tests of `defectfusion predict` and `defectfusion.load(...).predict` (defectfusion.serve.predict):
 the evaluation's preprocessing, images of every mode and size, COCO results, drawings, errors."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 import defectfusion
-from defectfusion import evaluate as ev
-from defectfusion.checkpoint import load_detector, save_checkpoint
 from defectfusion.cli import main
+from defectfusion.core.errors import UserError
 from defectfusion.data.loader import CocoDetection, make_loader
-from defectfusion.errors import UserError
-from defectfusion.predict import PALETTE, _text_colour, drawn_name, find_images, to_rgb8
+from defectfusion.evaluation import evaluate as ev
+from defectfusion.model.checkpoint import load_detector, save_checkpoint
+from defectfusion.serve.predict import PALETTE, _text_colour, drawn_name, find_images, to_rgb8
 
 SIZE = 96  # tests/conftest.py's TINY_SIZE
 
@@ -238,7 +238,7 @@ def test_predict_cli_matches_evaluation_on_any_size(
 
 
 def test_phase2_checkpoint_predicts(tiny_run: Path, mixed: Path, tmp_path: Path) -> None:
-    from defectfusion.fusion import attach_fusion
+    from defectfusion.model.fusion import attach_fusion
 
     model, meta = load_detector(tiny_run / "best.pt")
     text = torch.randn(len(meta["class_names"]), 16, generator=torch.Generator().manual_seed(0))
@@ -333,7 +333,7 @@ def test_one_default_threshold_the_model_s_operating_point(
 
 
 def load_checkpoint_model(path: Path) -> dict:
-    from defectfusion.checkpoint import load_checkpoint
+    from defectfusion.model.checkpoint import load_checkpoint
 
     return load_checkpoint(path)["model"]
 
@@ -395,7 +395,7 @@ def test_set_typo_names_the_unknown_key(capsys) -> None:
 
 
 def test_out_holding_someone_elses_images_json_is_refused(tmp_path: Path) -> None:
-    from defectfusion.predict import WRITTEN_BY, check_out
+    from defectfusion.serve.predict import WRITTEN_BY, check_out
 
     out = tmp_path / "out"
     out.mkdir()
@@ -408,7 +408,7 @@ def test_out_holding_someone_elses_images_json_is_refused(tmp_path: Path) -> Non
 
 
 def test_links_out_of_out_and_inputs_among_the_drawings_are_refused(tmp_path: Path) -> None:
-    from defectfusion.predict import check_out, drawn_path
+    from defectfusion.serve.predict import check_out, drawn_path
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -442,7 +442,7 @@ def test_an_image_over_the_pixel_cap_is_refused_before_decoding(
     from PIL import Image
 
     from defectfusion.data import coco
-    from defectfusion.predict import read_image
+    from defectfusion.serve.predict import read_image
 
     path = tmp_path / "big.png"
     Image.new("L", (300, 200)).save(path)

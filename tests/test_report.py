@@ -17,7 +17,7 @@ import pytest
 
 from conftest import run_snakemake
 from defectfusion.cli import main
-from defectfusion.errors import UserError
+from defectfusion.core.errors import UserError
 from defectfusion.report import FIGURES, TABLES, Layout, inputs_of
 from defectfusion.report import provenance as prov
 
@@ -226,7 +226,7 @@ def test_a_changed_result_rebuilds_only_what_reads_it(micro_run: Path) -> None:
 
 def test_figures_share_the_metrics_module_s_functions() -> None:
     """One row normalisation and one IoU: the figures import them (no copy to drift)."""
-    from defectfusion import metrics
+    from defectfusion.evaluation import metrics
     from defectfusion.report.figures import confusion, qualitative
 
     assert confusion.row_normalized is metrics.row_normalized

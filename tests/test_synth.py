@@ -13,9 +13,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from defectfusion.cli import main
+from defectfusion.core.errors import UserError
 from defectfusion.data import coco, synth
 from defectfusion.data.synth import CLASS_NAMES, SynthSpec, generate, render
-from defectfusion.errors import UserError
 
 SMALL = SynthSpec(seed=3, n_train=12, n_val=4, n_test=4, image_size=96)
 

@@ -1,4 +1,4 @@
-"""Tests of defectfusion.text: prompt files, the offline MiniLM encoder, `defectfusion text
+"""Tests of defectfusion.model.text: prompt files, the offline MiniLM encoder, `defectfusion text
 embed`, and one-line errors for unknown encoders and missing weights."""
 
 from __future__ import annotations
@@ -11,9 +11,15 @@ import torch
 import yaml
 
 from defectfusion import cli
+from defectfusion.core.errors import UserError
 from defectfusion.data.coco import make_coco, write_split
-from defectfusion.errors import UserError
-from defectfusion.text import embed_prompts, encode, load_embeddings, read_prompts, save_embeddings
+from defectfusion.model.text import (
+    embed_prompts,
+    encode,
+    load_embeddings,
+    read_prompts,
+    save_embeddings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH_PROMPTS = ROOT / "prompts" / "synth.yaml"

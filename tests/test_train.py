@@ -12,12 +12,12 @@ import torch
 import yaml
 
 import defectfusion.train.engine as engine
-from defectfusion import evaluate as ev
-from defectfusion import metrics
-from defectfusion.checkpoint import load_checkpoint, load_detector
+from defectfusion.core.errors import UserError
 from defectfusion.data import coco
 from defectfusion.data.loader import make_loader
-from defectfusion.errors import UserError
+from defectfusion.evaluation import evaluate as ev
+from defectfusion.evaluation import metrics
+from defectfusion.model.checkpoint import load_checkpoint, load_detector
 from defectfusion.train.phase1 import train_phase1
 
 LOSS_TERMS = ("loss", "loss_mal", "loss_bbox", "loss_giou", "loss_fgl", "loss_ddf")
@@ -185,7 +185,7 @@ def test_resume_with_other_classes_is_refused(tiny_cfg, tiny_run: Path, tmp_path
 def _damaged_last(tiny_run: Path, tmp_path: Path, damage) -> Path:
     import shutil
 
-    from defectfusion.checkpoint import save_checkpoint
+    from defectfusion.model.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -336,7 +336,7 @@ def test_a_val_split_that_cannot_score_the_selection_is_one_line(tmp_path) -> No
 
     import pytest
 
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
     from defectfusion.train.engine import check_selectable
 
     path = tmp_path / "val.json"

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from defectfusion import cli
+from defectfusion.core.errors import UserError
 from defectfusion.data import coco
 from defectfusion.data.validate import raise_if_invalid, validate_path
-from defectfusion.errors import UserError
 
 NAMES = ["crack", "scratch", "stain"]
 W, H = 64, 48

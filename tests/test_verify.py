@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from defectfusion.analysis.verify import compare_postmortems, format_report, tolerance
 from defectfusion.cli import main
-from defectfusion.verify import compare_postmortems, format_report, tolerance
 
 
 def value(v: float, half: float) -> dict:
@@ -171,7 +171,7 @@ def test_a_number_with_no_recorded_spread_gets_one_image_s_share() -> None:
     ids=["a split that is a number", "a level that is text", "a negative se"],
 )
 def test_a_malformed_recorded_file_is_one_line(damage) -> None:
-    from defectfusion.errors import UserError
+    from defectfusion.core.errors import UserError
 
     rec = recorded()
     damage(rec)

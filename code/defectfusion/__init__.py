@@ -9,9 +9,9 @@ if _typing.TYPE_CHECKING:  # torch is imported lazily, by `load`
 
     import torch
 
-    from defectfusion.predict import Detector
+    from defectfusion.serve.predict import Detector
 
-from defectfusion.version import __version__
+from defectfusion.core.version import __version__
 
 __all__ = ["__version__", "load"]
 
@@ -24,9 +24,9 @@ def __dir__() -> list[str]:
 def load(path: str | Path, device: str | torch.device | None = None) -> Detector:
     """A trained detector from a checkpoint or an exported folder: ``load(p).predict(images)``.
 
-    See `defectfusion.predict.load`; imported lazily so ``import defectfusion`` (and the CLI's
+    See `defectfusion.serve.predict.load`; imported lazily so ``import defectfusion`` (and the CLI's
     ``--help``) does not pay for torch.
     """
-    from defectfusion.predict import load as _load
+    from defectfusion.serve.predict import load as _load  # deferred: loads torch
 
     return _load(path, device)

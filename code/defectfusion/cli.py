@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from defectfusion.errors import UserError
-from defectfusion.fsutil import os_error_message
-from defectfusion.version import __version__
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import os_error_message
+from defectfusion.core.version import __version__
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -60,7 +60,7 @@ def _data_validate(a: argparse.Namespace) -> int:
 
 
 def _models_list(a: argparse.Namespace) -> None:
-    from defectfusion.models import print_presets
+    from defectfusion.model.models import print_presets
 
     print_presets()
 
@@ -89,7 +89,7 @@ def _train_phase2(a: argparse.Namespace) -> None:
 
 
 def _evaluate(a: argparse.Namespace) -> None:
-    from defectfusion.evaluate import evaluate_checkpoint
+    from defectfusion.evaluation.evaluate import evaluate_checkpoint
 
     if len(a.checkpoint) != len(a.out):
         raise UserError(
@@ -123,20 +123,20 @@ def _headline(checkpoint: Path, out: Path, m: dict) -> str:
 
 
 def _text_embed(a: argparse.Namespace) -> None:
-    from defectfusion.text import embed_from_config
+    from defectfusion.model.text import embed_from_config
 
     embed_from_config(_load_config(a), a.out)
 
 
 def _compare(a: argparse.Namespace) -> None:
-    from defectfusion.compare import compare_files
+    from defectfusion.analysis.compare import compare_files
 
     config = _load_config(a) if a.config else None  # else the metrics files' settings
     compare_files(a.a, a.b, a.data, a.out, n_boot=a.n_boot, seed=a.seed, config=config)
 
 
 def _predict(a: argparse.Namespace) -> None:
-    from defectfusion.predict import predict_files, print_summary
+    from defectfusion.serve.predict import predict_files, print_summary
 
     summary = predict_files(
         a.checkpoint,
@@ -151,7 +151,7 @@ def _predict(a: argparse.Namespace) -> None:
 
 
 def _export(a: argparse.Namespace) -> None:
-    from defectfusion.export import export
+    from defectfusion.serve.export import export
 
     info = export(a.checkpoint, a.out, a.format, metrics=a.metrics)
     extra = ""
@@ -164,7 +164,7 @@ def _export(a: argparse.Namespace) -> None:
 
 
 def _postmortem(a: argparse.Namespace) -> None:
-    from defectfusion.postmortem import run_postmortem
+    from defectfusion.analysis.postmortem import run_postmortem
 
     run_postmortem(
         _load_config(a).to_dict(),
@@ -210,7 +210,7 @@ def _report_provenance(a: argparse.Namespace) -> None:
 
 
 def _pipeline_use_profile(a: argparse.Namespace) -> None:
-    from defectfusion.pipeline import use_profile
+    from defectfusion.workflow.versioning import use_profile
 
     changed = use_profile(a.profile, a.params)
     print(f"{a.params}: {len(changed)} values from {a.profile}: {', '.join(changed) or 'none'}")
@@ -222,26 +222,26 @@ def _pipeline_use_profile(a: argparse.Namespace) -> None:
 
 def _pipeline_record(a: argparse.Namespace) -> None:
     from defectfusion.config import read_yaml
-    from defectfusion.pipeline import record_in_dvc_lock
+    from defectfusion.workflow.versioning import record_in_dvc_lock
 
     print(record_in_dvc_lock(read_yaml(a.params)))
 
 
 def _pipeline_rebuild(a: argparse.Namespace) -> None:
-    from defectfusion.pipeline import rebuild
+    from defectfusion.workflow.versioning import rebuild
 
     rebuild(cores=a.cores, remote=a.remote)
 
 
 def _pipeline_touch(a: argparse.Namespace) -> None:
-    from defectfusion.pipeline import mark_up_to_date
+    from defectfusion.workflow.versioning import mark_up_to_date
 
     mark_up_to_date(".", tuple(a.targets))
     print(f"up to date for Snakemake: the outputs of {' '.join(a.targets) or 'all'}")
 
 
 def _pipeline_verify(a: argparse.Namespace) -> int:
-    from defectfusion.verify import (
+    from defectfusion.analysis.verify import (
         compare_postmortems,
         format_report,
         read_postmortem,
@@ -255,21 +255,21 @@ def _pipeline_verify(a: argparse.Namespace) -> int:
 
 
 def _pipeline_remake_missing(a: argparse.Namespace) -> None:
-    from defectfusion.pipeline import remake_missing
+    from defectfusion.workflow.versioning import remake_missing
 
     missing = remake_missing(".", a.cores)
     print(f"remade {len(missing)} missing output(s)" if missing else "no output is missing")
 
 
 def _env_lock(a: argparse.Namespace) -> None:
-    from defectfusion.environment import write_lock
+    from defectfusion.core.environment import write_lock
 
     lock, conda, n = write_lock(a.root)
     print(f"wrote {lock} ({n} packages) and {conda}")
 
 
 def _pipeline_rulegraph(a: argparse.Namespace) -> None:
-    from defectfusion.pipeline import write_rulegraph
+    from defectfusion.workflow.rulegraph import write_rulegraph
 
     dot, png = write_rulegraph(a.out)
     print(f"wrote {dot} and {png}")
@@ -353,15 +353,11 @@ def _finish_help(parser: argparse.ArgumentParser, path: str = "") -> None:
                 _finish_help(child, f"{path} {name}".strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="defectfusion",
-        description="Defect detection with DEIMv2 + DINOv3 and residual vision-language fusion.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# ---- the parser: one function per command group ----------------------------------------
 
-    # data
+
+def _data_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion data`: make, import and validate datasets."""
     data = sub.add_parser("data", help="make, import and validate datasets (COCO layout)")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
@@ -416,13 +412,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-images", action="store_true", help="do not open the image files")
     p.set_defaults(func=_data_validate)
 
-    # models
+
+def _models_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion models`: the detector presets."""
     models = sub.add_parser("models", help="detector presets")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     p = msub.add_parser("list", help="print each preset, its parameter count and input size")
     p.set_defaults(func=_models_list)
 
-    # train
+
+def _train_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion train`: Phase 1 and Phase 2 training."""
     train = sub.add_parser("train", help="train Phase 1 (vision only) or Phase 2 (fusion)")
     tsub = train.add_subparsers(dest="train_command", required=True, metavar="PHASE")
     p = tsub.add_parser("phase1", help="train the vision-only DEIMv2 detector")
@@ -460,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_train_phase2)
 
-    # evaluate
+
+def _evaluate_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion evaluate`: a checkpoint on a split."""
     p = sub.add_parser("evaluate", help="COCO metrics, critical recall, composite, confusion")
     p.add_argument("--checkpoint", type=Path, nargs="+", required=True, help="model checkpoint(s)")
     p.add_argument(
@@ -483,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.set_defaults(func=_evaluate)
 
-    # text
+
+def _text_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion text`: the class prompts' embeddings."""
     text = sub.add_parser("text", help="class-prompt text embeddings")
     xsub = text.add_subparsers(dest="text_command", required=True, metavar="ACTION")
     p = xsub.add_parser("embed", help="encode the class prompts into T (K x D_t)")
@@ -491,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="embeddings file to write")
     p.set_defaults(func=_text_embed)
 
-    # compare
+
+def _compare_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion compare`: two models, paired bootstrap."""
     p = sub.add_parser("compare", help="paired bootstrap CI of the difference between two models")
     p.add_argument(
         "--a",
@@ -512,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.set_defaults(func=_compare)
 
-    # postmortem
+
+def _postmortem_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion postmortem`: the verdict on the thesis's epoch-1 drop."""
     p = sub.add_parser(
         "postmortem",
         help="epoch-1 drift, contrasts and verdicts of every Phase 2 variant (seeds x images CIs)",
@@ -529,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_postmortem)
 
-    # predict
+
+def _predict_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion predict`: the model on an inspector's images."""
     p = sub.add_parser(
         "predict", help="detect defects in your images: COCO results JSON, drawn images"
     )
@@ -560,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available, else cpu)")
     p.set_defaults(func=_predict)
 
-    # export
+
+def _export_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion export`: transformers and ONNX export."""
     p = sub.add_parser(
         "export", help="a checkpoint as a transformers folder + model card, or as ONNX"
     )
@@ -582,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_export)
 
-    # book
+
+def _book_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion book`: the thesis book."""
     p = sub.add_parser("book", help="build the thesis book (HTML, Spanish) from the results")
     p.add_argument("--results", type=Path, default=Path("results"), help="summary.json, tables/")
     p.add_argument("--figures", type=Path, default=Path("figures"), help="the figures (PNG)")
@@ -591,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pdf", action="store_true", help="also OUT/libro.pdf (WeasyPrint)")
     p.set_defaults(func=_book)
 
-    # report
+
+def _report_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion report`: tables, figures, summary, provenance."""
     report = sub.add_parser("report", help="tables, figures and summary.json from the results")
     rsub = report.add_subparsers(dest="report_command", required=True, metavar="WHAT")
     for what, out_help, handler in (
@@ -616,7 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the index to write")
     p.set_defaults(func=_report_provenance)
 
-    # env
+
+def _env_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion env`: the locked environment."""
     env = sub.add_parser("env", help="the locked environment: requirements.lock, environment.yml")
     esub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
     p = esub.add_parser(
@@ -625,7 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=Path("."), help="where to write the two files")
     p.set_defaults(func=_env_lock)
 
-    # pipeline
+
+def _pipeline_commands(sub: argparse._SubParsersAction) -> None:
+    """`defectfusion pipeline`: Snakemake and DVC together."""
     pipe = sub.add_parser("pipeline", help="Snakemake and DVC together: profiles, rebuild, graph")
     psub = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
     p = psub.add_parser(
@@ -681,6 +701,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_pipeline_rulegraph)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="defectfusion",
+        description="Defect detection with DEIMv2 + DINOv3 and residual vision-language fusion.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _data_commands(sub)
+    _models_commands(sub)
+    _train_commands(sub)
+    _evaluate_commands(sub)
+    _text_commands(sub)
+    _compare_commands(sub)
+    _postmortem_commands(sub)
+    _predict_commands(sub)
+    _export_commands(sub)
+    _book_commands(sub)
+    _report_commands(sub)
+    _env_commands(sub)
+    _pipeline_commands(sub)
     _finish_help(parser)
     return parser
 

@@ -24,8 +24,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from defectfusion.errors import UserError
-from defectfusion.fsutil import os_error_message
+from defectfusion.core.errors import UserError, is_number
+from defectfusion.core.fsutil import os_error_message
 
 # The defaults: params.yaml, the one file that holds them. The sections below declare the
 # settings (name, type, what it means) and no values: `defaults_from` gives each field
@@ -183,7 +183,7 @@ class Phase2Section(TrainSection):
     # Every field takes params.yaml's phase2 value, the inherited ones too: a phase2 section
     # given in part gets Phase 2's defaults, not Phase 1's.
     # Phase 2 trains on a frozen backbone + encoder: their output is cached per image and
-    # view (defectfusion.cache) and reused by every run from the same Phase 1 checkpoint.
+    # view (defectfusion.model.cache) and reused by every run from the same Phase 1 checkpoint.
     cache: bool  # off, or fusion.bn=train (the frozen part then changes): run it live
     # Training views: N >= 1 a fixed pool of N augmented views per image, drawn once from
     # view_seed (not the run's seed, so seeds and variants share it); 0 no augmentation;
@@ -206,7 +206,7 @@ class EvalSection:
 @dataclass
 @defaults_from("postmortem")
 class PostmortemSection:
-    """The post-mortem's decision rule, declared before the run (defectfusion.postmortem.judge;
+    """The post-mortem's decision rule, declared before the run (defectfusion.analysis.postmortem.judge;
     the book quotes it). A hypothesis "reproduces the thesis's drop" only when its epoch-1
     val drift's interval, adjusted for the number of hypotheses, excludes 0; the test split
     agrees (same sign, its own adjusted interval excluding 0); and its drop relative to Phase 1
@@ -362,6 +362,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if args:  # Optional[X]
         return _coerce(value, args[0], key)
     return value
+
+
+def weights_ok(weights: Any) -> bool:
+    """Composite weights as a file may hold them: metric names to non-negative finite
+    numbers (a checkpoint's meta, a metrics file: both untrusted)."""
+    return isinstance(weights, dict) and all(
+        isinstance(k, str) and is_number(v) and v >= 0 for k, v in weights.items()
+    )
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

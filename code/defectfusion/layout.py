@@ -17,7 +17,7 @@ from defectfusion.config import PHASE1_SEED_RUN
 # DEIMv2-Multimodal), its best.pt as selected on val, the first seed.
 ADOPTED_VARIANT = "zero_start"
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-# The post-mortem's prediction sets (defectfusion.postmortem): Phase 1 per split, and per
+# The post-mortem's prediction sets (defectfusion.analysis.postmortem): Phase 1 per split, and per
 # Phase 2 variant and seed, (split, which checkpoint) -> file. "best" is the val-selected
 # checkpoint (test only: val chose it); "epoch0" (val only: the model before any update),
 # "epoch1" and "final" are fixed epochs.

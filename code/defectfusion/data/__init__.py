@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from defectfusion.errors import UserError
+from defectfusion.config import DATASET_KINDS
+from defectfusion.core.errors import UserError
 
 
 def prepare(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
@@ -14,7 +15,6 @@ def prepare(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[s
     ``kind`` picks the maker: ``synth`` (generated), ``neu`` (NEU-DET folder ``src``) or
     ``coco`` (images folder ``src`` + one ``annotations`` JSON, split here).
     """
-    from defectfusion.config import DATASET_KINDS
 
     kind = dataset.get("kind")
     if kind not in DATASET_KINDS:
@@ -24,6 +24,6 @@ def prepare(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[s
             what = f"the {kind} source folder" if key == "src" else "the COCO JSON"
             raise UserError(f"pipeline.dataset.{key}: {what} is not set")
     # Deferred: the CLI's start-up does not pay for PIL and numpy.
-    from defectfusion.data.importers import MAKERS
+    from defectfusion.data.importers import MAKERS  # deferred: loads PIL
 
     return MAKERS[kind](dataset, image_size, out)

@@ -22,6 +22,8 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import staged_dir, swap_dir
 from defectfusion.data import coco
 from defectfusion.data.validate import (
     ValidationReport,
@@ -30,8 +32,6 @@ from defectfusion.data.validate import (
     raise_if_invalid,
     validate_path,
 )
-from defectfusion.errors import UserError
-from defectfusion.fsutil import staged_dir, swap_dir
 
 NEU_CLASSES: tuple[str, ...] = (
     "crazing",
@@ -529,7 +529,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 # folder from ``pipeline.dataset`` (`data.prepare`). A new importer is a function above, its
 # maker and its line here, plus its kind in config.DATASET_KINDS and its prompts/KIND.yaml.
 def make_synth(dataset: dict[str, Any], image_size: int, out: str | Path) -> dict[str, Any]:
-    from defectfusion.data.synth import SynthSpec, generate
+    from defectfusion.data.synth import SynthSpec, generate  # deferred: loads scipy
 
     spec = SynthSpec(
         seed=int(dataset.get("seed", 0)),

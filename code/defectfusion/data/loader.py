@@ -53,9 +53,9 @@ from defectfusion.config import (
     IMAGENET_STD,
     NORMALIZATIONS,
 )
+from defectfusion.core.errors import UserError
 from defectfusion.data import coco
 from defectfusion.data.validate import check_loadable, image_too_large
-from defectfusion.errors import UserError
 
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -28,10 +28,10 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import staged_dir, swap_dir
+from defectfusion.core.pool import spawn_pool
 from defectfusion.data import coco
-from defectfusion.errors import UserError
-from defectfusion.fsutil import staged_dir, swap_dir
-from defectfusion.pool import spawn_pool
 
 CLASS_NAMES: tuple[str, ...] = (
     "normal",
@@ -554,7 +554,7 @@ def generate(out: str | Path, spec: SynthSpec, workers: int | None = None) -> di
 def _generate_into(
     out: Path, spec: SynthSpec, sizes: dict[str, int], jobs: list, workers: int
 ) -> dict[str, Any]:
-    # Spawned, not forked, and killed with this process (defectfusion/pool.py).
+    # Spawned, not forked, and killed with this process (defectfusion/core/pool.py).
     pool = spawn_pool(workers) if workers > 1 else None
     results = pool.map(_make, jobs, chunksize=16) if pool else map(_make, jobs)
     summary: dict[str, Any] = {}

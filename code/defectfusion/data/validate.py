@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from defectfusion.core.errors import UserError, is_int, is_number
 from defectfusion.data import coco
-from defectfusion.errors import UserError, is_int, is_number
 
 # A box may stick out of its image by this much (pixels, or a fraction of the side when
 # larger): annotation tools round corners, and 200.0004 on a 200-px image is not a bug.

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from defectfusion.core.errors import UserError
 from defectfusion.layout import (  # noqa: F401 (re-exported: the report's names for them)
     ADOPTED_VARIANT,
     DEIMV2_RECIPE,
@@ -232,7 +233,6 @@ def chosen(
 ) -> tuple[list[str], Layout]:
     """The outputs of `kind` (tables, figures) to make, `only` (default: all) each checked to
     be declared, and the layout of the results they read."""
-    from defectfusion.errors import UserError
 
     known = names(kind)
     wanted = list(only or known)

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from defectfusion.errors import UserError
+from defectfusion.core.errors import UserError
 
 BOOK_SOURCE = Path("thesis")
 PDF_NAME = "libro.pdf"

@@ -26,9 +26,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from defectfusion.environment import git_commit  # noqa: F401 (re-exported: prov.git_commit)
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_json, sha256_file  # noqa: F401 (re-exported: prov.sha256_file)
+from defectfusion.core.environment import git_commit  # noqa: F401 (re-exported: prov.git_commit)
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write_json, sha256_file  # noqa: F401 (re-exported: prov.sha256_file)
+from defectfusion.core.jsonio import parse_json
 
 
 def sha256_json(obj: Any) -> str:
@@ -106,7 +107,7 @@ def build_index(sidecars: Iterable[str | Path], out: str | Path) -> dict[str, An
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise UserError(f"{path}: unreadable provenance record ({e})") from None
-        from defectfusion.data.coco import parse_json  # depth-capped, one-line errors
+        from defectfusion.core.jsonio import parse_json
 
         record = parse_json(text, path)
         outputs = record.pop("outputs", None)
@@ -139,7 +140,6 @@ def read_embedded(path: str | Path) -> dict[str, Any]:
         )
     if not text:
         raise UserError(f"{path}: no provenance record embedded")
-    from defectfusion.data.coco import parse_json
 
     return parse_json(text, path)
 

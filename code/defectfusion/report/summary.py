@@ -107,14 +107,15 @@ from pathlib import Path
 from typing import Any
 
 from defectfusion.config import TrainSection
-from defectfusion.data.coco import (  # noqa: F401 (read_jsonl re-exported: S.read_jsonl)
-    category_names,
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write_json
+from defectfusion.core.jsonio import (  # noqa: F401 (read_jsonl re-exported: S.read_jsonl)
     load_json,
     parse_json,
     read_jsonl,
 )
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_json
+from defectfusion.data.coco import category_names
+from defectfusion.evaluation.metrics import qualitative_cases
 from defectfusion.report import (
     ADOPTED_VARIANT,
     PARAM_SECTIONS,
@@ -529,7 +530,6 @@ def qualitative_summary(layout: Layout, values: dict[str, Any]) -> dict[str, Any
     """How many test images the ``qualitative`` figure can choose from in each direction
     (``metrics.qualitative_cases``: Phase 2 finds a critical box Phase 1 misses, and the
     reverse), so the book says what it shows, or that there is nothing to show."""
-    from defectfusion.metrics import qualitative_cases
 
     if not layout.variants:
         return {"b_not_a": 0, "a_not_b": 0, "any": False}
@@ -564,7 +564,7 @@ def confusion_summary(layout: Layout) -> dict[str, Any]:
     return {"confusion": out}
 
 
-# ---- issue 13: the post-mortem (results/postmortem.json, defectfusion.postmortem) ----------
+# ---- issue 13: the post-mortem (results/postmortem.json, defectfusion.analysis.postmortem) ----------
 
 
 def _operating_point(values: dict[str, Any], cal: dict[str, Any] | None) -> dict[str, Any]:
@@ -676,7 +676,7 @@ def significant(pm: dict[str, Any]) -> list[dict[str, Any]]:
     verdict's adjusted level (the rule's multiplicity correction over its hypotheses,
     ``rule.level_each``): what the conclusions must report, not only what the verdict
     decided on."""
-    from defectfusion.bootstrap import seed_t_interval  # numpy and scipy: the report stage
+    from defectfusion.analysis.bootstrap import seed_t_interval  # numpy and scipy: the report stage
 
     level = float(pm["rule"]["level_each"])
     out = []

@@ -30,9 +30,11 @@ from typing import Any
 
 from tabulate import tabulate
 
-from defectfusion.data.coco import load_json
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_text
+from defectfusion.config import read_yaml
+from defectfusion.core.environment import LOCK_FILE, read_lock
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write_text
+from defectfusion.core.jsonio import load_json
 from defectfusion.report import (
     DEIMV2_RECIPE,
     PARAM_SECTIONS,
@@ -601,7 +603,6 @@ def per_class_recall_table(values: dict[str, Any], layout: Layout) -> Table:
 
 def _book_yaml(name: str, why: str) -> dict[str, Any]:
     """One of the book's hand-kept YAML files (thesis/), read safely; ``why``: what needs it."""
-    from defectfusion.config import read_yaml
 
     path = Path(name)
     if not path.is_file():
@@ -660,7 +661,7 @@ def _covers_es(layout: Layout) -> str:
 def settings_table(values: dict[str, Any], layout: Layout) -> Table:
     """Each setting: the thesis's (a {tesis} role in the book, its value in CSV/LaTeX) and
     this run's, from the config the run used and the files it wrote."""
-    from defectfusion.models import PRESETS, norm_for  # torch: only this table pays for it
+    from defectfusion.model.models import PRESETS, norm_for  # torch: only this table pays for it
 
     thesis = _thesis_figures()
     text = load_json(layout.text)
@@ -794,7 +795,7 @@ def _recipe_value(values: dict[str, Any], key: str) -> Any:
     if head == "preset":
         from transformers import Deimv2Config  # torch: only this table pays for it
 
-        from defectfusion.models import PRESETS
+        from defectfusion.model.models import PRESETS
 
         preset = PRESETS.get(main)
         detector = preset.detector if preset else {}
@@ -1139,7 +1140,6 @@ def environment_table(values: dict[str, Any], layout: Layout) -> Table:
 
     from packaging.utils import canonicalize_name
 
-    from defectfusion.environment import LOCK_FILE, read_lock
 
     lock_path = Path(LOCK_FILE)
     locked = read_lock(lock_path) if lock_path.is_file() else {}

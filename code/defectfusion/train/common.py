@@ -9,10 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectfusion.config import Config
+from defectfusion.config import Config, check_classes
+from defectfusion.core.version import __version__
 from defectfusion.data import coco
-from defectfusion.models import backbone_module, count_parameters, norm_for
-from defectfusion.version import __version__
+from defectfusion.data.loader import make_loader
+from defectfusion.evaluation.evaluate import predict
+from defectfusion.evaluation.metrics import coco_metrics
+from defectfusion.model.models import backbone_module, count_parameters, norm_for
 
 
 def param_groups(
@@ -41,9 +44,6 @@ def param_groups(
 def make_evaluator(cfg: Config, val_json: Path, loader: Any = None):
     """A function model -> val metrics, reused by both phases (``loader``: the val batches,
     e.g. Phase 2's cached features; default: the val images)."""
-    from defectfusion.data.loader import make_loader
-    from defectfusion.evaluate import predict
-    from defectfusion.metrics import coco_metrics
 
     gt = coco.load_json(val_json)
     loader = (
@@ -72,13 +72,12 @@ def dataset_splits(cfg: Config) -> tuple[Path, Path, list[str]]:
     train_json, val_json = coco.split_path(root, "train"), coco.split_path(root, "val")
     for p in (train_json, val_json):
         if not p.is_file():
-            from defectfusion.errors import UserError
+            from defectfusion.core.errors import UserError
 
             raise UserError(
                 f"{p}: dataset split not found; prepare data.dir={root} first (defectfusion data synth|import-neu|import-coco)"
             )
     names = coco.category_names(coco.load_json(train_json), train_json)
-    from defectfusion.config import check_classes
 
     check_classes(cfg, names, "config")  # critical classes within this dataset
     return train_json, val_json, names

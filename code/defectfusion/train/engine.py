@@ -40,17 +40,18 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from defectfusion.checkpoint import (
+from defectfusion.config import Config, TrainSection, safe_name
+from defectfusion.core.environment import git_commit
+from defectfusion.core.errors import UserError, is_int
+from defectfusion.core.fsutil import atomic_write_text
+from defectfusion.core.jsonio import load_json, parse_json
+from defectfusion.model.checkpoint import (
     check_meta,
     check_state,
     load_checkpoint,
     save_checkpoint,
     state_problem,
 )
-from defectfusion.config import Config, TrainSection, safe_name
-from defectfusion.environment import git_commit
-from defectfusion.errors import UserError, is_int
-from defectfusion.fsutil import atomic_write_text
 from defectfusion.train.schedule import ema_decay_at, lr_lambda, plateau_gain
 
 
@@ -79,7 +80,7 @@ class Job:
     save_val_predictions: bool = False
     notes: list[str] = field(default_factory=list)  # lines for experiment_log.txt's header
     # Per-process batch -> train loader, in place of the default one (Phase 2: its view pool,
-    # or its cached features, defectfusion.cache); it must use a SeededSampler.
+    # or its cached features, defectfusion.model.cache); it must use a SeededSampler.
     train_loader: Callable[[int], Any] | None = None
 
 
@@ -125,7 +126,6 @@ def loss_terms(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    from defectfusion.data.coco import parse_json  # a history pulled from a remote: capped
 
     return [parse_json(line, path) for line in path.read_text().splitlines() if line.strip()]
 
@@ -280,8 +280,7 @@ def check_selectable(val_json: Path, select: str, critical: list[int]) -> None:
     """The val split can score the selection metric: it has boxes, and of a critical class
     when the metric reads critical recall (an undefined score used to end in a TypeError
     after the first epoch's training)."""
-    from defectfusion.data.coco import load_json
-    from defectfusion.data.validate import check_loadable
+    from defectfusion.data.validate import check_loadable  # deferred: loads PIL
 
     data = load_json(val_json)
     check_loadable(data, val_json)  # a malformed split: the loader's one line, first
@@ -318,7 +317,7 @@ def _fit(job: Job, resume: bool = False, restart: bool = False) -> dict[str, Any
         torch.set_flush_denormal(True)
     seed_everything(job.cfg.seed)
 
-    from defectfusion.data.loader import AugmentConfig, make_loader
+    from defectfusion.data.loader import AugmentConfig, make_loader  # deferred: loads PIL
 
     # train.batch_size is the global batch. Accelerate deals whole loader batches to the
     # processes in turn, so with a per-process batch of B/n the n processes of one step see

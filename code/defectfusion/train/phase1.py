@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from defectfusion.checkpoint import check_compatible, load_checkpoint
 from defectfusion.config import Config
-from defectfusion.losses import install_loss
-from defectfusion.models import (
+from defectfusion.model.checkpoint import check_compatible, load_checkpoint
+from defectfusion.model.losses import install_loss
+from defectfusion.model.models import (
     build_model,
     check_image_size,
     count_parameters,

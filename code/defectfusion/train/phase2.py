@@ -24,24 +24,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectfusion.cache import phase2_inputs
-from defectfusion.checkpoint import (
+from defectfusion.config import Config
+from defectfusion.core.errors import UserError
+from defectfusion.model.cache import phase2_inputs
+from defectfusion.model.checkpoint import (
     check_compatible,
     load_checkpoint,
     load_model_state,
     normalize_of,
 )
-from defectfusion.config import Config
-from defectfusion.fusion import attach_fusion, set_trainable
-from defectfusion.losses import install_loss
-from defectfusion.models import (
+from defectfusion.model.fusion import attach_fusion, set_trainable
+from defectfusion.model.losses import install_loss
+from defectfusion.model.models import (
     build_model,
     check_image_size,
     count_parameters,
     norm_of_checkpoint,
     set_train_mode,
 )
-from defectfusion.text import embed_prompts
+from defectfusion.model.text import embed_prompts, load_embeddings
 from defectfusion.train.common import dataset_splits, make_evaluator, model_meta, param_groups
 from defectfusion.train.engine import Job, fit
 
@@ -56,8 +57,6 @@ def text_embeddings(
         return embed_prompts(cfg.text.prompts, cfg.text.encoder, cfg.text.weights, class_names)
     import hashlib
 
-    from defectfusion.errors import UserError
-    from defectfusion.text import load_embeddings
 
     emb, info = load_embeddings(path)
     prompts_sha = hashlib.sha256(Path(cfg.text.prompts).read_bytes()).hexdigest()
@@ -86,7 +85,7 @@ def build_phase2_model(
     ckpt = load_checkpoint(phase1)
     meta1 = ckpt["meta"]
     if meta1.get("phase") != 1:
-        from defectfusion.errors import UserError
+        from defectfusion.core.errors import UserError
 
         raise UserError(f"{phase1}: expected a Phase 1 checkpoint, got phase {meta1.get('phase')}")
     check_compatible(phase1, meta1, cfg.model.preset, class_names)
@@ -149,7 +148,7 @@ def check_resizable(model: nn.Module, trained: int, size: int, path: str | Path)
         if getattr(model.config, k, None)
     }
     if fixed:
-        from defectfusion.errors import UserError
+        from defectfusion.core.errors import UserError
 
         raise UserError(
             f"{path}: the model fixes its input size ({fixed}); Phase 2 cannot run it at "
@@ -165,7 +164,7 @@ def start_checkpoint(cfg: Config, phase1: str | Path) -> Path:
         return phase1
     raw = phase1.with_name("best_raw.pt")
     if not raw.is_file():
-        from defectfusion.errors import UserError
+        from defectfusion.core.errors import UserError
 
         raise UserError(
             f"{raw}: not found; fusion.start=raw needs the raw weights Phase 1 writes beside "
@@ -210,7 +209,7 @@ def train_phase2(
             "trainable_parameters": count_parameters(model, trainable_only=True),
         }
     )
-    # The frozen backbone + encoder's output, cached and shared by runs (defectfusion.cache).
+    # The frozen backbone + encoder's output, cached and shared by runs (defectfusion.model.cache).
     inputs = phase2_inputs(cfg, model, train_json, val_json)
     job = Job(
         phase="phase2",

@@ -34,9 +34,10 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from defectfusion.data.coco import category_names, images_dir, load_json
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write
+from defectfusion.core.jsonio import load_json
+from defectfusion.data.coco import category_names, images_dir
 from defectfusion.report import (
     PARAM_SECTIONS,
     PHASE1_COLOR,

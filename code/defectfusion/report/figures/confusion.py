@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from defectfusion.metrics import row_normalized
+from defectfusion.evaluation.metrics import row_normalized
 from defectfusion.report import figure
 from defectfusion.report.figures import Ctx, cls, models_compared, new_figure, num
 

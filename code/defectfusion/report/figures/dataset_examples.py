@@ -8,7 +8,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from defectfusion.data.coco import category_names, load_json
+from defectfusion.core.jsonio import load_json
+from defectfusion.data.coco import category_names
 from defectfusion.report import figure
 from defectfusion.report.figures import (
     CLASS_COLORS,

@@ -37,8 +37,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from defectfusion.config import NORMALIZATIONS
-from defectfusion.data.coco import load_json
-from defectfusion.errors import UserError
+from defectfusion.core.errors import UserError
+from defectfusion.core.jsonio import load_json
 from defectfusion.report import (
     PHASE1_COLOR,
     THESIS_FIGURES,
@@ -48,6 +48,7 @@ from defectfusion.report import (
     variant_name_es,
 )
 from defectfusion.report.figures import WIDTH, num
+from defectfusion.report.summary import best_row, read_jsonl
 
 GREY = "#777777"
 
@@ -237,7 +238,6 @@ def postmortem_mechanism(ctx: Any) -> Figure:
 def _deltas(layout: Layout, variant: str, phase1: float) -> tuple[list[int], np.ndarray]:
     """Epochs and ``[seeds, epochs]`` val mAP minus Phase 1's `phase1` (NaN where a seed
     stopped)."""
-    from defectfusion.report.summary import read_jsonl
 
     rows = [read_jsonl(layout.phase2(variant, s, "history.jsonl")) for s in layout.seeds]
     epochs = sorted({int(r["epoch"]) for h in rows for r in h if r.get("val_map") is not None})
@@ -266,7 +266,6 @@ def postmortem_drift(ctx: Any) -> Figure:
     variants = list(layout.variants)
     adopted = layout.adopted[0]
     thesis = _thesis_drop(layout)
-    from defectfusion.report.summary import best_row, read_jsonl
 
     p1_history = layout.phase1(layout.main, "history.jsonl")
     phase1 = float(best_row(read_jsonl(p1_history), p1_history)["val_map"])
@@ -329,6 +328,6 @@ def postmortem_drift(ctx: Any) -> Figure:
 
 
 def _thesis_drop(layout: Layout) -> float:
-    from defectfusion.postmortem import thesis_drop
+    from defectfusion.analysis.postmortem import thesis_drop  # deferred: loads scipy
 
     return float(thesis_drop(Path(THESIS_FIGURES))["drop"])

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from defectfusion.data.coco import load_json
-from defectfusion.metrics import precision_recall
+from defectfusion.core.jsonio import load_json
+from defectfusion.evaluation.metrics import precision_recall
 from defectfusion.report import PHASE1_COLOR, figure
 from defectfusion.report.figures import Ctx, cls, new_figure, num, variant_color
 

@@ -6,7 +6,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from defectfusion.data.coco import load_json
+from defectfusion.core.jsonio import load_json
 from defectfusion.report import figure, text_encoder_es
 from defectfusion.report.figures import Ctx, cls, new_figure, num
 

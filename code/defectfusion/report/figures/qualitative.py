@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from defectfusion.data.coco import load_json
-from defectfusion.metrics import box_iou, qualitative_cases
+from defectfusion.core.jsonio import load_json
+from defectfusion.evaluation.metrics import box_iou, qualitative_cases
 from defectfusion.report import figure
 from defectfusion.report.figures import (
     CLASS_COLORS,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectfusion.models import freeze
+from defectfusion.model.models import freeze
 
 
 class MultimodalFusionModule(nn.Module):
@@ -101,7 +101,7 @@ def attach_fusion(
     encoder_head: bool = True,
 ) -> MultimodalFusionModule:
     if text_embeddings.shape[0] != model.config.num_labels:
-        from defectfusion.errors import UserError
+        from defectfusion.core.errors import UserError
 
         raise UserError(
             f"text embeddings have {text_embeddings.shape[0]} classes, the detector has {model.config.num_labels}"

@@ -36,8 +36,12 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from defectfusion.errors import UserError, is_number
-from defectfusion.fsutil import atomic_write, atomic_write_json
+from defectfusion.core.errors import UserError, is_number
+from defectfusion.core.fsutil import atomic_write, atomic_write_json
+from defectfusion.core.jsonio import load_json
+from defectfusion.data.validate import image_too_large
+from defectfusion.evaluation.evaluate import BOX_DECIMALS, SCORE_DECIMALS, postprocess
+from defectfusion.model.checkpoint import input_mean_std, operating_point
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
 RESULTS_FILE = "predictions.json"
@@ -73,7 +77,6 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 
 def read_image(path: str | Path) -> Image.Image:
     """Open an image file as 8-bit RGB; an unreadable file is the user's error, in one line."""
-    from defectfusion.data.validate import image_too_large  # the dataset loader's cap
 
     path = Path(path)
     try:
@@ -157,7 +160,6 @@ class Detector:
     std: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from defectfusion.checkpoint import input_mean_std
 
         # The checkpoint's data.normalize (a Phase 2 variant may change it), or the mean/std
         # of a transformers folder's image processor.
@@ -178,7 +180,6 @@ class Detector:
     def threshold(self) -> float:
         """The default score threshold: the operating point the model was evaluated at
         (`checkpoint.operating_point`), for ``predict``, the API and the model card alike."""
-        from defectfusion.checkpoint import operating_point
 
         return operating_point(self.meta)
 
@@ -206,7 +207,6 @@ class Detector:
     ) -> list[list[Detection]]:
         """One batch of 8-bit RGB images -> their detections with ``score >= threshold``
         (None: `threshold`, the model's operating point); boxes ``[x0, y0, x1, y1]`` pixels."""
-        from defectfusion.evaluate import postprocess
 
         if not images:
             return []
@@ -300,11 +300,11 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Detector
     path = Path(path)
     dev = default_device(device)
     if path.is_dir():
-        from defectfusion.export import load_exported
+        from defectfusion.serve.export import load_exported
 
         model, meta = load_exported(path)
     else:
-        from defectfusion.checkpoint import load_detector
+        from defectfusion.model.checkpoint import load_detector
 
         model, meta = load_detector(path)
     return Detector(model, meta, dev)
@@ -317,7 +317,6 @@ def coco_records(
     image_id: int, file_name: str, detections: Sequence[Detection]
 ) -> list[dict[str, Any]]:
     """Detections -> COCO results records (``bbox`` = ``[x, y, w, h]``), with the file name."""
-    from defectfusion.evaluate import BOX_DECIMALS, SCORE_DECIMALS
 
     return [
         {
@@ -402,7 +401,6 @@ WRITTEN_BY = "defectfusion predict"
 
 def _ours(path: Path) -> bool:
     """Whether `path` is an images.json that predict wrote (its marker), read with bounds."""
-    from defectfusion.data.coco import load_json
 
     try:
         data = load_json(path)

@@ -6,7 +6,7 @@ composite score (`composite`), the detection confusion matrix (`confusion_matrix
 IoU (`box_iou`, COCO's own). No torch here, so the jobs that only read predictions (the
 bootstrap, the post-mortem, the figures) start in a second instead of importing torch.
 
-`defectfusion.evaluate.evaluate_checkpoint` runs a checkpoint on a split and writes two files:
+`defectfusion.evaluation.evaluate.evaluate_checkpoint` runs a checkpoint on a split and writes two files:
 
 - ``OUT`` (e.g. ``metrics.json``): the metrics below, plus ``"confusion"`` (see
   `confusion_matrix`, with its thresholds), ``"checkpoint"``, ``"data"``, ``"predictions"``
@@ -77,8 +77,8 @@ from typing import Any
 import numpy as np
 
 from defectfusion.config import EvalSection
-from defectfusion.data.coco import load_json
-from defectfusion.errors import UserError, is_number
+from defectfusion.core.errors import UserError
+from defectfusion.core.jsonio import load_json
 
 COCO_AREA_PX2: tuple[float, float] = (32.0**2, 96.0**2)
 REFERENCE_SIDE = 640  # the image side COCO's area cuts were made for
@@ -318,14 +318,6 @@ def critical_recall(
     (null) are left out, and the mean over none is null."""
     by_id = {v["id"]: v for v in per_class.values()}
     return _mean(by_id[c][key] for c in critical_classes)
-
-
-def weights_ok(weights: Any) -> bool:
-    """Composite weights as a file may hold them: metric names to non-negative finite
-    numbers (a checkpoint's meta, a metrics file: both untrusted)."""
-    return isinstance(weights, dict) and all(
-        isinstance(k, str) and is_number(v) and v >= 0 for k, v in weights.items()
-    )
 
 
 def composite(metrics: dict[str, Any], weights: dict[str, float]) -> float | None:

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from defectfusion.errors import UserError, is_number
+from defectfusion.core.errors import UserError, is_number
+from defectfusion.core.jsonio import load_json, parse_json
 
 VERIFY_LEVEL = 95.0  # family-wise, over every number checked
 
@@ -200,7 +201,6 @@ def compare_postmortems(
 
 def read_postmortem(path: str | Path) -> dict[str, Any]:
     """A post-mortem results file, or the ``postmortem.json`` of a results folder."""
-    from defectfusion.data.coco import load_json
 
     path = Path(path)
     if path.is_dir():
@@ -228,7 +228,6 @@ def recorded_from_dvc(root: str | Path = ".", rev: str = "HEAD") -> dict[str, An
             f"no recorded results/postmortem.json in DVC at {rev} ({e.__class__.__name__}); "
             "`dvc pull` the recorded run first, or pass --recorded FILE"
         ) from None
-    from defectfusion.data.coco import parse_json
 
     where = f"results/postmortem.json@{rev}"
     return _postmortem(parse_json(text, where) if text else None, where)

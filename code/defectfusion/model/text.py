@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write
+from defectfusion.core.errors import MAX_CLASSES, MAX_TEXT_DIM, UserError
+from defectfusion.core.fsutil import atomic_write, atomic_write_json
 
 SIGLIP = {
     "siglip-vit-b-16": ("ViT-B-16-SigLIP", "webli"),
@@ -161,7 +161,6 @@ def save_embeddings(path: str | Path, result: dict[str, Any]) -> Path:
         tmp.write_bytes(buf.getvalue())
 
     out = atomic_write(path, write)
-    from defectfusion.fsutil import atomic_write_json
 
     atomic_write_json(Path(path).with_suffix(".json"), result["info"])
     return out
@@ -174,7 +173,7 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
         raise UserError(f"{path}: text embeddings not found; run `defectfusion text embed` first")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        from defectfusion.data.coco import parse_json
+        from defectfusion.core.jsonio import parse_json
 
         emb, info = data["embeddings"], parse_json(data["info"], path)
     except UserError:
@@ -182,7 +181,6 @@ def load_embeddings(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: not a text-embeddings file ({e.__class__.__name__})") from None
     # A DVC output, so as untrusted as a checkpoint: the checkpoint's limits on the text.
-    from defectfusion.errors import MAX_CLASSES, MAX_TEXT_DIM
 
     if not (
         isinstance(emb, torch.Tensor)
@@ -207,7 +205,8 @@ def embed_from_config(cfg: Any, out: str | Path) -> dict[str, Any]:
     names = None
     split = Path(cfg.data.dir) / "annotations" / "train.json"
     if split.is_file():
-        from defectfusion.data.coco import category_names, load_json
+        from defectfusion.core.jsonio import load_json
+        from defectfusion.data.coco import category_names
 
         names = category_names(load_json(split))
     result = embed_prompts(cfg.text.prompts, cfg.text.encoder, cfg.text.weights, names)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectfusion.errors import (  # noqa: F401  (the limits: checkpoint.MAX_* too)
+from defectfusion.config import NORMALIZE_CHOICES, EvalSection, weights_ok
+from defectfusion.core.errors import (  # noqa: F401  (the limits: checkpoint.MAX_* too)
     MAX_CLASSES,
     MAX_IMAGE_SIZE,
     MAX_TEXT_DIM,
@@ -24,7 +25,7 @@ from defectfusion.errors import (  # noqa: F401  (the limits: checkpoint.MAX_* t
     is_int,
     is_number,
 )
-from defectfusion.fsutil import atomic_write_bytes, os_error_message
+from defectfusion.core.fsutil import atomic_write_bytes, os_error_message
 
 FORMAT = "defectfusion-checkpoint-v1"
 
@@ -78,8 +79,7 @@ def _bad(path: str | Path, what: str, kind: str = "checkpoint") -> UserError:
 def check_meta(path: str | Path, meta: Any, kind: str = "checkpoint") -> None:
     """Types and sane limits of every ``meta`` value that sizes or drives something (a
     checkpoint's, or an export folder's record: ``kind`` only changes the advice)."""
-    from defectfusion.metrics import weights_ok
-    from defectfusion.models import NORMS, PRESETS
+    from defectfusion.model.models import NORMS, PRESETS  # deferred: loads transformers
 
     def bad(path: str | Path, what: str) -> UserError:
         return _bad(path, what, kind)
@@ -161,7 +161,6 @@ def check_normalize(path: str | Path, meta: dict[str, Any], kind: str = "checkpo
     trained with); one whose config has the setting has lost the key, and is refused rather
     than evaluated with constants it may not have been trained with.
     """
-    from defectfusion.config import NORMALIZE_CHOICES
 
     if "normalize" in meta:
         if not isinstance(meta["normalize"], str) or meta["normalize"] not in NORMALIZE_CHOICES:
@@ -190,7 +189,7 @@ def normalize_of(meta: dict[str, Any]) -> str:
 def input_mean_std(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
     """(mean, std) of a model's input: ``meta``'s own ``mean``/``std`` (a transformers folder's
     image processor, `export._meta_from_transformers`), else its ``normalize`` name's."""
-    from defectfusion.data.loader import normalization
+    from defectfusion.data.loader import normalization  # deferred: loads PIL
 
     if meta.get("mean") is not None and meta.get("std") is not None:
         return [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
@@ -202,7 +201,6 @@ def operating_point(meta: dict[str, Any]) -> float:
     """The score threshold a model was evaluated at (its config's ``eval.score_threshold``),
     else the evaluation's default (a plain transformers folder records none): the one default
     of ``defectfusion predict``, ``Detector.predict`` and the model card."""
-    from defectfusion.config import EvalSection
 
     config = meta.get("config")
     ev = config.get("eval") if isinstance(config, dict) else None
@@ -294,14 +292,17 @@ def load_detector(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes (Phase 1 or Phase 2) and load its weights."""
-    from defectfusion.models import build_model, norm_of_checkpoint
+    from defectfusion.model.models import (  # deferred: loads transformers
+        build_model,
+        norm_of_checkpoint,
+    )
 
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
     norm = norm_of_checkpoint(meta, ckpt["model"])  # as it was trained
     model = build_model(meta["preset"], meta["class_names"], init="scratch", norm=norm)
     if meta.get("phase") == 2:
-        from defectfusion.fusion import attach_fusion_from_meta
+        from defectfusion.model.fusion import attach_fusion_from_meta
 
         attach_fusion_from_meta(model, meta)
     load_model_state(model, ckpt["model"], path)

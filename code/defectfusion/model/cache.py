@@ -50,8 +50,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_bytes, sha256_file
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write_bytes, sha256_file
 
 FORMAT = "defectfusion-phase2-cache-v1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -69,7 +69,7 @@ def code_version() -> str:
     import torchvision
     import transformers
 
-    from defectfusion.data import loader
+    from defectfusion.data import loader  # deferred: loads PIL
 
     h = hashlib.sha256(FORMAT.encode())
     for module_file in (__file__, loader.__file__):
@@ -435,7 +435,7 @@ def make_cached_loader(
     split: CachedSplit, batch_size: int, train: bool, seed: int = 0
 ) -> DataLoader:
     """The loader of `make_loader`, over cached features: same sampler, same batches."""
-    from defectfusion.data.loader import SeededSampler, collate
+    from defectfusion.data.loader import SeededSampler, collate  # deferred: loads PIL
 
     drop_last = train and len(split) >= batch_size
     sampler = SeededSampler(
@@ -487,7 +487,12 @@ def phase2_inputs(
 ) -> Phase2Inputs:
     """Build (or reuse) the cache and return loaders that read it; or, when the frozen part
     cannot be cached (`uncached_reason`), the live train loader, with the same views."""
-    from defectfusion.data.loader import AugmentConfig, CocoDetection, make_loader, normalization
+    from defectfusion.data.loader import (  # deferred: loads PIL
+        AugmentConfig,
+        CocoDetection,
+        make_loader,
+        normalization,
+    )
 
     tc = cfg.phase2
     views = tc.cache_views

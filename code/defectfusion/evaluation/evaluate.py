@@ -1,7 +1,7 @@
 """Evaluation: a checkpoint on a split -> COCO results -> the metrics file.
 
 Prediction and post-processing (`predict`, `postprocess`) need torch and live here; the
-metrics themselves are `defectfusion.metrics` (torch-free), whose docstring gives the
+metrics themselves are `defectfusion.evaluation.metrics` (torch-free), whose docstring gives the
 metrics-file schema. `evaluate_checkpoint` writes ``OUT`` (the metrics, the confusion matrix,
 ``checkpoint``, ``data``, ``predictions``, ``preset``, ``parameters``), ``OUT`` with suffix
 ``.predictions.json`` (the COCO results list, boxes rounded to 5 decimals and scores to 6 so
@@ -21,10 +21,20 @@ from torch import nn
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
+from defectfusion.config import EvalSection
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write_json
 from defectfusion.data.coco import category_names, load_split
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_json
-from defectfusion.metrics import Results, coco_metrics, confusion_matrix
+from defectfusion.data.loader import CocoDetection, make_loader, normalization
+from defectfusion.evaluation.metrics import Results, coco_metrics, confusion_matrix
+from defectfusion.model.cache import (
+    CachedSplit,
+    frozen_weights_sha256,
+    install,
+    make_cached_loader,
+    make_spec,
+)
+from defectfusion.model.checkpoint import load_detector, normalize_of
 
 BOX_DECIMALS = 5
 SCORE_DECIMALS = 6
@@ -149,22 +159,13 @@ def cached_test_loader(
     """A loader of the frozen part's cached output for a Phase 2 checkpoint (or None).
 
     Phase 2's checkpoints share their backbone and encoder with the Phase 1 model they
-    started from; `defectfusion.cache` keys entries by those frozen weights (hashed from this
+    started from; `defectfusion.model.cache` keys entries by those frozen weights (hashed from this
     checkpoint), the image and the preprocessing, so the 27 Phase 2 checkpoints of a default
     run read one cache of the split instead of running the frozen detector 27 x 3 times. The
     model runs in eval mode, so the cached output is what the live forward computes.
     """
     if config is None or meta.get("phase") != 2 or not config.phase2.cache:
         return None
-    from defectfusion.cache import (
-        CachedSplit,
-        frozen_weights_sha256,
-        install,
-        make_cached_loader,
-        make_spec,
-    )
-    from defectfusion.checkpoint import normalize_of
-    from defectfusion.data.loader import CocoDetection, normalization
 
     mean, std = normalization(normalize_of(meta))
     ds = CocoDetection(data, meta["image_size"], False, mean=mean, std=std)
@@ -188,9 +189,6 @@ def evaluate_checkpoint(
     ``eval`` sections), else from the checkpoint; the input size and normalisation always from
     the checkpoint (a Phase 2 checkpoint records its own, which a variant may change).
     """
-    from defectfusion.checkpoint import load_detector, normalize_of
-    from defectfusion.config import EvalSection
-    from defectfusion.data.loader import make_loader
 
     checkpoint, data, out = Path(checkpoint), Path(data), Path(out)
     gt = load_split(data)

@@ -35,7 +35,7 @@ from transformers import (
     TimmBackboneConfig,
 )
 
-from defectfusion.errors import UserError
+from defectfusion.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ The thesis saw Phase 2's validation mAP fall from 0.785 (Phase 1) to 0.671 after
 of a zero-start fusion, which should have started exactly at Phase 1. Each Phase 2 variant
 of `pipeline.variants` switches one candidate cause on (or off) against the adopted
 zero-start. This stage measures, with intervals that cover both the images and the Phase 2
-seeds (`defectfusion.bootstrap`, hierarchical bootstrap):
+seeds (`defectfusion.analysis.bootstrap`, hierarchical bootstrap):
 
 - ``drift``: epoch 1 and the last epoch minus Phase 1, on the same images (val: the
   thesis's setting; test), per variant; the val-selected checkpoint ("best") on test too;
@@ -89,7 +89,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from defectfusion.bootstrap import (
+from defectfusion.analysis.bootstrap import (
     CI_LEVEL,
     EXTRA,
     METRICS,
@@ -109,16 +109,16 @@ from defectfusion.bootstrap import (
     verdict,
 )
 from defectfusion.config import PostmortemSection
-from defectfusion.data.coco import load_json, read_jsonl
-from defectfusion.errors import UserError
-from defectfusion.fsutil import atomic_write_json, os_error_message
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write_json, os_error_message
+from defectfusion.core.jsonio import load_json, read_jsonl
+from defectfusion.evaluation.metrics import check_critical, check_results
 from defectfusion.layout import (
     ADOPTED_VARIANT,
     PHASE1_PREDICTIONS,
     PHASE2_PREDICTIONS,
     Layout,
 )
-from defectfusion.metrics import check_critical, check_results
 
 SPLITS = ("val", "test")
 WHICH = ("best", "epoch1", "final")
@@ -256,7 +256,7 @@ class _Sets:
         """`evaluate` of each (path, split), in order; with ``workers > 1``, in that many
         processes (each set is independent: the replicates are drawn here, once)."""
         if workers > 1 and len(jobs) > 1:
-            from defectfusion.pool import spawn_pool
+            from defectfusion.core.pool import spawn_pool
 
             with spawn_pool(min(workers, len(jobs)), _init_worker, (self,)) as pool:
                 done = list(pool.map(_evaluate_job, jobs))

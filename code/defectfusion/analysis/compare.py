@@ -4,7 +4,7 @@ Both models' predictions are resampled with the same bootstrap replicate of the 
 images (Efron's percentile bootstrap over images, paired), so the interval is that of the
 *difference*, and "no gain" or "a loss" becomes a statistical statement rather than one run.
 The machinery (exact COCO metrics per replicate, and the hierarchical bootstrap over seeds
-and images that `defectfusion postmortem` uses) lives in `defectfusion.bootstrap`.
+and images that `defectfusion postmortem` uses) lives in `defectfusion.analysis.bootstrap`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from defectfusion.bootstrap import (  # noqa: F401  (re-exported: the historical names)
+from defectfusion.analysis.bootstrap import (  # noqa: F401  (re-exported: the historical names)
     DEFAULT_CRITICAL,
     EXTRA,
     IOU_THRS,
@@ -24,10 +24,12 @@ from defectfusion.bootstrap import (  # noqa: F401  (re-exported: the historical
     paired_bootstrap,
     resample,
 )
-from defectfusion.data.coco import load_json, load_split
-from defectfusion.errors import UserError, is_int
-from defectfusion.fsutil import atomic_write_json
-from defectfusion.metrics import DEFAULT_WEIGHTS, weights_ok
+from defectfusion.config import weights_ok
+from defectfusion.core.errors import UserError, is_int
+from defectfusion.core.fsutil import atomic_write_json
+from defectfusion.core.jsonio import load_json
+from defectfusion.data.coco import load_split
+from defectfusion.evaluation.metrics import DEFAULT_WEIGHTS
 
 # ---- the command ---------------------------------------------------------------------------
 

@@ -41,8 +41,8 @@ from scipy import stats
 from tqdm import tqdm
 
 from defectfusion.config import DataSection
-from defectfusion.errors import UserError
-from defectfusion.metrics import (
+from defectfusion.core.errors import UserError
+from defectfusion.evaluation.metrics import (
     AREA_MAX,
     DEFAULT_WEIGHTS,
     box_iou,

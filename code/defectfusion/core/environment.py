@@ -27,7 +27,8 @@ from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from defectfusion.errors import UserError
+from defectfusion.core.errors import UserError
+from defectfusion.core.fsutil import atomic_write_text
 
 LOCK_FILE = "requirements.lock"
 CONDA_FILE = "environment.yml"
@@ -105,7 +106,6 @@ def conda_text() -> str:
 def write_lock(root: str | Path = ".") -> tuple[Path, Path, int]:
     """Write requirements.lock and environment.yml in `root` (staged, then renamed); return
     both paths and the number of packages pinned."""
-    from defectfusion.fsutil import atomic_write_text
 
     root = Path(root)
     pins = closure()

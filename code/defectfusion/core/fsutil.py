@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from defectfusion.errors import UserError
+from defectfusion.core.errors import UserError
 
 # Temporaries from another host (a shared file system), or without a host-pid in their name
 # (older versions), cannot be checked for a live writer: they are removed once this old.
@@ -250,7 +250,6 @@ def staged_dir(out: Path):
 
     @contextlib.contextmanager
     def cm():
-        from defectfusion.errors import UserError
 
         staging = make_staging_dir(out)
         try:

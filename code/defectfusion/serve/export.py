@@ -29,9 +29,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectfusion.errors import MAX_CLASSES, MAX_IMAGE_SIZE, UserError, is_int, is_number
-from defectfusion.fsutil import atomic_write_json, atomic_write_text, staged_dir, swap_dir
-from defectfusion.version import __version__
+from defectfusion.core.errors import MAX_CLASSES, MAX_IMAGE_SIZE, UserError, is_int, is_number
+from defectfusion.core.fsutil import atomic_write_json, atomic_write_text, staged_dir, swap_dir
+from defectfusion.core.jsonio import load_json
+from defectfusion.core.version import __version__
+from defectfusion.data.coco import foreign_files, manifest_writer, write_manifest
+from defectfusion.model.checkpoint import (
+    check_mean_std,
+    check_meta,
+    input_mean_std,
+    load_detector,
+    normalize_of,
+    operating_point,
+)
 
 FORMATS = ("hf", "onnx")
 FORMAT_HF = "defectfusion-hf-v1"
@@ -51,7 +61,6 @@ def export(
     tolerance: float = ONNX_TOLERANCE,
 ) -> dict[str, Any]:
     """Export `checkpoint` to the folder `out` in format `fmt` (``hf`` or ``onnx``)."""
-    from defectfusion.checkpoint import load_detector
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
@@ -73,7 +82,6 @@ def image_processor(meta: dict[str, Any]) -> Any:
     a square resize (bilinear, antialiased, no padding), scale to [0, 1], mean/std."""
     from transformers import RTDetrImageProcessor
 
-    from defectfusion.checkpoint import input_mean_std
 
     s = int(meta["image_size"])
     mean, std = input_mean_std(meta)  # the checkpoint's data.normalize (none: mean 0, std 1)
@@ -147,14 +155,12 @@ MAX_CONFIG_INT = 16384  # no DEIMv2 or backbone config size comes near (DINOv3-7
 
 
 def _read_json_file(path: Path, limit: int = MAX_RECORD_BYTES) -> Any:
-    """A JSON file of an export folder: size and nesting capped (`coco.load_json`)."""
-    from defectfusion.data.coco import load_json
+    """A JSON file of an export folder: size and nesting capped (`core.jsonio.load_json`)."""
 
     return load_json(path, max_bytes=limit)
 
 
 def _read_record(folder: Path) -> dict[str, Any] | None:
-    from defectfusion.checkpoint import check_meta
 
     p = folder / META_FILE
     if not p.is_file():
@@ -241,7 +247,7 @@ def _load_transformers(
 ) -> tuple[nn.Module, dict[str, Any]]:
     from transformers import Deimv2ForObjectDetection
 
-    from defectfusion.models import bars_on_terminal_only
+    from defectfusion.model.models import bars_on_terminal_only  # deferred: loads transformers
 
     _check_model_config(folder)
     try:
@@ -265,7 +271,6 @@ def _load_transformers(
 
 
 def _meta_from_transformers(folder: Path, model: nn.Module) -> dict[str, Any]:
-    from defectfusion.checkpoint import check_mean_std
 
     proc_file = folder / "preprocessor_config.json"
     proc = _read_json_file(proc_file, limit=2**20) if proc_file.is_file() else {}
@@ -304,8 +309,11 @@ def _load_phase2(folder: Path, record: dict[str, Any]) -> tuple[nn.Module, dict[
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
-    from defectfusion.fusion import attach_fusion
-    from defectfusion.models import build_model, norm_of_checkpoint
+    from defectfusion.model.fusion import attach_fusion  # deferred: loads transformers
+    from defectfusion.model.models import (  # deferred: loads transformers
+        build_model,
+        norm_of_checkpoint,
+    )
 
     meta = dict(record["meta"])  # checked by _read_record, with the text embeddings
     weights = folder / WEIGHTS_FILE
@@ -391,7 +399,6 @@ def write_onnx(
         raise UserError(
             f"ONNX export differs from PyTorch by {worst:.2e} (> {tolerance:g}) on the check input"
         )
-    from defectfusion.checkpoint import input_mean_std
 
     mean, std = input_mean_std(meta)
     record = {
@@ -481,7 +488,6 @@ def postprocess_onnx(
 
 
 def _read_metrics(path: str | Path) -> dict[str, Any]:
-    from defectfusion.data.coco import load_json
 
     m = load_json(path)
     if not isinstance(m, dict) or "map" not in m:
@@ -506,7 +512,6 @@ def _fmt(x: Any) -> str:
 
 def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str) -> str:
     """README.md of an export: what the model is, its data, its test metrics, limits, citation."""
-    from defectfusion.checkpoint import operating_point
 
     cfg = meta.get("config") or {}
     data = cfg.get("data") or {}
@@ -722,7 +727,6 @@ def _card_yaml(meta: dict[str, Any], metrics: dict[str, Any] | None, fmt: str, t
 
 def _normalisation_text(meta: dict[str, Any]) -> str:
     """How the model card says the input is normalised (the checkpoint's data.normalize)."""
-    from defectfusion.checkpoint import input_mean_std, normalize_of
 
     if meta.get("mean") is None or meta.get("std") is None:
         name = normalize_of(meta)
@@ -751,7 +755,6 @@ def _replaceable(out: Path) -> None:
     """An existing `out` is replaced only when it is empty or an earlier export holding
     nothing but the files its manifest lists (`coco.foreign_files`, the datasets' own rule):
     never a user's file put beside them."""
-    from defectfusion.data.coco import foreign_files, manifest_writer
 
     if out.is_symlink():
         raise UserError(f"--out {out}: is a link; choose a real folder")
@@ -778,7 +781,6 @@ def _into_folder(out: Path, write: Any) -> dict[str, Any]:
     it in (`fsutil.staged_dir`/`swap_dir`: the earlier export goes to a temporary named by
     this process, never to a fixed name a user's folder could have); `_replaceable` says when
     an existing `out` may go."""
-    from defectfusion.data.coco import write_manifest
 
     _replaceable(out)
     with staged_dir(out) as tmp:
