@@ -633,6 +633,47 @@ def test_the_pdf_has_its_front_matter_and_no_half_blank_page(micro_run: Path) ->
     assert not blank, f"pages more than half blank (page: blank share): {blank}"
 
 
+@pytest.mark.slow
+def test_every_figure_prints_at_8_pt_or_more_in_the_pdf(micro_run: Path) -> None:
+    """Measured on the PDF itself: each figure's smallest text (recorded by the figure writer
+    at the figure's own size) times the width the PDF prints it at over that size. The
+    readers' 6-7 pt was this: the print CSS left `figure`'s default 40 px side margins, so
+    every figure printed at 5.69 in of the 6.69 in column."""
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+    from PIL import Image
+
+    from defectfusion.report import FIGURES
+    from defectfusion.report import provenance as prov
+    from defectfusion.report.figures import MIN_PRINT_PT
+
+    # A figure is known in the PDF by its pixel size; figures of one size are held to the
+    # smallest text among them.
+    by_size: dict[tuple[int, int], list[tuple[str, float, float]]] = {}
+    for name in FIGURES:
+        png = micro_run / "figures" / f"{name}.png"
+        pt = prov.read_embedded(png)["smallest_text_pt"]
+        with Image.open(png) as im:
+            natural_in = im.size[0] / float(im.info["dpi"][0])
+            if pt is not None:
+                by_size.setdefault(im.size, []).append((name, natural_in, pt))
+    pdf = pdfium.PdfDocument(micro_run / "thesis/_build/libro.pdf")
+    shown, small = 0, {}
+    for i in range(len(pdf)):
+        for obj in pdf[i].get_objects(filter=[pdfium_c.FPDF_PAGEOBJ_IMAGE]):
+            candidates = by_size.get(tuple(obj.get_px_size()), [])
+            if not candidates:
+                continue  # not a figure (a typeset equation)
+            shown += 1
+            left, _, right, _ = obj.get_bounds()
+            for name, natural_in, pt in candidates:
+                printed = pt * (right - left) / 72 / natural_in
+                if printed < MIN_PRINT_PT - 0.05:
+                    small[f"{name} (page {i + 1})"] = round(printed, 2)
+    assert shown >= sum(map(len, by_size.values())), "figures missing from the PDF"
+    assert not small, f"figure text printed below {MIN_PRINT_PT} pt: {small}"
+
+
 def test_the_book_builds_without_the_optional_controls(tmp_path: Path) -> None:
     """A profile may run a subset of the variants: without frozen0, deimv2_loss and
     thesis_replica the pages that name them say what was not measured, and the book builds."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -434,7 +432,7 @@ def tiny_dataset(tmp_path: Path) -> Path:
 
 
 def fake_checkpoint_module(monkeypatch, names: list[str]) -> None:
-    """Stand `defectfusion.model.checkpoint` in with a `load_detector` giving a `FixedDetector`."""
+    """Stand evaluation's `load_detector` in with one giving a `FixedDetector`."""
     # Query 0: class 2, centred box of half the image (right in every image, whatever its size).
     logits = torch.full((5, 4), -6.0)  # 4 classes, whatever `names` claims
     logits[0, 2] = 4.0
@@ -453,12 +451,7 @@ def fake_checkpoint_module(monkeypatch, names: list[str]) -> None:
     def load_detector(path, device="cpu"):
         return FixedDetector(logits, boxes).to(device), meta
 
-    from defectfusion.model.checkpoint import normalize_of  # the real one: meta -> data.normalize
-
-    module = types.ModuleType("defectfusion.model.checkpoint")
-    module.load_detector = load_detector
-    module.normalize_of = normalize_of
-    monkeypatch.setitem(sys.modules, "defectfusion.model.checkpoint", module)
+    monkeypatch.setattr(ev, "load_detector", load_detector)
 
 
 def test_evaluate_checkpoint_writes_metrics_and_predictions(tiny_dataset, tmp_path, monkeypatch):

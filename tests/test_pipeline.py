@@ -93,7 +93,7 @@ def test_a_code_change_reruns_the_steps_that_import_it(micro_run: Path) -> None:
 
     cases = [
         ("data/loader.py", {"phase1", "phase2", "evaluate_phase1"}, {"data", "text_embed"}),
-        ("compare.py", {"compare"}, {"phase1", "phase2", "evaluate_phase1", "evaluate_phase2"}),
+        ("analysis/compare.py", {"compare"}, {"phase1", "phase2", "evaluate_phase1", "evaluate_phase2"}),
         ("report/figures/confusion.py", {"figure"}, {"phase1", "table", "summary", "compare"}),
     ]
     # Newer than every output, however long the run took (a fixed offset from the file's own

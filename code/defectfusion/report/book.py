@@ -90,7 +90,7 @@ PRINT_CSS = """
 @page { size: A4; margin: 22mm 20mm 22mm 20mm;
         @bottom-center { content: counter(page); font-size: 9pt; color: #555; } }
 html { font-size: 10pt; }
-body { font-family: "DejaVu Serif", serif; line-height: 1.35; }
+body { font-family: "DejaVu Serif", serif; line-height: 1.35; margin: 0; }
 .bd-header, .bd-sidebar-primary, .bd-sidebar-secondary, .bd-footer, .bd-footer-content,
 .bd-header-article, .header-article-items, .prev-next-area, .headerlink, .toctree-wrapper,
 .bd-search, .search-button-field, .theme-switch-button, .skip-link, .sidebar-toggle,
@@ -105,7 +105,7 @@ h1 { font-size: 18pt; }
 h1, h2, h3 { font-family: "DejaVu Sans", sans-serif; page-break-after: avoid; }
 h2 { font-size: 13pt; } h3 { font-size: 11pt; }
 img { max-width: 100% !important; height: auto; }
-figure { page-break-inside: avoid; }
+figure { page-break-inside: avoid; margin: 8pt 0; }  /* not 40px aside: the column is the width */
 tr { page-break-inside: avoid; }
 caption { page-break-after: avoid; }
 table { font-size: 8pt; border-collapse: collapse; margin: 0 auto; }
