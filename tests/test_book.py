@@ -59,6 +59,7 @@ def fake_summary() -> dict:
             "n_seeds": 1,
             "map": 0.111,
             "map50": 0.7,
+            "map75": 0.1,
             "critical_recall": 0.35,
             "critical_recall50": 0.55,
             "composite": 0.29,
@@ -68,6 +69,7 @@ def fake_summary() -> dict:
             "val_map_by_epoch": [SENTINEL_EPOCH0, 0.6, 0.59],
             "alpha_final": 0.00042,
             "alpha_by_seed_es": "+0.0004",
+            "alpha_best_by_seed_es": "+0.0002",
             "alpha_signs_agree": True,
             "tau_final": 0.0701,
             "diff_map": -0.012,
@@ -719,3 +721,27 @@ def test_every_reference_ends_with_its_year_after_a_comma(site: Path) -> None:
         text = " ".join(html_lib.unescape(re.sub(r"<[^>]+>", "", entry)).split())
         assert not re.search(r"\.\s\d{4}[a-z]?\.$", text), text[-80:]
         assert "págs." not in text and "n.d." not in text
+
+
+def test_same_author_year_letters_follow_the_reference_list(site: Path) -> None:
+    """Two "Huang et al., 2025": their a and b follow the order the list prints them in (a
+    reader met 2025b above 2025a)."""
+    page = (site / "bibliografia.html").read_text(encoding="utf-8")
+    text = " ".join(html_lib.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    years = re.findall(r"\b(\d{4})([a-z])\b", text)
+    by_year: dict[str, list[str]] = {}
+    for year, letter in years:
+        if letter not in by_year.setdefault(year, []):
+            by_year[year].append(letter)
+    assert by_year, "no year with a letter in the bibliography"
+    for year, letters in by_year.items():
+        assert letters == sorted(letters), (year, letters)
+
+
+def test_the_english_abstract_uses_typographic_apostrophes(site: Path) -> None:
+    """Smart quotes are off (they turned `--cores` into an en dash), so the English abstract
+    writes its apostrophes itself: "thesis’s", not "thesis's"."""
+    text = _text(site / "resumen.html")
+    abstract = text[text.index("Abstract") :]
+    assert "’s" in abstract
+    assert not re.search(r"[A-Za-z]'[A-Za-z\s]", abstract), re.findall(r".{20}'.{5}", abstract)

@@ -73,6 +73,9 @@ def test_the_thesis_beside_this_run_reads_the_results(micro_run: Path) -> None:
         pm["phase2"]["zero_start"]["drift"]["epoch1"]["val"]["map"]["diff"]
     )
     assert "{tesis}`map_phase1`" in (micro_run / "results/tables/thesis_vs_run.md").read_text()
+    # the losses sum different terms with different weights: beside each other, no ratio
+    loss = rows["Phase 2 training loss, epoch 1"]
+    assert loss["This run"] and loss["Run / thesis"] == ""
 
 
 def test_random_weights_are_never_called_dinov3(micro_run: Path) -> None:
@@ -152,9 +155,9 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
         assert set(entry["per_class"]) == set(s["dataset"]["classes"])
         assert isinstance(entry["parameters"], int) and entry["parameters"] > 0
     p2_keys = {
-        "seeds", "n_seeds", "map", "map50", "critical_recall", "critical_recall50", "composite",
+        "seeds", "n_seeds", "map", "map50", "map75", "critical_recall", "critical_recall50", "composite",
         "max_correction", "epoch0_val_map", "epoch1_val_map", "best_epoch", "val_map_by_epoch", "alpha_final",
-        "tau_final", "alpha_by_seed_es", "alpha_signs_agree", "diff_map", "ci_map", "diff_critical_recall", "ci_critical_recall",
+        "tau_final", "alpha_by_seed_es", "alpha_best_by_seed_es", "alpha_signs_agree", "diff_map", "ci_map", "diff_critical_recall", "ci_critical_recall",
         "frac_b_gt_a_map", "drift", "verdict", "operating_point", "mechanism",
         "trainable_parameters",
     }  # fmt: skip
@@ -529,6 +532,9 @@ def test_the_gate_is_read_seed_by_seed() -> None:
     assert g["alpha_signs_agree"] is False
     assert g["max_correction"] == pytest.approx(0.016 / 0.07)
     assert _gate_by_seed(runs[:2])["alpha_signs_agree"] is True
+    # the evaluated checkpoint's gate, read from its own row (not the last step's)
+    runs = [{"last": {"alpha": 0.016, "tau": 0.07}, "best": {"alpha": 0.002, "tau": 0.07}}]
+    assert _gate_by_seed(runs, "best")["alpha_by_seed_es"] == "+0.0020"
 
 
 def test_a_fall_by_the_last_epoch_is_reported_beside_the_epoch1_verdict() -> None:

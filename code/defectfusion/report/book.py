@@ -107,6 +107,13 @@ h2 { font-size: 13pt; } h3 { font-size: 11pt; }
 img { max-width: 100% !important; height: auto; }
 figure { page-break-inside: avoid; margin: 8pt 0; }  /* not 40px aside: the column is the width */
 tr { page-break-inside: avoid; }
+/* No table leaves a lone row at a page's foot, nor carries one alone (under its repeated
+   header) to the next page: the first two and the last two rows stay together. */
+tbody tr:first-child { break-after: avoid; }
+tbody tr:last-child { break-before: avoid; }
+/* A list item's bullet goes with its first line: its paragraph's top margin let WeasyPrint
+   leave the bullet alone at a page's foot and start the text on the next page. */
+li > p:first-child { margin-top: 0; }
 caption { page-break-after: avoid; }
 table { font-size: 8pt; border-collapse: collapse; margin: 0 auto; }
 th, td { padding: 2pt 4pt; border-bottom: 0.5pt solid #bbb; }

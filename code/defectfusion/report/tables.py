@@ -906,6 +906,12 @@ _BESIDE: tuple[tuple[str, str, str, Callable[[dict[str, Any], Layout], Any]], ..
 )  # fmt: skip
 
 
+# No ratio for the training losses: a loss's scale is set by how many terms, decoder layers
+# and denoising groups it sums and their weights, which the thesis's script and this run do
+# not share; their ratio would read as a comparison it is not.
+_NO_RATIO = frozenset({"loss_start", "loss_end"})
+
+
 def _relative(diff: float | None, base: float | None) -> float | None:
     return diff / base if diff is not None and base else None
 
@@ -927,7 +933,7 @@ def thesis_vs_run_rows(layout: Layout) -> list[dict[str, Any]]:
     for key, en, es, run_of in _BESIDE:
         t = derived[key] if key in derived else (thesis.get(key) or {}).get("value")
         run = run_of(pm, layout)
-        ratio = run / t if run is not None and t else None
+        ratio = run / t if run is not None and t and key not in _NO_RATIO else None
         # the book marks the thesis's own figures ({tesis}); a derived one is plain
         spec = "+3" if "drop" in key else "3"  # a change prints signed, 4 decimals
         t_es = f"{{tesis}}`{key}`" if key in thesis else fmt_es(t, spec)
@@ -955,7 +961,8 @@ def thesis_vs_run_table(values: dict[str, Any], layout: Layout) -> Table:
             f"Thesis: its private data, validation ({THESIS_FIGURES}). This run: "
             f"{layout.postmortem} (means over the Phase 2 seeds of the adopted zero start, "
             "val; the naive row: the naive variant, when run) and the Phase 2 histories "
-            "(training loss). Different data and models: the ratio orients, it does not test."
+            "(training loss). Different data and models: the ratio orients, it does not test; "
+            "none for the losses, whose scale depends on the terms and weights each sums."
         ],
         "Las cifras de la tesis junto a las de esta ejecución",
         [
@@ -963,7 +970,8 @@ def thesis_vs_run_table(values: dict[str, Any], layout: Layout) -> Table:
             "ejecución: medias sobre las semillas de la Fase 2 de la variante adoptada (arranque "
             "en cero), en validación; la fila de la inicialización ingenua, la variante ingenua "
             "si se ejecutó («n/d» si no). La pérdida: los historiales de entrenamiento. Datos y "
-            "modelos distintos: el cociente orienta, no contrasta nada."
+            "modelos distintos: el cociente orienta, no contrasta nada; las pérdidas no lo "
+            "llevan, porque su escala depende de los términos que suma cada una y de sus pesos."
         ],
         es_columns=es_cols,
         es_rows=rows,

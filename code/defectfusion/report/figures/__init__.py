@@ -184,8 +184,13 @@ def epochs_plot(
     label: str,
     ls: Any = "-",
     lw: float | None = None,
+    spread: str = "band",
+    dodge: float = 0.0,
 ) -> None:
-    """Mean over seeds of `key` per epoch, with a min-max band when there are several."""
+    """Mean over seeds of `key` per epoch and, when there are several seeds, their min-max
+    spread: a band (`spread` "band": one series to a panel), vertical bars shifted by `dodge`
+    epochs ("bars": a few series whose bands would cover each other) or none ("none": many
+    series in one panel, their spreads drawn elsewhere)."""
     epochs = sorted({r["epoch"] for h in histories for r in h if r.get(key) is not None})
     if not epochs:
         return
@@ -193,14 +198,20 @@ def epochs_plot(
         [r[key] for h in histories for r in h if r["epoch"] == e and r.get(key) is not None]
         for e in epochs
     ]
+    means = [float(np.mean(v)) for v in vals]
     marker = "o" if len(epochs) <= 25 else None  # markers clutter long runs
-    ax.plot(
-        epochs, [np.mean(v) for v in vals], color=color, ls=ls, lw=lw, marker=marker, label=label
-    )
-    if len(histories) > 1:
-        ax.fill_between(
-            epochs, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.15, lw=0
-        )
+    ax.plot(epochs, means, color=color, ls=ls, lw=lw, marker=marker, label=label)
+    if len(histories) < 2 or spread == "none":
+        return
+    low, high = [min(v) for v in vals], [max(v) for v in vals]
+    if spread == "bars":
+        below = [m - lo for m, lo in zip(means, low, strict=True)]
+        above = [hi - m for m, hi in zip(means, high, strict=True)]
+        x = [e + dodge for e in epochs]
+        ax.errorbar(x, means, yerr=[below, above], fmt="none", ecolor=color, elinewidth=1.0,
+                    capsize=2.5, alpha=0.9)  # fmt: skip
+    else:
+        ax.fill_between(epochs, low, high, color=color, alpha=0.15, lw=0)
 
 
 def epoch_axis(ax: Any, ylabel: str) -> None:

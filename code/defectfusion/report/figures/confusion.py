@@ -22,15 +22,15 @@ from defectfusion.report.figures import Ctx, cls, models_compared, new_figure, n
 def confusion(ctx: Ctx) -> Figure:
     models = models_compared(ctx)
     k = len(models[0][1]["confusion"]["classes"])
-    fig, axes = new_figure(1, 2, 2.9)
-    image = None
+    fig, axes = new_figure(1, 2, 4.1)
     for ax, (label, m) in zip(axes[0], models, strict=True):
         conf = m["confusion"]
         norm = row_normalized(conf)
         counts = np.asarray(conf["matrix"])
         shown = np.ma.masked_invalid(norm)
         cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#dddddd")
-        image = ax.imshow(100 * shown, cmap=cmap, vmin=0, vmax=100)
+        # no colour bar: every cell prints its value, the shade only guides the eye
+        ax.imshow(100 * shown, cmap=cmap, vmin=0, vmax=100)
         ax.grid(False)
         for i in range(k):
             for j in range(k):
@@ -45,7 +45,11 @@ def confusion(ctx: Ctx) -> Figure:
                         color="white" if norm[i, j] > 0.6 else "black",
                     )
         names = [cls(n) for n in conf["classes"]]
-        rows = [f"{n} ({int(t)})" for n, t in zip(names, counts.sum(1), strict=True)]
+        # the class names once, on the left; the right panel keeps only its row counts (the
+        # background row's differ), so each panel's cells are wide enough for "100" at 8 pt
+        first = ax is axes[0, 0]
+        rows = [f"{n} ({int(t)})" if first else f"({int(t)})"
+                for n, t in zip(names, counts.sum(1), strict=True)]  # fmt: skip
         ax.set_xticks(range(k), names, rotation=45, ha="right", rotation_mode="anchor")
         ax.set_yticks(range(k), rows)
         for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
@@ -55,7 +59,6 @@ def confusion(ctx: Ctx) -> Figure:
         if ax is axes[0, 0]:
             ax.set_ylabel("clase real (cajas)")
         ax.set_title(f"({'ab'[axes[0].tolist().index(ax)]}) {label}")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="% de la fila")
     m0 = models[0][1]["confusion"]
     fig.suptitle(
         textwrap.fill(

@@ -31,7 +31,8 @@ from defectfusion.report.figures import (
 def initialisation(ctx: Ctx, max_epoch: int = 10) -> Figure:
     fig, axes = new_figure(1, 2, 2.6)
     shown = 0
-    for v in ctx.layout.init_variants:
+    n = len(ctx.layout.init_variants)
+    for i, v in enumerate(ctx.layout.init_variants):
         hs = [[r for r in h if r["epoch"] <= max_epoch] for h in phase2_histories(ctx, v)]
         shown = max([shown, *(r["epoch"] for h in hs for r in h)])
         for ax, key in zip(axes[0], ("val_map", "loss"), strict=True):
@@ -42,6 +43,9 @@ def initialisation(ctx: Ctx, max_epoch: int = 10) -> Figure:
                 variant_color(ctx.layout, v),
                 variant_name_es(v),
                 variant_dash(ctx.layout, v),
+                # the seeds' spread as bars, side by side: two bands covered each other
+                spread="bars",
+                dodge=0.06 * (i - (n - 1) / 2),
             )
     reference_line(axes[0, 0], phase1_best(ctx).get("val_map"), "Fase 1, mejor época de validación")
     min_span(axes[0, 0])

@@ -61,6 +61,7 @@ def postmortem(ctx: Ctx) -> Figure:
                 variant_color(ctx.layout, v),
                 variant_name_es(v),
                 variant_dash(ctx.layout, v),
+                spread="none",  # nine bands would cover each other: figure postmortem_drift has them
             )
         if key != "loss_rel":  # Phase 1 trained with another loss: its level is no reference
             reference_line(ax, best.get(key), "Fase 1, mejor época de validación")

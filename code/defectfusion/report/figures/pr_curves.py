@@ -39,7 +39,10 @@ def pr_curves(ctx: Ctx) -> Figure:
     ious = ((0.5, "-"), (0.75, "--"))
     fig, axes = new_figure(1, max(1, len(crit)), 2.4, sharey=True)
     ap_text: dict[int, list[str]] = {c: [] for c in crit}
-    for short, _, color, path in models:
+    # Phase 1 wide and underneath, Phase 2 narrow on top: where the two curves coincide (most
+    # of them do), Phase 1 shows as a dark edge instead of vanishing under Phase 2.
+    widths = [(2.8, 2), (1.1, 3)]
+    for (short, _, color, path), (lw, z) in zip(models, widths, strict=False):
         results = load_json(path)
         precision, params = precision_recall(gt, results) if results else (None, None)
         for ax, c in zip(axes[0], crit, strict=False):
@@ -50,7 +53,7 @@ def pr_curves(ctx: Ctx) -> Figure:
             aps = []
             for t, ls in ious:
                 curve = precision[int(np.argmin(np.abs(params.iouThrs - t))), :, k]
-                ax.plot(params.recThrs, curve, color=color, ls=ls, lw=1.2)
+                ax.plot(params.recThrs, curve, color=color, ls=ls, lw=lw, zorder=z)
                 aps.append(num(np.nanmean(curve)) if np.isfinite(curve).any() else "n/d")
             ap_text[c].append(f"{short}: AP50 {aps[0]}, AP75 {aps[1]}")
     for ax, c in zip(axes[0], crit, strict=False):
@@ -63,7 +66,10 @@ def pr_curves(ctx: Ctx) -> Figure:
     axes[0, 0].set_ylabel("precisión (interpolada)")
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=color, label=label) for _, label, color, _ in models]
+    handles = [
+        Line2D([], [], color=color, lw=lw, label=label)
+        for (_, label, color, _), (lw, _) in zip(models, widths, strict=False)
+    ]
     handles += [Line2D([], [], color="grey", ls=ls, label=f"IoU {t:.2f}") for t, ls in ious]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
     return fig
