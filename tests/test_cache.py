@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import NAMES
 from conftest import TINY_SIZE, tiny_overrides
 from defectfusion.config import load_config
 from defectfusion.core.errors import UserError
 from defectfusion.data.loader import CocoDetection, make_loader, view_seed
 from defectfusion.model import cache as C
-
-NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 
 
 def phase2_cfg(tiny_data: Path, cache_dir: Path, **extra: object):

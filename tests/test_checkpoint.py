@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import NAMES, TINY
 from defectfusion.cli import main
 from defectfusion.core.errors import UserError
 from defectfusion.data import coco
@@ -25,9 +26,6 @@ from defectfusion.model.checkpoint import (
     save_checkpoint,
 )
 from defectfusion.model.models import build_model
-
-NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
-TINY = "deimv2-dinov3-tiny"
 
 
 def meta_for(preset: str = TINY, names: list[str] = NAMES) -> dict:

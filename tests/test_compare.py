@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import NAMES
 from defectfusion import cli
 from defectfusion.analysis.compare import PerImageEval, compare_files, paired_bootstrap, resample
 from defectfusion.core.errors import UserError
@@ -15,7 +16,6 @@ from defectfusion.core.fsutil import atomic_write_json
 from defectfusion.data.coco import make_coco
 from defectfusion.evaluation.metrics import coco_metrics
 
-NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 CRITICAL = [2, 3, 5]
 
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common import NAMES, TINY
 from defectfusion.cli import main
 from defectfusion.config import load_config, read_yaml
 from defectfusion.core import fsutil
@@ -41,8 +42,6 @@ from defectfusion.model.checkpoint import (
     save_checkpoint,
 )
 
-NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
-TINY = "deimv2-dinov3-tiny"
 SMALL = SynthSpec(seed=0, n_train=3, n_val=2, n_test=2, image_size=64)
 
 

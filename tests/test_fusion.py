@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from common import NAMES, TINY
 from defectfusion.core.errors import UserError
 from defectfusion.evaluation import evaluate as ev
 from defectfusion.model.checkpoint import load_detector, load_model_state, save_checkpoint
@@ -18,8 +19,6 @@ from defectfusion.model.losses import install_loss
 from defectfusion.model.models import build_model, count_parameters, set_train_mode
 from defectfusion.train.common import param_groups
 
-NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
-TINY = "deimv2-dinov3-tiny"
 SIZES = [(64, 96), (96, 128), (192, 160)]  # (h, w), multiples of 32 with >= 100 anchors
 
 

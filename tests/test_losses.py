@@ -11,12 +11,10 @@ import torch
 from transformers.loss import loss_deimv2
 from transformers.loss.loss_deimv2 import Deimv2Loss
 
+from common import NAMES, TINY
 from defectfusion.model import losses
 from defectfusion.model.losses import DetectionCriterion, install_loss
 from defectfusion.model.models import build_config, build_model
-
-NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
-TINY = "deimv2-dinov3-tiny"
 
 # Two queries, three classes; query 0 is matched to the one box, of class 2.
 LOGITS = [[1.0, -1.0, 0.5], [-2.0, 0.0, 3.0]]

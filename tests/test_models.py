@@ -12,6 +12,7 @@ import timm
 import torch
 from transformers import AutoBackbone, Deimv2ForObjectDetection
 
+from common import NAMES, TINY
 from defectfusion.cli import main
 from defectfusion.config import load_config
 from defectfusion.core.errors import UserError
@@ -26,9 +27,6 @@ from defectfusion.model.models import (
     freeze,
     set_train_mode,
 )
-
-NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
-TINY = "deimv2-dinov3-tiny"
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from common import NAMES
 from defectfusion import cli
 from defectfusion.core.errors import UserError
 from defectfusion.data.coco import make_coco, write_split
@@ -23,7 +24,6 @@ from defectfusion.model.text import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH_PROMPTS = ROOT / "prompts" / "synth.yaml"
-NAMES = ["normal", "perforation", "fracture", "scratch", "dent", "contamination"]
 
 
 def one_line(excinfo: pytest.ExceptionInfo) -> str:
