@@ -156,7 +156,7 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
         assert isinstance(entry["parameters"], int) and entry["parameters"] > 0
     p2_keys = {
         "seeds", "n_seeds", "map", "map50", "map75", "critical_recall", "critical_recall50", "composite",
-        "max_correction", "epoch0_val_map", "epoch1_val_map", "best_epoch", "val_map_by_epoch", "alpha_final",
+        "max_correction", "loss_change", "epoch0_val_map", "epoch1_val_map", "best_epoch", "val_map_by_epoch", "alpha_final",
         "tau_final", "alpha_by_seed_es", "alpha_best_by_seed_es", "alpha_signs_agree", "diff_map", "ci_map", "diff_critical_recall", "ci_critical_recall",
         "frac_b_gt_a_map", "drift", "verdict", "operating_point", "mechanism",
         "trainable_parameters",
@@ -535,6 +535,16 @@ def test_the_gate_is_read_seed_by_seed() -> None:
     # the evaluated checkpoint's gate, read from its own row (not the last step's)
     runs = [{"last": {"alpha": 0.016, "tau": 0.07}, "best": {"alpha": 0.002, "tau": 0.07}}]
     assert _gate_by_seed(runs, "best")["alpha_by_seed_es"] == "+0.0020"
+
+
+def test_how_far_phase2_moved_is_its_loss_from_the_first_trained_epoch_to_the_last() -> None:
+    """The book weighs "no drop" by how far Phase 2 moved the model (a reader found its loss
+    change 0.1 % against the thesis's 77 %): epoch 0 only evaluates, so it has no loss."""
+    from defectfusion.report.summary import _loss_change
+
+    history = [{"epoch": 2, "loss": 9.0}, {"epoch": 0}, {"epoch": 1, "loss": 10.0}]
+    assert _loss_change(history) == pytest.approx(-0.1)
+    assert _loss_change([{"epoch": 0}, {"epoch": 1, "loss": 10.0}]) is None
 
 
 def test_a_fall_by_the_last_epoch_is_reported_beside_the_epoch1_verdict() -> None:
