@@ -771,7 +771,7 @@ def _sized(pm: dict[str, Any], variant: str) -> str:
         "fraction_of_thesis"
     )
     name = variant_name_es(variant)
-    return name if f is None else f"{name} ({number_es(100 * f, '.0f')} % de la caída de la tesis)"
+    return name if f is None else f"{name} ({number_es(100 * f, '.0f')}\u202f% de la caída de la tesis)"
 
 
 def _late_drift(
