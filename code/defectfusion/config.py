@@ -1,10 +1,11 @@
 """The typed run configuration, read from `params.yaml` and profile overlays.
 
 `params.yaml` at the repository root is the single source of hyperparameters: Snakemake
-reads it (``configfile``), DVC tracks it (``params``), every CLI command that trains
-or evaluates takes it with ``--config``, and the dataclasses below take their defaults from
-it (`defaults_from`): they declare each setting's name, type and meaning, never its value. Profiles (``configs/micro.yaml`` ...) are overlays
-merged on top, and ``--set key=value`` overrides one value. Unknown keys are errors, so a
+reads it (``configfile``), DVC tracks it (``params``), every CLI command that trains or
+evaluates takes it with ``--config``, and the dataclasses below take their defaults from it
+(`defaults_from`): they declare each setting's name, type and meaning, never its value.
+Profiles (``configs/micro.yaml`` ...) are overlays merged on top, and ``--set key=value``
+overrides one value. Unknown keys are errors, so a
 typo never silently falls back to a default.
 """
 
@@ -78,7 +79,6 @@ def _default(cls: type, section: str, name: str) -> Any:
             )
         node = node[part]
     return _coerce(copy.deepcopy(node), hint, f"{DEFAULTS_FILE.name} {key}")
-
 
 
 @dataclass

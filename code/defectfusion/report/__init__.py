@@ -39,6 +39,7 @@ from defectfusion.layout import (  # noqa: F401 (re-exported: the report's names
 from defectfusion.report.labels import (  # noqa: F401 (re-exported: the report's names)
     BACKBONE_NAMES_ES,
     CLASS_NAMES_ES,
+    METRIC_NAMES_ES,
     MODEL_COLORS,
     OKABE_ITO,
     PHASE1_COLOR,

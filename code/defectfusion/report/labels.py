@@ -29,6 +29,12 @@ CLASS_NAMES_ES: dict[str, str] = {
     "scratches": "Arañazos",
     "background": "Fondo",
 }
+# The metrics the reported contrasts name (the conclusions' table, the verdict's text).
+METRIC_NAMES_ES: dict[str, str] = {
+    "map": "mAP",
+    "critical_recall": "recall crítico",
+    "op_recall_critical": "recall crítico en el punto de operación",
+}
 VARIANT_NAMES_ES: dict[str, str] = {
     "zero_start": "Arranque en cero",
     "naive": "Inicialización ingenua",

@@ -122,6 +122,7 @@ from defectfusion.data.coco import category_names
 from defectfusion.evaluation.metrics import qualitative_cases
 from defectfusion.report import (
     ADOPTED_VARIANT,
+    METRIC_NAMES_ES,
     PARAM_SECTIONS,
     SPLIT_NAMES,
     Layout,
@@ -823,11 +824,6 @@ def _late_drift(
     }  # fmt: skip
 
 
-# The metrics the significant contrasts name, as the book's text says them.
-METRIC_NAMES_ES = {"critical_recall": "recall crítico", "op_recall_critical":
-                   "recall crítico en el punto de operación", "map": "mAP"}  # fmt: skip
-
-
 def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
     """Top-level ``contrasts`` and ``postmortem`` (what the book's §5.4-5.5 read)."""
     return {
@@ -863,7 +859,7 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             # epoch-1 val falls against Phase 1 on a metric the rule does not judge (it judges
             # mAP): significant at the rule's adjusted level, named so the verdict reports them
             "epoch1_other": (other := [
-                f"{variant_name_es(c['b'])} ({METRIC_NAMES_ES.get(c['metric'], c['metric'])}, "
+                f"{variant_name_es(c['b'])} ({METRIC_NAMES_ES[c['metric']]}, "
                 f"{number_es(c['diff'], '+.4f')})"
                 for c in sig if c["a"] == "phase1" and c["which"] == "epoch1"
                 and c["split"] == "val" and c["metric"] != "map"

@@ -37,6 +37,7 @@ from defectfusion.core.fsutil import atomic_write_text
 from defectfusion.core.jsonio import load_json
 from defectfusion.report import (
     DEIMV2_RECIPE,
+    METRIC_NAMES_ES,
     PARAM_SECTIONS,
     SPLIT_NAMES,
     TABLES,
@@ -978,8 +979,6 @@ def thesis_vs_run_table(values: dict[str, Any], layout: Layout) -> Table:
     )
 
 
-METRIC_ES = {"map": "mAP", "critical_recall": "recall crítico",
-             "op_recall_critical": "recall crítico en el punto de operación"}  # fmt: skip
 SET_ES = {("test", "best"): "prueba, punto de control elegido",
           ("val", "epoch1"): "validación, época 1", ("val", "final"): "validación, última época"}  # fmt: skip
 
@@ -998,7 +997,7 @@ def significant_table(values: dict[str, Any], layout: Layout) -> Table:
         rows.append({
             "contrast": f"{c['b']} - {c['a']}",
             "contrast_es": f"{_model_es(c['b'])} − {_model_es(c['a'])}",
-            "metric": c["metric"], "metric_es": METRIC_ES[c["metric"]],
+            "metric": c["metric"], "metric_es": METRIC_NAMES_ES[c["metric"]],
             "set": f"{c['split']}, {c['which']}", "set_es": SET_ES[c["split"], c["which"]],
             "diff": c["diff"], "ci_adjusted": c["ci_adjusted"],
         })  # fmt: skip
