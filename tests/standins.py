@@ -17,7 +17,7 @@ and ``snapshots/REV/FILES``), with the files each library's own writer produces:
 ==========================================  =========================================================
 
 so `models._load_backbone`, timm's and open_clip's hub loaders and the Snakefile's preflight
-(`pipeline.weights_problem`, which asks the cache) run exactly as they will with the real
+(`workflow.preflight.weights_problem`, which asks the cache) run exactly as they will with the real
 files. Weights are random (seeded) and stored in float16 to halve the disk; every loader
 casts them to the model's float32.
 """

@@ -85,7 +85,7 @@ def test_restyling_one_figure_redraws_only_that_figure(micro_run: Path) -> None:
 
 
 def test_a_code_change_reruns_the_steps_that_import_it(micro_run: Path) -> None:
-    """Each rule's code inputs are the modules its step imports (pipeline.code_deps): an edited
+    """Each rule's code inputs are the modules its step imports (workflow.code_deps): an edited
     augmentation module replans training, the bootstrap's CLI the comparisons, the figure
     module the figures; never the steps that do not import them. (An edit, not a touch:
     Snakemake skips an input that is newer but has the checksum it recorded.)"""

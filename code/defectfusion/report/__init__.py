@@ -177,7 +177,7 @@ def _figures() -> tuple[Output, ...]:
     import pkgutil
 
     # By name, not `from ... import`: the tables and the summary import this module but run
-    # no figure code, and the Snakefile's code scan (pipeline.code_deps) follows imports.
+    # no figure code, and the Snakefile's code scan (workflow.code_deps) follows imports.
     figures = importlib.import_module(f"{__name__}.figures")
     for module in pkgutil.iter_modules(figures.__path__):
         importlib.import_module(f"{figures.__name__}.{module.name}")
