@@ -12,8 +12,10 @@ from conftest import ROOT
 from defectfusion.core.environment import (
     CONDA_FILE,
     LOCK_FILE,
+    _check_met,
     closure,
     conda_text,
+    installed_problems,
     lock_problems,
     read_lock,
 )
@@ -46,6 +48,33 @@ def test_a_malformed_lock_line_is_one_line(tmp_path: Path) -> None:
     lock.write_text("# ok\nnumpy==2.0\ntorch>=2\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"r.lock:3: 'torch>=2' is not NAME==VERSION"):
         read_lock(lock)
+
+
+def test_the_installed_set_against_a_lock(tmp_path: Path) -> None:
+    """`defectfusion env check` (CI runs it after installing the lock over a base that may
+    hold more): a version off the lock, a package the lock leaves out and a pin nothing pulls
+    in are each named; the lock written from this environment has none."""
+    pins = closure()
+    lock = tmp_path / "r.lock"
+    lock.write_text("".join(f"{n}=={v}\n" for n, v in pins.items()), encoding="utf-8")
+    assert installed_problems(lock) == []
+    changed = dict(pins, torch="2.13.0", **{"not-a-dependency": "1.0"})
+    del changed["snakemake"]
+    lock.write_text("".join(f"{n}=={v}\n" for n, v in changed.items()), encoding="utf-8")
+    problems = installed_problems(lock)
+    assert f"torch: installed {pins['torch']}, r.lock pins 2.13.0" in problems
+    assert f"snakemake: installed {pins['snakemake']}, not in r.lock" in problems
+    assert "not-a-dependency: pinned in r.lock, not pulled in by defectfusion[dev]" in problems
+    assert len(problems) == 3
+
+
+def test_an_unmet_requirement_is_named() -> None:
+    from packaging.requirements import Requirement
+
+    unmet: list[str] = []
+    _check_met("defectfusion", Requirement("numpy<1"), unmet)
+    _check_met("defectfusion", Requirement("numpy>=1"), unmet)
+    assert len(unmet) == 1 and unmet[0].startswith("defectfusion requires numpy<1, numpy ")
 
 
 def test_the_closure_is_what_this_package_pulls_in() -> None:

@@ -268,6 +268,20 @@ def _env_lock(a: argparse.Namespace) -> None:
     print(f"wrote {lock} ({n} packages) and {conda}")
 
 
+def _env_check(a: argparse.Namespace) -> None:
+    from defectfusion.core.environment import installed_problems, read_lock
+
+    problems = installed_problems(a.lock)
+    if problems:
+        raise UserError(
+            f"{a.lock}: the environment is not the locked set ({len(problems)}: "
+            + "; ".join(problems[:5])
+            + ("; ..." if len(problems) > 5 else "")
+            + "); install it: pip install -r requirements.lock"
+        )
+    print(f"the installed environment is {a.lock}'s set ({len(read_lock(a.lock))} packages)")
+
+
 def _pipeline_rulegraph(a: argparse.Namespace) -> None:
     from defectfusion.workflow.rulegraph import write_rulegraph
 
@@ -336,6 +350,7 @@ EXAMPLES: dict[str, str] = {
     "pipeline rulegraph": "defectfusion pipeline rulegraph --out docs/rulegraph.png",
     "pipeline verify": "defectfusion pipeline verify --recorded recorded/postmortem.json",
     "env lock": "defectfusion env lock",
+    "env check": "defectfusion env check",
     "pipeline remake-missing": "defectfusion pipeline remake-missing --cores 4",
 }
 
@@ -642,6 +657,11 @@ def _env_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--root", type=Path, default=Path("."), help="where to write the two files")
     p.set_defaults(func=_env_lock)
+    p = esub.add_parser(
+        "check", help="check that what is installed is exactly the lock's set (CI runs it)"
+    )
+    p.add_argument("--lock", type=Path, default=Path("requirements.lock"), help="the lock file")
+    p.set_defaults(func=_env_check)
 
 
 def _pipeline_commands(sub: argparse._SubParsersAction) -> None:

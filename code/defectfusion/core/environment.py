@@ -36,10 +36,16 @@ ROOT_PACKAGE = "defectfusion"
 EXTRAS = ("dev",)
 
 
-def closure(root: str = ROOT_PACKAGE, extras: tuple[str, ...] = EXTRAS) -> dict[str, str]:
+def closure(
+    root: str = ROOT_PACKAGE,
+    extras: tuple[str, ...] = EXTRAS,
+    unmet: list[str] | None = None,
+) -> dict[str, str]:
     """``{name: version}`` of every installed distribution `root[extras]` needs, itself
     excluded (installed from the checkout). A requirement whose marker does not apply here
-    (another platform, an extra not asked for) is left out."""
+    (another platform, an extra not asked for) is left out. Given `unmet`, each requirement
+    the installed version does not satisfy is appended to it (``pip check`` for this closure
+    alone: it also judges whatever else shares the environment)."""
     env = default_environment()
     pins: dict[str, str] = {}
     todo = [(root, set(extras))]
@@ -68,8 +74,19 @@ def closure(root: str = ROOT_PACKAGE, extras: tuple[str, ...] = EXTRAS) -> dict[
                 req.marker.evaluate({**env, "extra": e}) for e in (wanted or {""})
             ):
                 continue
+            if unmet is not None:
+                _check_met(dist.metadata["Name"], req, unmet)
             todo.append((req.name, set(req.extras)))
     return dict(sorted(pins.items()))
+
+
+def _check_met(owner: str, req: Requirement, unmet: list[str]) -> None:
+    try:
+        version = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+        return  # closure() itself says so, one line
+    if not req.specifier.contains(version, prereleases=True):
+        unmet.append(f"{owner} requires {req}, {req.name} {version} is installed")
 
 
 def lock_text(pins: dict[str, str]) -> str:
@@ -157,6 +174,30 @@ def lock_problems(pyproject: str | Path, lock: str | Path) -> list[str]:
             problems.append(
                 f"{req.name}: locked at {pins[name]}, pyproject.toml asks {req.specifier}"
             )
+    return problems
+
+
+def installed_problems(lock: str | Path) -> list[str]:
+    """Where what is installed differs from the lock: a requirement within this project's
+    closure that the installed version does not meet, a package this project pulls in that
+    the lock leaves out or pins at another version, or one the lock pins that it no longer
+    pulls in. Empty means the environment is exactly the locked set, as far as this package
+    can reach it (CI checks it after installing the lock over a base that may hold more)."""
+    pins = read_lock(lock)
+    unmet: list[str] = []
+    have = closure(unmet=unmet)
+    problems = unmet + [
+        f"{name}: installed {version}, {Path(lock).name} pins {pins[name]}"
+        if name in pins
+        else f"{name}: installed {version}, not in {Path(lock).name}"
+        for name, version in have.items()
+        if pins.get(name) != version
+    ]
+    problems += [
+        f"{name}: pinned in {Path(lock).name}, not pulled in by {ROOT_PACKAGE}[dev]"
+        for name in pins
+        if name not in have
+    ]
     return problems
 
 
