@@ -90,7 +90,8 @@ rule postmortem:
         code=code_deps("defectfusion.analysis.postmortem"),
     params:
         cfg=section("seed", "data", "eval", "postmortem"),  # postmortem: the decision rule
-        pipe=canonical({k: P[k] for k in ("variants", "seeds", "phase1_seeds", "bootstrap")}),
+        pipe=canonical({k: P[k] for k in ("variants", "seeds", "phase1_seeds", "bootstrap",
+                                          "coverage_trials")}),
         switches=canonical({v: P["variant_switches"][v] for v in VARIANTS}),
         config=resolved,
     threads: lambda w: workflow.cores  # a lambda: --report and --rulegraph set no --cores

@@ -62,7 +62,8 @@ def values(data: Path, variants: dict[str, Any], seeds: list[int], n_boot: int) 
             "score_threshold": 0.3,
             "iou_match": 0.5,
         },
-        "pipeline": {"variants": variants, "seeds": seeds, "bootstrap": n_boot},
+        "pipeline": {"variants": variants, "seeds": seeds, "bootstrap": n_boot,
+                     "coverage_trials": 30},  # the check runs, small
     }
 
 
@@ -404,6 +405,44 @@ def test_summary_takes_the_hierarchical_intervals(case: tuple[Path, dict[str, An
     assert p["outcome"]["reproduces_names"] == ["broken"]  # no Spanish name: the id
     assert p["rule"]["n_hypotheses"] == 2 and not p["has_factorial"]
     assert p["phase1"]["operating_point"]["critical"]["ci"][0] is not None
+
+
+def test_the_rule_says_what_it_could_see(case: tuple[Path, dict[str, Any]]) -> None:
+    """The post-mortem checks its interval's coverage at this run's design (3 seeds, the val
+    images, its replicates, 95 % and the adjusted level), and the summary states the rule's
+    power: the drop each hypothesis would be declared for in about 80 % of runs, beside the
+    smallest drop the rule calls a reproduction. Significant contrasts say whether they hold
+    with Bonferroni over every reported contrast."""
+    from defectfusion.analysis.bootstrap import detectable_drop
+    from defectfusion.report.summary import family_level, postmortem_summary, reported
+
+    _, pm = case
+    cov = pm["coverage"]
+    assert cov["n_seeds"] == 3 and cov["n_images"] == 160 and cov["n_boot"] == 40
+    assert cov["levels"] == [95.0, pytest.approx(97.5)] and len(cov["rows"]) == 8
+    assert isinstance(cov["covers"], bool) and cov["trials"] == 30
+    vd = pm["phase2"]["broken"]["verdict"]
+    spread = pm["phase2"]["broken"]["drift"]["epoch1"]["val"]["map"]
+    assert vd["detectable_drop"] == pytest.approx(detectable_drop(spread, vd["level_adjusted"]))
+    half = (vd["ci_adjusted"][1] - vd["ci_adjusted"][0]) / 2
+    assert vd["detectable_drop"] > half  # 80 % power asks more than the half-width
+    assert vd["reproduce_threshold"] == pytest.approx(
+        0.5 * 0.114 / 0.785 * pm["phase1"]["val"]["map"]["value"], rel=1e-3
+    )
+    p = postmortem_summary(pm)["postmortem"]
+    assert p["power"]["known"] and p["power"]["worst"] == "broken"
+    assert p["power"]["detectable_max"] == pytest.approx(vd["detectable_drop"])
+    assert p["power"]["powered"] == (vd["detectable_drop"] <= vd["reproduce_threshold"])
+    assert p["coverage"]["known"] and p["coverage"]["n_seeds"] == 3
+    n = sum(reported(c) for c in pm["contrasts"])
+    assert p["level_all"] == pytest.approx(family_level(pm)) == pytest.approx(100 - 5 / n)
+    assert 0 <= p["n_significant_all"] <= p["n_significant"]
+    off = copy.deepcopy(pm)
+    off["coverage"] = None
+    assert postmortem_summary(off)["postmortem"]["coverage"] == {
+        "known": False, "covers": False, **dict.fromkeys((
+            "n_seeds", "n_images", "n_boot", "trials", "min_95", "min_adjusted",
+            "level_adjusted", "spread_min", "spread_max"))}  # fmt: skip
 
 
 def fake_postmortem_keys(summary: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:

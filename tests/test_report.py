@@ -132,7 +132,9 @@ def test_summary_has_the_schema_the_book_reads(micro_run: Path) -> None:
         m, boxes = s["confusion"][model]["fraction"], s["confusion"][model]["boxes"]
         assert len(m) == len(boxes) == k and all(len(row) == k for row in m)
         assert all(abs(sum(row) - (n > 0)) < 1e-9 for row, n in zip(m, boxes, strict=True))
-    assert set(s["run"]) == {"commit", "params_sha256", "date", "machine", "profile", "profile_es"}
+    assert set(s["run"]) == {"commit", "params_sha256", "date", "machine", "profile", "profile_es",
+                             "phase1_lr", "phase2_lr", "lr_fraction", "phase2_epochs"}  # fmt: skip
+    assert s["run"]["lr_fraction"] == s["run"]["phase2_lr"] / s["run"]["phase1_lr"]
     assert s["run"]["profile"] == "micro" and SHA.match(s["run"]["params_sha256"])
     assert set(s["dataset"]) == {
             "name", "synthetic", "classes", "n_classes", "critical_classes", "n_images", "n_boxes"
@@ -245,7 +247,7 @@ def _det(image: int, cat: int, bbox: list[float], score: float) -> dict:
 
 
 def test_qualitative_cases_pick_what_one_model_found_and_the_other_missed() -> None:
-    from defectfusion.report.figures.qualitative import qualitative_cases
+    from defectfusion.evaluation.metrics import qualitative_cases
 
     box = [10.0, 10.0, 20.0, 20.0]
     gt = {

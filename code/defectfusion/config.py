@@ -275,6 +275,9 @@ class PipelineSection:
     # Empty: one Phase 1 run (the config's `seed`), and every interval is conditional on it.
     phase1_seeds: list[int]
     bootstrap: int
+    # the post-mortem checks its interval's coverage at this run's design on simulated data
+    # (defectfusion.analysis.coverage): trials per seed spread; 0: not checked
+    coverage_trials: int
     requires_gpu: bool
     gpus: int
 
@@ -677,7 +680,7 @@ def check_pipeline(pipe: PipelineSection, where: str) -> None:
                     check_override_key(f"{key}=")
                 except UserError as e:
                     raise UserError(f"{where}: pipeline.{table}.{name}: {e}") from None
-    for key, lo in (("bootstrap", 1), ("gpus", 1)):
+    for key, lo in (("bootstrap", 1), ("gpus", 1), ("coverage_trials", 0)):
         if getattr(pipe, key) < lo:
             raise _range_error(where, f"pipeline.{key}", getattr(pipe, key), f"an integer >= {lo}")
     if any(s < 0 for s in pipe.seeds):

@@ -189,6 +189,17 @@ class Layout:
             *self.adopted_test("test_metrics.predictions.json"),
         ]
 
+    def qualitative_predictions(self) -> list[str]:
+        """Phase 1's test predictions and every seed's of the adopted variant: the qualitative
+        cases are pooled over the seeds (`metrics.pooled_cases`)."""
+        if not self.variants:
+            return [self.phase1(self.main, "test_metrics.predictions.json")]
+        v = self.adopted[0]
+        return [
+            self.phase1(self.main, "test_metrics.predictions.json"),
+            *(self.phase2(v, s, "test_metrics.predictions.json") for s in self.seeds),
+        ]
+
     def postmortem_if_run(self) -> list[str]:
         return [self.postmortem] if self.variants else []
 

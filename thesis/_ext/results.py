@@ -254,13 +254,58 @@ class ResultsTable(_ResultsDirective):
         tables = [n for n in holder.children if isinstance(n, nodes.table)]
         if not tables:
             return self.fail(f"table '{self.arguments[0]}': {path} holds no Markdown table")
+        for table in tables:
+            _path_breaks(table)
         caption = self.options.get("caption") or " ".join(titles)
         if caption:
             text_nodes, messages = self.state.inline_text(caption, self.lineno)
             tables[0].insert(0, nodes.title(caption, "", *text_nodes))
             holder.extend(messages)
         self.add_name(tables[0])
-        return holder.children
+        return _wrap_note(list(holder.children), tables[-1])
+
+
+# A long path or identifier: 20 characters or more without a space, with a '/' or a '_'
+# ("configs/deimv2/deimv2_dinov3_s_coco.yml"); a short one ("(lr_gamma)") wraps whole.
+_LONG_NAME = re.compile(r"\S{20,}")
+_NAME_BREAK = re.compile(r"(?<=[/_])(?=\w)")
+
+
+def _path_breaks(table: nodes.table) -> None:
+    """The long file paths and identifiers in `table`'s cells may break after a '/' or a '_'
+    (a <wbr>, which copying the text leaves out), and only there: a narrow column wraps them
+    there instead of widening the table or breaking inside a name."""
+    for entry in table.findall(nodes.entry):
+        for text in list(entry.findall(nodes.Text)):
+            if isinstance(text.parent, (nodes.literal, nodes.raw)):
+                continue
+            marked = _LONG_NAME.sub(lambda m: _NAME_BREAK.sub("\0", m.group(0)), str(text))
+            if "\0" not in marked:
+                continue
+            pieces: list[nodes.Node] = []
+            for k, part in enumerate(marked.split("\0")):
+                if k:
+                    pieces.append(nodes.raw("", "<wbr>", format="html"))
+                pieces.append(nodes.Text(part))
+            text.parent.replace(text, pieces)
+
+
+def _wrap_note(children: list[nodes.Node], table: nodes.table) -> list[nodes.Node]:
+    """What the table's file says below the table (its note) in a ``nota-tabla`` container:
+    the PDF's print CSS keeps it on the page where the table ends."""
+    at = next(k for k, n in enumerate(children) if n is table)
+    notes = [
+        n for n in children[at + 1 :]
+        if isinstance(n, nodes.Element) and not isinstance(n, (nodes.system_message, nodes.raw))
+    ]  # fmt: skip
+    if not notes:
+        return children
+    kept = [n for n in children if all(n is not m for m in notes)]
+    box = nodes.container("", classes=["nota-tabla"])
+    for n in notes:
+        n.parent = None
+        box += n
+    return [*kept[: at + 1], box, *kept[at + 1 :]]
 
 
 class ResultsFigure(Figure):

@@ -840,6 +840,26 @@ def seed_t_interval(
     return [diff - h, diff + h]
 
 
+POWER = 0.8  # the probability `detectable_drop` asks of the rule to see a drop
+
+
+def detectable_drop(spread: dict[str, Any], level: float, power: float = POWER) -> float | None:
+    """The smallest true difference the interval at `level` would exclude 0 for in about
+    `power` of repeated runs with this run's spread: the textbook ``(t_{1-a/2} + t_power) SE``
+    (the sample-size formula of a t test), each share at its own quantile as in
+    `_half_width`. A difference under the half-width is never declared, however exactly it is
+    measured; this is what the rule can see at the seed count it ran. An approximation: with
+    3 seeds the seed share of the SE is itself uncertain, which the t quantiles only price in."""
+    if spread.get("se") is None:
+        return None
+    q = 1.0 - (1.0 - level / 100.0) / 2.0
+    z = float(stats.norm.ppf(q)) + float(stats.norm.ppf(power))
+    t = z if spread["df"] is None else (
+        float(stats.t.ppf(q, spread["df"])) + float(stats.t.ppf(power, spread["df"]))
+    )
+    return float(np.hypot(t * spread["seed_se"], z * spread["image_se"]))
+
+
 def t_p_value(diff: float | None, spread: dict[str, Any]) -> float | None:
     """Two-sided p-value of ``diff = 0``, the dual of `seed_t_interval`: one minus the level
     at which the interval just touches 0."""

@@ -51,7 +51,8 @@ Output schema (``results/postmortem.json``)::
          "verdict": {"branch": one of BRANCHES, and a boolean per branch, "why", "metric",
                      "split", "which", "diff", "ci" (95 %), "ci_adjusted", "level_adjusted",
                      "p", "p_adjusted", "excludes_zero", "test": {"diff", "ci_adjusted",
-                     "sign", "agrees"}, "relative", "thesis_relative", "fraction_of_thesis",
+                     "sign", "agrees"}, "relative", "detectable_drop" (80 % power),
+                     "reproduce_threshold", "thesis_relative", "fraction_of_thesis",
                      "min_fraction", "equivalence_margin", "within_margin", "thesis_drop",
                      "ratio_to_thesis", "final": sign of the last-epoch val drift,
                      "vs_adopted": {"diff", "ci_adjusted", "sign", "verdict"} or null},
@@ -69,10 +70,12 @@ Output schema (``results/postmortem.json``)::
      "effects": {name: {"b", "a", which: {split: {metric: diff}}}},
      "factorial": null or {"cells", "epoch0"|"epoch1": {term: diff}},
      "outcome": {"adopted_branch", "adopted_drop", "<branch>_variants", "n_<branch>",
-                 "removing_variants", "n_removing", "explained", "no_drop", "open"}}
+                 "removing_variants", "n_removing", "explained", "no_drop", "open"},
+     "coverage": null or `coverage.interval_coverage`'s result with "seconds"}
 
-Every interval is `bootstrap.hierarchical_diff`'s seed_t interval (images and Phase 2 seeds;
-benchmarks/bench_coverage.py measures its coverage); its ``levels`` say what it resampled.
+Every interval is `bootstrap.hierarchical_diff`'s seed_t interval (images and Phase 2 seeds);
+its ``levels`` say what it resampled, and "coverage" whether it covers at this run's design
+(simulated, `analysis.coverage`).
 With several Phase 1 seeds (`pipeline.phase1_seeds`, configs/study.yaml) each Phase 2 seed is
 set against its own Phase 1 run and the intervals resample Phase 1 seeds, the Phase 2 seeds
 within each, and the images (`bootstrap.nested_replicates`, `bootstrap.nested_spread`).
@@ -97,6 +100,7 @@ from defectfusion.analysis.bootstrap import (
     SetMetrics,
     _iou_index,
     contrast,
+    detectable_drop,
     drift,
     hierarchical_diff,
     image_replicates,
@@ -108,6 +112,7 @@ from defectfusion.analysis.bootstrap import (
     t_p_value,
     verdict,
 )
+from defectfusion.analysis.coverage import interval_coverage
 from defectfusion.config import PostmortemSection
 from defectfusion.core.errors import UserError
 from defectfusion.core.fsutil import atomic_write_json, os_error_message
@@ -439,6 +444,7 @@ def run_postmortem(
     outcome = _outcome(out_p2, adopted)
     effects = named_effects(p2, ref, idx, metrics, p1of)
     factorial = factorial_effects(p2, values, idx, p1of)
+    coverage = check_coverage(values, layout, rule, len(sets.gt["val"]["images"]), n_boot, seed)
     seconds = time.perf_counter() - start
     # on a shared machine, what the stage itself used (its workers' sets included)
     cpu = (
@@ -479,6 +485,7 @@ def run_postmortem(
         "effects": effects,
         "factorial": factorial,
         "outcome": outcome,
+        "coverage": coverage,
     }  # fmt: skip
     atomic_write_json(out, result)
     print(
@@ -493,6 +500,24 @@ def run_postmortem(
         diff = "n/a" if vd["diff"] is None else f"{vd['diff']:+.4f}"
         print(f"  {v:16s} epoch-1 val mAP drift {diff} {ci} (adjusted): {vd['branch']}")
     return result
+
+
+def check_coverage(
+    values: dict[str, Any], layout: Layout, rule: dict[str, Any], n_images: int, n_boot: int,
+    seed: int,
+) -> dict[str, Any] | None:
+    """The interval's coverage at this run's design (`coverage.interval_coverage`): its seed
+    count (the Phase 1 runs in the study design, whose means carry the seed share), its val
+    images and replicates, at 95 % and at the rule's adjusted level. None when
+    ``pipeline.coverage_trials`` is 0."""
+    trials = int((values.get("pipeline") or {}).get("coverage_trials", 0))
+    if trials == 0:
+        return None
+    start = time.perf_counter()
+    n_seeds = len(layout.main_runs) if len(layout.main_runs) > 1 else len(layout.seeds)
+    levels = [CI_LEVEL, adjusted_level(rule, len(layout.variants))]
+    out = interval_coverage(n_seeds, n_images, n_boot, levels, trials, seed)
+    return {**out, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def _value(
@@ -639,6 +664,12 @@ def judge(
             "agrees": test_sign == sign and sign != 0,
         },
         "relative": relative,
+        # what the rule could see: the drop its adjusted val interval would exclude 0 for in
+        # about 80 % of runs with this spread, beside the smallest drop condition (c) accepts
+        "detectable_drop": detectable_drop(val, level),
+        "reproduce_threshold": (
+            None if not phase1_val else rule["min_fraction"] * abs(t_rel) * phase1_val
+        ),
         "thesis_relative": t_rel,
         "fraction_of_thesis": fraction,
         "min_fraction": rule["min_fraction"],

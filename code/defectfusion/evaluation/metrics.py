@@ -510,3 +510,34 @@ def qualitative_cases(
         cases[direction].sort(key=lambda c: (-c["gap"], c["image_id"]))
         cases[direction] = cases[direction][:top] if top is not None else cases[direction]
     return cases
+
+
+def pooled_cases(
+    gt: dict[str, Any],
+    preds_a: list[dict[str, Any]],
+    preds_b: dict[int, list[dict[str, Any]]],
+    critical: Sequence[int],
+    score_threshold: float,
+    top: int | None = 4,
+) -> dict[str, list[dict[str, Any]]]:
+    """`qualitative_cases` of model A against each seed's model B (`preds_b`: seed ->
+    predictions), pooled: each case carries its ``seed``; an image counts once per direction,
+    with the seed of its largest gap (ties: the first seed); ranked by gap, then image id,
+    then seed; the best `top` of each direction (None: all)."""
+    pooled: dict[str, dict[int, dict[str, Any]]] = {"b_not_a": {}, "a_not_b": {}}
+    for seed, preds in preds_b.items():
+        cases = qualitative_cases(gt, preds_a, preds, critical, score_threshold, top=None)
+        for direction, found in cases.items():
+            for case in found:
+                known = pooled[direction].get(case["image_id"])
+                if known is None or case["gap"] > known["gap"]:
+                    pooled[direction][case["image_id"]] = {**case, "seed": seed}
+    order = {seed: i for i, seed in enumerate(preds_b)}
+    out = {}
+    for direction, by_image in pooled.items():
+        ranked = sorted(
+            by_image.values(), key=lambda c: (-c["gap"], c["image_id"], order[c["seed"]])
+        )
+        out[direction] = ranked[:top] if top is not None else ranked
+    return out
+

@@ -112,7 +112,7 @@ _DECLARED: tuple[Output, ...] = (
         *L.splits(), *L.presets_history_and_test(), *L.all_phase2("history.jsonl"),
         *L.all_phase2("steps.jsonl"), *L.all_phase2("test_metrics.json"),
         L.postmortem,  # every interval (the compare files are per seed)
-        *L.test_predictions(),  # the qualitative figure's cases, counted
+        *L.qualitative_predictions(),  # the qualitative figure's cases, counted
         L.text,  # the prompts' similarities (figure prompt_similarity), read out
     ], lambda L: L.stage_benchmarks()),  # the run's duration on the clock
 )  # fmt: skip

@@ -16,8 +16,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from defectfusion.core.environment import git_commit
 from defectfusion.core.errors import UserError
 
 BOOK_SOURCE = Path("thesis")
@@ -101,16 +103,26 @@ body { font-family: "DejaVu Serif", serif; line-height: 1.35; margin: 0; }
         width: auto !important; margin: 0 !important; padding: 0 !important; }
 .pagina { page-break-before: always; }
 .pagina:first-child { page-break-before: avoid; }
+.seccion { page-break-before: auto; }  /* a section's page goes on with its chapter */
 h1 { font-size: 18pt; }
 h1, h2, h3 { font-family: "DejaVu Sans", sans-serif; page-break-after: avoid; }
 h2 { font-size: 13pt; } h3 { font-size: 11pt; }
 img { max-width: 100% !important; height: auto; }
 figure { page-break-inside: avoid; margin: 8pt 0; }  /* not 40px aside: the column is the width */
 tr { page-break-inside: avoid; }
-/* No table leaves a lone row at a page's foot, nor carries one alone (under its repeated
-   header) to the next page: the first two and the last two rows stay together. */
-tbody tr:first-child { break-after: avoid; }
-tbody tr:last-child { break-before: avoid; }
+/* A cell's paragraph has no margins: rows one line high, as in print. */
+th > p, td > p { margin: 0; }
+/* A table split across pages leaves at least three rows at the first page's foot and
+   carries at least four to the next, under its repeated header: never a header for two or
+   three rows. */
+tbody tr:nth-child(-n+2) { break-after: avoid; }
+tbody tr:nth-last-child(-n+3) { break-before: avoid; }
+/* A short table prints on one page; the rows of one group (a variant's seeds: rows that
+   repeat the first cell) stay on one page where they can. Both marked by `_keep_together`. */
+table.corta { break-inside: avoid; }
+tr.grupo-sigue { break-before: avoid; }
+/* A table's note (thesis/_ext/results.py wraps it) is never cut off from its table. */
+.nota-tabla { break-before: avoid; }
 /* A list item's bullet goes with its first line: its paragraph's top margin let WeasyPrint
    leave the bullet alone at a page's foot and start the text on the next page. */
 li > p:first-child { margin-top: 0; }
@@ -132,7 +144,10 @@ div.citation > span.label { display: none; }
 div.citation > p { display: inline; }
 .portada { page-break-after: always; text-align: center; padding-top: 30%; }
 .portada h1 { font-size: 24pt; margin-bottom: 12pt; }
-.portada p { font-size: 12pt; color: #333; }
+.portada p { font-size: 12pt; color: #333; margin: 0 0 6pt 0; }
+.portada p.autor { margin-top: 60pt; font-size: 14pt; color: black; }
+.portada p.commit { margin-top: 24pt; font-size: 9pt; color: #555; }
+.portada .sha { font-family: "DejaVu Sans Mono", monospace; }
 .indice { page-break-after: always; }
 .indice h1 { font-size: 16pt; }
 .indice ul { list-style: none; padding-left: 0; margin: 0 0 10pt 0; }
@@ -236,13 +251,22 @@ def _typeset_math(html: str) -> str:
     return re.sub(r"\\\((.*?)\\\)", inline, html, flags=re.S)
 
 
-def _pages(toc: Path) -> list[str]:
-    """The book's pages in reading order, from _toc.yml (root, then chapters)."""
+def _pages(toc: Path) -> list[tuple[str, bool]]:
+    """The book's pages in reading order, from _toc.yml (root, chapters, and each chapter's
+    `sections` after it), each with whether it continues the chapter above it: a section's
+    page, whose headings carry that chapter's numbers (the post-mortem's 5.4 and 5.5)."""
     import yaml
 
     data = yaml.safe_load(toc.read_text(encoding="utf-8")) or {}
-    names = [data["root"], *(c["file"] for c in data.get("chapters") or [])]
-    return [str(Path(n).with_suffix("")) for n in names]
+
+    def walk(entries: list[dict], inner: bool) -> list[tuple[str, bool]]:
+        out = []
+        for entry in entries:
+            out.append((str(Path(entry["file"]).with_suffix("")), inner))
+            out += walk(entry.get("sections") or [], True)
+        return out
+
+    return walk([{"file": data["root"]}, *(data.get("chapters") or [])], False)
 
 
 def _strip_tags(text: str) -> str:
@@ -281,12 +305,50 @@ def _one_document(name: str, article: str) -> str:
     return re.sub(r'href="([\w-]+)\.html"', lambda m: f'href="#pdf-{m.group(1)}"', article)
 
 
-def front_matter(title: str, subtitle: str, articles: list[str]) -> str:
-    """The PDF's title page, contents (each chapter and section with its page: the headings
-    `_heading_ids` marked) and lists of
-    figures and tables (each numbered caption with its page), from the joined articles.
-    Written here because the book is printed from its HTML by WeasyPrint, which has no
-    LaTeX-style front matter; `target-counter` gives the page numbers."""
+def title_lines(config: Path, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The title page's lines under the subtitle, as HTML: the author (`author` of
+    _config.yml), the day the book was built and the commit of the code that built it (left
+    out where that code is not a git checkout). No institution: the artifact names none.
+
+    The day is today's, or SOURCE_DATE_EPOCH's where it is set (the reproducible-builds
+    convention: a rebuild of the same commit prints the same day)."""
+    import datetime as dt
+    import html as html_lib
+
+    import yaml
+    from babel.dates import format_date  # Sphinx's own dependency: the date in Spanish
+
+    author = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("author")
+    if not isinstance(author, str) or not author.strip():
+        raise UserError(f"{config}: no `author` (the PDF's title page prints it)")
+    epoch = environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        day = dt.datetime.now(dt.UTC).date()
+    elif epoch.isdigit():
+        day = dt.datetime.fromtimestamp(int(epoch), dt.UTC).date()
+    else:
+        raise UserError(f"SOURCE_DATE_EPOCH={epoch!r}: not a count of seconds")
+    lines = [
+        f'<p class="autor">{html_lib.escape(author.strip())}</p>',
+        f'<p class="fecha">{format_date(day, format="long", locale="es")}</p>',
+    ]
+    commit = git_commit()
+    if commit:
+        sha, dirty = commit.removesuffix("-dirty"), commit.endswith("-dirty")
+        lines.append(
+            f'<p class="commit">Código del commit <span class="sha">{sha[:12]}</span>'
+            + (" (con cambios sin confirmar)" if dirty else "")
+            + "</p>"
+        )
+    return lines
+
+
+def front_matter(title: str, subtitle: str, articles: list[str], byline: Sequence[str] = ()) -> str:
+    """The PDF's title page (title, subtitle and the `byline`, HTML lines from `title_lines`),
+    contents (each chapter and section with its page: the headings `_heading_ids` marked)
+    and lists of figures and tables (each numbered caption with its page), from the joined
+    articles. Written here because the book is printed from its HTML by WeasyPrint, which
+    has no LaTeX-style front matter; `target-counter` gives the page numbers."""
     import html as html_lib
     import re
 
@@ -326,7 +388,8 @@ def front_matter(title: str, subtitle: str, articles: list[str]) -> str:
         r'<span class="caption-text">(.*?)</span>'
     )
     return (
-        f'<div class="portada"><h1>{title}</h1><p>{subtitle}</p></div>'
+        f'<div class="portada"><h1>{title}</h1><p class="subtitulo">{subtitle}</p>'
+        f"{''.join(byline)}</div>"
         f'<div class="indice"><h1>Índice</h1><ul>{contents}</ul></div>'
         f'<div class="indice"><h1>Índice de figuras</h1><ul>{figures}</ul>'
         f"<h1>Índice de tablas</h1><ul>{tables}</ul></div>"
@@ -346,6 +409,47 @@ def _unbroken_intervals(html: str) -> str:
     return re.sub(r"<table\b.*?</table>", table, html, flags=re.S)
 
 
+SHORT_TABLE_ROWS = 12  # a table of at most this many rows prints on one page
+
+
+def _add_class(attrs: str, name: str) -> str:
+    """A tag's attributes with `name` added to its class."""
+    if 'class="' in attrs:
+        return attrs.replace('class="', f'class="{name} ', 1)
+    return f'{attrs} class="{name}"'
+
+
+def _keep_together(html: str) -> str:
+    """What the print CSS keeps on one page, marked in each results table: the whole table
+    where it is short (``corta``: at most SHORT_TABLE_ROWS rows), and each row whose first
+    cell repeats the one above's (``grupo-sigue``: the next seed of a variant) with it."""
+    import re
+
+    def table(t: re.Match) -> str:
+        body = re.search(r"<tbody\b.*?</tbody>", t.group(2), flags=re.S)
+        if not body:  # not a results table (the cases of an equation)
+            return t.group(0)
+        above = None
+
+        def row(m: re.Match) -> str:
+            nonlocal above
+            first = re.search(r"<t[dh]\b[^>]*>(.*?)</t[dh]>", m.group(2), flags=re.S)
+            key = _strip_tags(first.group(1)) if first else ""
+            same, above = bool(key) and key == above, key
+            if not same:
+                return m.group(0)
+            return f"<tr{_add_class(m.group(1), 'grupo-sigue')}>{m.group(2)}</tr>"
+
+        rows = re.sub(r"<tr\b([^>]*)>(.*?)</tr>", row, body.group(0), flags=re.S)
+        attrs = t.group(1)
+        if len(re.findall(r"<tr\b", rows)) <= SHORT_TABLE_ROWS:
+            attrs = _add_class(attrs, "corta")
+        inner = t.group(2)[: body.start()] + rows + t.group(2)[body.end() :]
+        return f"<table{attrs}>{inner}</table>"
+
+    return re.sub(r"<table\b([^>]*)>(.*?)</table>", table, html, flags=re.S)
+
+
 def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
     """Print the built site `html` (from `build_book`) to `out`/libro.pdf, pages in the order
     of `toc`: each page's article, one after the other, through WeasyPrint."""
@@ -363,7 +467,7 @@ def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
     logging.getLogger("fontTools").setLevel(logging.CRITICAL)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     articles = []
-    for name in _pages(toc):
+    for name, inner in _pages(toc):
         page = html / f"{name}.html"
         if not page.is_file():
             raise UserError(f"{page}: not found (build the HTML book first)")
@@ -373,11 +477,19 @@ def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
             raise UserError(f"{page}: no <article> to print")
         # the web's pointer to the post-mortem's own page: in print that page follows
         article = re.sub(
-            r'<section[^>]*>\s*<span id="sec-postmortem-enlace"></span>.*?</section>', "", m.group(1),
+            r'<section[^>]*>\s*<span id="sec-postmortem-enlace"></span>.*?</section>',
+            "",
+            m.group(1),
             flags=re.S,
         )
+        if inner:
+            # A section's page goes on with its chapter, as on the web (where _toc.yml nests
+            # it under the chapter): no new page, and not its page title, which would print
+            # as an unnumbered chapter around the chapter's own numbered sections.
+            article = re.sub(r"<h1\b.*?</h1>", "", article, count=1, flags=re.S)
         body = _one_document(name, _heading_ids(article))
-        articles.append(f'<div class="pagina" id="pdf-{name}">{body}</div>')
+        kind = "seccion" if inner else "pagina"
+        articles.append(f'<div class="{kind}" id="pdf-{name}">{body}</div>')
     title = re.search(r"<title>(.*?)</title>", (html / "index.html").read_text(encoding="utf-8"))
     book_title = title.group(1).split(" &#8212; ")[-1] if title else "Libro"
     doc = (
@@ -385,9 +497,14 @@ def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
         f"<title>{book_title}</title>"
         '<link rel="stylesheet" href="_static/pygments.css"/></head><body>'
         + _typeset_math(
-            front_matter(book_title, "Artefacto reproducible de la tesis: método, resultados "
-                         "y análisis <i>post mortem</i>", articles)  # fmt: skip
-            + _unbroken_intervals("\n".join(articles))
+            front_matter(
+                book_title,
+                "Artefacto reproducible de la tesis: método, resultados "
+                "y análisis <i>post mortem</i>",
+                articles,
+                title_lines(toc.parent / "_config.yml"),
+            )
+            + _keep_together(_unbroken_intervals("\n".join(articles)))
         )
         + "</body></html>"
     )

@@ -9,7 +9,9 @@ The book reads only this file, the tables and the figures, so this schema is a c
                                 the results were finished, not when this file was written
              "machine":         OS, architecture, CPU count and GPU(s) of the report machine
              "profile":         the profile overlays ("micro", "thesis"...), "default" if none,
-             "profile_es":      the same as the prose says it ("por defecto")},
+             "profile_es":      the same as the prose says it ("por defecto"),
+             "phase1_lr", "phase2_lr", "lr_fraction" (Phase 2's over Phase 1's),
+             "phase2_epochs"},
      "reproduce": {"command": the snakemake command of this profile, "data_seed": the data
                    generator's seed, "dvc_remote": the remote's URL, "wall_seconds",
                    "wall_minutes": the run on the clock (null: unknown), "wall_known",
@@ -119,7 +121,7 @@ from defectfusion.core.jsonio import (  # noqa: F401 (read_jsonl re-exported: S.
     read_jsonl,
 )
 from defectfusion.data.coco import category_names
-from defectfusion.evaluation.metrics import qualitative_cases
+from defectfusion.evaluation.metrics import pooled_cases
 from defectfusion.report import (
     ADOPTED_VARIANT,
     METRIC_NAMES_ES,
@@ -460,6 +462,11 @@ def build_summary(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
             "machine": machine(),
             "profile": (profile := profile_name(values)),
             "profile_es": "por defecto" if profile == "default" else profile,  # for the prose
+            # Phase 2's schedule beside Phase 1's lr: the book says why the fraction differs
+            "phase1_lr": float(values["phase1"]["lr"]),
+            "phase2_lr": float(values["phase2"]["lr"]),
+            "lr_fraction": float(values["phase2"]["lr"]) / float(values["phase1"]["lr"]),
+            "phase2_epochs": int(values["phase2"]["epochs"]),
         },
         "reproduce": reproduce_info(values, layout),
         "dataset": {
@@ -545,18 +552,19 @@ def similarity_summary(
 
 def qualitative_summary(layout: Layout, values: dict[str, Any]) -> dict[str, Any]:
     """How many test images the ``qualitative`` figure can choose from in each direction
-    (``metrics.qualitative_cases``: Phase 2 finds a critical box Phase 1 misses, and the
-    reverse), so the book says what it shows, or that there is nothing to show."""
+    (``metrics.pooled_cases`` over the adopted variant's seeds: Phase 2 finds a critical box
+    Phase 1 misses, and the reverse), so the book says what it shows, or that there is
+    nothing to show."""
 
     if not layout.variants:
-        return {"b_not_a": 0, "a_not_b": 0, "any": False}
-    preds_a, preds_b = (load_json(p) for p in layout.test_predictions())
-    cases = qualitative_cases(
-        load_json(layout.split("test")), preds_a, preds_b,
+        return {"b_not_a": 0, "a_not_b": 0, "any": False, "n_seeds": 0}
+    phase1, *phase2 = (load_json(p) for p in layout.qualitative_predictions())
+    cases = pooled_cases(
+        load_json(layout.split("test")), phase1, dict(zip(layout.seeds, phase2, strict=True)),
         values["data"]["critical_classes"], values["eval"]["score_threshold"], top=None,
     )  # fmt: skip
     n = {k: len(v) for k, v in cases.items()}
-    return {**n, "any": any(n.values())}
+    return {**n, "any": any(n.values()), "n_seeds": len(phase2)}
 
 
 
@@ -696,6 +704,7 @@ def significant(pm: dict[str, Any]) -> list[dict[str, Any]]:
     from defectfusion.analysis.bootstrap import seed_t_interval  # numpy and scipy: the report stage
 
     level = float(pm["rule"]["level_each"])
+    every = family_level(pm)
     out = []
     for c in pm["contrasts"]:
         if not reported(c) or c.get("se") is None or c.get("diff") is None:
@@ -703,9 +712,20 @@ def significant(pm: dict[str, Any]) -> list[dict[str, Any]]:
         lo, hi = seed_t_interval(c["diff"], c, level)
         if lo is None or hi is None or not (lo > 0 or hi < 0):  # a zero-width [0, 0] is not
             continue
+        # the same difference with Bonferroni over every reported contrast: the list is a
+        # selection from all of them, which the rule's adjustment (its hypotheses) ignores
+        lo_all, hi_all = seed_t_interval(c["diff"], c, every)
         out.append({k: c[k] for k in ("a", "b", "metric", "split", "which", "diff", "ci")}
-                   | {"ci_adjusted": [lo, hi], "level": level})  # fmt: skip
+                   | {"ci_adjusted": [lo, hi], "level": level, "level_all": every,
+                      "survives_all": bool(lo_all > 0 or hi_all < 0)})  # fmt: skip
     return out
+
+
+def family_level(pm: dict[str, Any]) -> float:
+    """The level at which every reported contrast's interval holds together at the rule's
+    level (Bonferroni over all of them, not only over the rule's hypotheses)."""
+    n = max(1, sum(reported(c) for c in pm["contrasts"]))
+    return 100.0 - (100.0 - float(pm["rule"]["level"])) / n
 
 
 def end_to_end_seconds(layout: Layout) -> float | None:
@@ -824,8 +844,61 @@ def _late_drift(
     }  # fmt: skip
 
 
+def rule_power(pm: dict[str, Any], hypotheses: list[str]) -> dict[str, Any]:
+    """What the rule could see at the seed count it ran: the largest, over the hypotheses,
+    of the epoch-1 val drop its adjusted interval would declare in about 80 % of runs with
+    that hypothesis's measured spread (`bootstrap.detectable_drop`), beside the smallest drop
+    its size condition accepts and the thesis's own. ``powered``: even the least precise
+    hypothesis would have seen a drop of the size the rule calls a reproduction."""
+    from defectfusion.analysis.bootstrap import POWER  # deferred: loads scipy
+
+    verdicts = {v: ((pm.get("phase2") or {}).get(v) or {}).get("verdict") or {} for v in hypotheses}
+    sized = {v: d["detectable_drop"] for v, d in verdicts.items() if d.get("detectable_drop")}
+    if not sized:  # no hypothesis, or none with a spread: every key, none known
+        return {"known": False, "powered": False, "worst": None, "power": POWER, **dict.fromkeys(
+            ("detectable_max", "detectable_min", "reproduce_threshold", "thesis_drop",
+             "share_of_threshold"))}  # fmt: skip
+    worst = max(sized, key=lambda v: sized[v])
+    threshold = verdicts[worst].get("reproduce_threshold")
+    return {
+        "known": True,
+        "power": POWER,
+        "detectable_max": sized[worst],
+        "detectable_min": min(sized.values()),
+        "worst": variant_name_es(worst),
+        "reproduce_threshold": threshold,
+        "thesis_drop": abs(pm["thesis"]["drop"]),
+        "powered": threshold is not None and sized[worst] <= threshold,
+        "share_of_threshold": None if not threshold else sized[worst] / threshold,
+    }
+
+
+def coverage_summary(cov: dict[str, Any] | None) -> dict[str, Any]:
+    """The post-mortem's coverage check (`analysis.coverage`) as the book quotes it: the
+    worst coverage over the seed spreads at 95 % and at the rule's adjusted level."""
+    keys = ("n_seeds", "n_images", "n_boot", "trials")
+    if not cov:
+        return {"known": False, "covers": False, **dict.fromkeys(
+            (*keys, "min_95", "min_adjusted", "level_adjusted", "spread_min", "spread_max"))}  # fmt: skip
+    return {
+        "known": True,
+        "covers": bool(cov["covers"]),
+        **{k: cov[k] for k in keys},
+        "min_95": cov["min_coverage"][0],
+        "min_adjusted": cov["min_coverage"][-1],
+        "level_adjusted": cov["levels"][-1],
+        "spread_min": min(cov["spreads"]),
+        "spread_max": max(cov["spreads"]),
+    }
+
+
 def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
     """Top-level ``contrasts`` and ``postmortem`` (what the book's §5.4-5.5 read)."""
+    sig = significant(pm)
+    other = [  # epoch-1 val falls on a metric the rule does not judge (below)
+        c for c in sig if c["a"] == "phase1" and c["which"] == "epoch1"
+        and c["split"] == "val" and c["metric"] != "map"
+    ]  # fmt: skip
     return {
         "contrasts": pm["contrasts"],
         "postmortem": {
@@ -849,7 +922,7 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             "n_hypotheses": len(hypotheses),
             # the conclusions' list (report.tables.significant_table): how many of how many
             # reported, and whether there is any
-            "n_significant": len(sig := significant(pm)),
+            "n_significant": len(sig),
             # after epoch 1: the variants whose val metrics fall against Phase 1 by the last
             # epoch at the same adjusted level (the verdict judges epoch 1 only)
             "late": _late_drift(sig, pm["adopted"], {
@@ -858,15 +931,21 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             }),  # fmt: skip
             # epoch-1 val falls against Phase 1 on a metric the rule does not judge (it judges
             # mAP): significant at the rule's adjusted level, named so the verdict reports them
-            "epoch1_other": (other := [
+            "epoch1_other": [
                 f"{variant_name_es(c['b'])} ({METRIC_NAMES_ES[c['metric']]}, "
                 f"{number_es(c['diff'], '+.4f')})"
-                for c in sig if c["a"] == "phase1" and c["which"] == "epoch1"
-                and c["split"] == "val" and c["metric"] != "map"
-            ]),
+                for c in other
+            ],
             "n_epoch1_other": len(other),
+            # of those, the ones that hold over every reported contrast (`significant`)
+            "n_epoch1_other_all": sum(c["survives_all"] for c in other),
+            "power": rule_power(pm, hypotheses),
+            "coverage": coverage_summary(pm.get("coverage")),
             "n_reported": sum(reported(c) for c in pm["contrasts"]),
             "any_significant": bool(sig),
+            # of those, the ones that hold with Bonferroni over every reported contrast
+            "n_significant_all": sum(c["survives_all"] for c in sig),
+            "level_all": family_level(pm),
             "outcome": {
                 **pm["outcome"],
                 # the book prints these lists (each "<branch>_variants" of the outcome, and

@@ -502,7 +502,7 @@ def phase2_table(values: dict[str, Any], layout: Layout) -> Table:
             "Métricas de prueba del punto de control que eligió la validación, media sobre las "
             "semillas. Δ: Fase 2 menos Fase 1 sobre las mismas imágenes de prueba, con su "
             "intervalo de confianza del 95 % sin ajustar (sección 5.4: una *t* de Student sobre "
-            "las semillas más un *bootstrap* emparejado de las imágenes de prueba; el veredicto "
+            "las semillas más un bootstrap emparejado de las imágenes de prueba; el veredicto "
             "usa el nivel ajustado). Detalle por semilla en el apéndice."
         ],
     )
@@ -535,7 +535,7 @@ def phase2_detail_table(values: dict[str, Any], layout: Layout) -> Table:
             f"Compuesta: {_composite_text(values, es=True)}. mAP val. ép. 0: antes de "
             "cualquier actualización (con el arranque en cero debe ser la de la Fase 1); en la "
             "fila de la Fase 1, la mAP de validación de su mejor época. P(ΔmAP > 0): fracción "
-            "de réplicas *bootstrap* en que la Fase 2 queda por encima."
+            "de réplicas bootstrap en que la Fase 2 queda por encima."
         ],
     )
 
@@ -549,13 +549,13 @@ def per_class_recall_table(values: dict[str, Any], layout: Layout) -> Table:
     cols = [
         Col("class", "Class", "s", "Clase"),
         Col("n_gt", "Test boxes", "d", "Cajas"),
-        Col("ap_a", "AP P1", "3", "AP F1"),
-        Col("ap_b", "AP P2", "3", "AP F2"),
-        Col("recall_a", "Recall P1", "3", "Recall F1"),
-        Col("recall_b", "Recall P2", "3", "Recall F2"),
+        Col("ap_a", "AP P1", "3", "AP Fase 1"),
+        Col("ap_b", "AP P2", "3", "AP Fase 2"),
+        Col("recall_a", "Recall P1", "3", "Recall Fase 1"),
+        Col("recall_b", "Recall P2", "3", "Recall Fase 2"),
         Col("diff", "ΔRecall", "+3", "Δ recall"),
-        Col("recall50_a", "Recall@.5 P1", "3", "Recall a 0.5 F1"),
-        Col("recall50_b", "Recall@.5 P2", "3", "Recall a 0.5 F2"),
+        Col("recall50_a", "Recall@.5 P1", "3", "Recall a 0.5, Fase 1"),
+        Col("recall50_b", "Recall@.5 P2", "3", "Recall a 0.5, Fase 2"),
     ]
     rows = []
     for name in classes:
@@ -590,8 +590,8 @@ def per_class_recall_table(values: dict[str, Any], layout: Layout) -> Table:
         ],
         "AP y recall por clase en prueba, Fase 1 frente a Fase 2",
         [
-            f"F1: Fase 1 ({backbone_name_es(layout.main, values)}); F2: Fase 2, "
-            f"{variant_name_es(variant).lower()} (semilla {seed}); en ambos, el punto de "
+            f"Fase 1: {backbone_name_es(layout.main, values)}; Fase 2: "
+            f"{variant_name_es(variant).lower()} (semilla {seed}); en ambas, el punto de "
             "control elegido en validación. Recall: recall medio COCO AR@[.50:.95]; «a 0.5»: "
             f"recall a IoU 0.5. Cajas: cajas de prueba de la clase. {CRITICAL_MARK} clase "
             "crítica."
@@ -632,6 +632,19 @@ def _es(value: Any) -> str:
     if isinstance(value, int):
         return fmt_es(value, "d")
     return str(value)
+
+
+def _trainable(layout: Layout) -> int | str:
+    """The parameters the adopted recipe's Phase 2 trained, as its test metrics recorded."""
+    v, seed = layout.adopted
+    n = load_json(layout.phase2(v, seed, "test_metrics.json")).get("trainable_parameters")
+    return "no registrados" if n is None else int(n)
+
+
+def _rule_level(pm: dict[str, Any]) -> float | str:
+    """The level of each of the decision rule's intervals (Bonferroni over its hypotheses)."""
+    level = (pm.get("rule") or {}).get("level_each")
+    return "sin regla" if level is None else round(float(level), 2)
 
 
 def _seeds_es(layout: Layout) -> str:
@@ -725,6 +738,8 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
             p2["lr"]),
         row("Fracción de la tasa de la Fase 1", "Phase 2 lr / Phase 1 lr",
             *t("lr_fraction"), round(p2["lr"] / p1["lr"], 6)),
+        row("Parámetros entrenables de la Fase 2", "Phase 2 trainable parameters",
+            *t("trainable_params"), _trainable(layout)),
         row("Pérdida de clasificación de la Fase 2", "Phase 2 classification loss",
             "focal", "focal",
             "focal" if fu["loss"] == "focal" else "la de DEIMv2 (MAL)"),
@@ -747,11 +762,14 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
             _seeds_es(layout)),
         row("Lo que cubren los intervalos", "what the intervals cover", "sin intervalos", "none",
             _covers_es(layout)),
-        row("Réplicas *bootstrap* de las imágenes", "bootstrap replicates",
-            "sin *bootstrap*", "none", pm.get("n_boot")),
+        row("Réplicas bootstrap de las imágenes", "bootstrap replicates",
+            "sin bootstrap", "none", pm.get("n_boot")),
         row("Nivel de los intervalos de confianza (%)", "CI level (%)", "sin intervalos", "none",
             pm.get("ci_level")),
-        row("Semilla del remuestreo *bootstrap*", "bootstrap seed", "sin *bootstrap*", "none",
+        row("Nivel de cada intervalo de la regla (%, ajustado por multiplicidad)",
+            "decision rule's level per hypothesis (%, adjusted)", "sin regla", "none",
+            _rule_level(pm)),
+        row("Semilla del remuestreo bootstrap", "bootstrap seed", "sin bootstrap", "none",
             pm.get("seed")),
     ]  # fmt: skip
     cols = [
@@ -771,7 +789,7 @@ def settings_table(values: dict[str, Any], layout: Layout) -> Table:
         [
             "Tesis: su capítulo 4, con la marca de cifra de la tesis. Esta ejecución: la "
             "configuración con la que corrió el pipeline, el codificador de texto que registró "
-            "y los ajustes del *bootstrap* que registró el análisis *post mortem*."
+            "y los ajustes del bootstrap que registró el análisis *post mortem*."
         ],
     )
 
@@ -1000,14 +1018,17 @@ def significant_table(values: dict[str, Any], layout: Layout) -> Table:
             "metric": c["metric"], "metric_es": METRIC_NAMES_ES[c["metric"]],
             "set": f"{c['split']}, {c['which']}", "set_es": SET_ES[c["split"], c["which"]],
             "diff": c["diff"], "ci_adjusted": c["ci_adjusted"],
+            "all": c["survives_all"], "all_es": "sí" if c["survives_all"] else "no",
         })  # fmt: skip
     level = pm["rule"]["level_each"]
+    n_all = sum(S.reported(c) for c in pm["contrasts"])
     cols = [
         Col("contrast", "B - A", "s", "Comparación (B − A)"),
         Col("metric", "Metric", "s", "Métrica"),
         Col("set", "Split, checkpoint", "s", "Partición y punto de control"),
         Col("diff", "Difference [adjusted CI]", "+ci", "Diferencia [IC ajustado]",
             ci_key="ci_adjusted"),
+        Col("all", f"Holds over all {n_all}", "s", f"Resiste el ajuste por las {n_all}"),
     ]
     return Table(
         "Every reported difference whose adjusted interval excludes zero",
@@ -1016,14 +1037,17 @@ def significant_table(values: dict[str, Any], layout: Layout) -> Table:
         [f"From {layout.postmortem}: each variant against Phase 1 and against the adopted "
          f"recipe, for {', '.join(S.SIGNIFICANT_METRICS)}, on the sets {S.SIGNIFICANT_SETS}; "
          f"intervals at the verdict's adjusted level ({level:.2f} %, Bonferroni over its "
-         "hypotheses)."],  # fmt: skip
+         f"hypotheses). Last column: whether it still excludes zero with Bonferroni over all "
+         f"{n_all} reported differences."],  # fmt: skip
         "Todas las diferencias con intervalo ajustado que excluye el cero",
         [
             "Cada variante frente a la Fase 1 y frente a la receta adoptada, en mAP, recall "
             "crítico y recall crítico en el punto de operación, en prueba (punto de control "
             "elegido en validación) y en validación (épocas 1 y última). Intervalos al nivel "
             f"ajustado del veredicto ({fmt_es(level, '2')} %, Bonferroni sobre sus "
-            "hipótesis)."
+            "hipótesis). La última columna dice si el intervalo sigue excluyendo el cero con "
+            f"Bonferroni sobre las {n_all} diferencias que el libro da: la lista las elige "
+            "entre todas ellas."
         ],
     )
 
@@ -1081,7 +1105,7 @@ def runtime_table(values: dict[str, Any], layout: Layout) -> Table:
         stages.append((f"Fase 2: {variant_name_es(v)}{per}", f"phase2 {v}",
                        [f"{b}/phase2_{v}_seed{s}.tsv" for s in layout.seeds], epochs))  # fmt: skip
     for v in layout.variants:
-        stages.append((f"Evaluación y *bootstrap*, Fase 2: {variant_name_es(v)}{per}",
+        stages.append((f"Evaluación y bootstrap, Fase 2: {variant_name_es(v)}{per}",
                        f"evaluate + compare {v}",
                        [f"{b}/{rule}_{v}_seed{s}.tsv" for rule in ("evaluate_phase2", "compare")
                         for s in layout.seeds], None))  # fmt: skip

@@ -11,8 +11,9 @@ Every label is in Spanish, like the book; numbers in a figure's text use the boo
 conventions (decimal point, U+2212 minus).
 
 "Phase 1" is the main preset's val-selected checkpoint; "Phase 2" the adopted variant
-(zero-start) from the first seed, its val-selected checkpoint (``Layout.adopted``). Where
-several seeds ran, curves show their mean and a min-max band.
+(zero-start) from the first seed, its val-selected checkpoint (``Layout.adopted``), except in
+figure ``qualitative``, which pools its cases over every seed. Where several seeds ran,
+curves show their mean and a min-max band.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ STYLE: dict[str, Any] = {
 # Colours: one per model in every figure, from report/__init__.py (MODEL_COLORS: Okabe-Ito,
 # distinguishable with colour-blindness; in greyscale print the line styles tell them apart).
 DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1))]
+# With nine Phase 2 variants, colours and six dashes repeat or look alike (vermillion, orange
+# and olive): each variant also has its own marker, so every curve is told apart by shape.
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h"]
 # Boxes drawn on metal: saturated hues that stand out on grey.
 CLASS_COLORS = ["#1f77b4", "#ff7f0e", "#e41a1c", "#ffd700", "#17becf", "#e377c2", "#2ca02c"]
 
@@ -104,6 +108,10 @@ def cls(name: str) -> str:
 
 def variant_dash(layout: Layout, variant: str) -> Any:
     return DASHES[layout.variants.index(variant) % len(DASHES)]
+
+
+def variant_marker(layout: Layout, variant: str) -> str:
+    return MARKERS[layout.variants.index(variant) % len(MARKERS)]
 
 
 @dataclass
@@ -186,11 +194,16 @@ def epochs_plot(
     lw: float | None = None,
     spread: str = "band",
     dodge: float = 0.0,
+    marker: str = "o",
+    shift: float = 0.0,
+    hollow: bool = False,
 ) -> None:
     """Mean over seeds of `key` per epoch and, when there are several seeds, their min-max
     spread: a band (`spread` "band": one series to a panel), vertical bars shifted by `dodge`
     epochs ("bars": a few series whose bands would cover each other) or none ("none": many
-    series in one panel, their spreads drawn elsewhere)."""
+    series in one panel, their spreads drawn elsewhere). `shift` moves the whole series
+    sideways by that many epochs and `hollow` draws its markers open: many series of
+    near-equal values stay apart, and a marker under another still shows its outline."""
     epochs = sorted({r["epoch"] for h in histories for r in h if r.get(key) is not None})
     if not epochs:
         return
@@ -199,19 +212,21 @@ def epochs_plot(
         for e in epochs
     ]
     means = [float(np.mean(v)) for v in vals]
-    marker = "o" if len(epochs) <= 25 else None  # markers clutter long runs
-    ax.plot(epochs, means, color=color, ls=ls, lw=lw, marker=marker, label=label)
+    shown = marker if len(epochs) <= 25 else None  # markers clutter long runs
+    x_mean = [e + shift for e in epochs]
+    face = {"markerfacecolor": "white", "markeredgewidth": 1.0} if hollow else {}
+    ax.plot(x_mean, means, color=color, ls=ls, lw=lw, marker=shown, label=label, **face)
     if len(histories) < 2 or spread == "none":
         return
     low, high = [min(v) for v in vals], [max(v) for v in vals]
     if spread == "bars":
         below = [m - lo for m, lo in zip(means, low, strict=True)]
         above = [hi - m for m, hi in zip(means, high, strict=True)]
-        x = [e + dodge for e in epochs]
+        x = [e + shift + dodge for e in epochs]
         ax.errorbar(x, means, yerr=[below, above], fmt="none", ecolor=color, elinewidth=1.0,
                     capsize=2.5, alpha=0.9)  # fmt: skip
     else:
-        ax.fill_between(epochs, low, high, color=color, alpha=0.15, lw=0)
+        ax.fill_between(x_mean, low, high, color=color, alpha=0.15, lw=0)
 
 
 def epoch_axis(ax: Any, ylabel: str) -> None:
@@ -230,8 +245,9 @@ def phase1_best(ctx: Ctx) -> dict[str, Any]:
 
 
 def reference_line(ax: Any, value: float | None, label: str) -> None:
+    """Phase 1's level, drawn over the curves: beneath them, curves at that level hid it."""
     if value is not None:
-        ax.axhline(value, color=PHASE1_COLOR, ls=(0, (4, 2)), lw=1.0, label=label, zorder=1)
+        ax.axhline(value, color=PHASE1_COLOR, ls=(0, (5, 3)), lw=1.2, label=label, zorder=5)
 
 
 def min_span(ax: Any, span: float = 0.1) -> None:

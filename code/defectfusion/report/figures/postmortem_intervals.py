@@ -12,8 +12,9 @@
                        1 minus epoch 0), 95 % intervals; (b) the dose-response of the input
                        mismatch (the variants that only change data.normalize or
                        data.image_size, ordered by how far their input lies from Phase 1's),
-                       epoch-0 shift and epoch-1 drift (the rule's adjusted interval), beside
-                       the thesis's epoch-1 change
+                       epoch-0 shift and epoch-1 drift (the rule's adjusted interval), its axis
+                       fitted to them, beside the thesis's epoch-1 change (its value in the
+                       title when it would flatten the data)
 ``postmortem_drift``   val mAP by epoch minus Phase 1's (its best epoch, the checkpoint Phase 2
                        starts from: the drift as the text defines it, so a switch that moves
                        the model before any update shows at epoch 0), one panel per variant:
@@ -62,6 +63,19 @@ def _postmortem(layout: Layout) -> dict[str, Any]:
             "rerun `defectfusion postmortem`"
         )
     return pm
+
+
+def _thesis_in_view(lo: float, hi: float, thesis: float) -> bool:
+    """Whether the thesis's epoch-1 change fits on an axis spanning the data's [lo, hi] (and
+    0) without flattening it: it lies within four times the data's span (at least 0.005)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    return abs(thesis) <= 4 * max(hi - lo, 0.005)
+
+
+def _padded(lo: float, hi: float) -> tuple[float, float]:
+    """[lo, hi] with a margin: 8 % of the span, and at least 0.02 in all."""
+    pad = max(0.01 - (hi - lo) / 2, 0.0) + 0.08 * (hi - lo)
+    return lo - pad, hi + pad
 
 
 def _interval(
@@ -174,7 +188,7 @@ def input_dose(switches: dict[str, Any], phase1_size: int) -> tuple[str, float] 
     reads=lambda L: [L.postmortem],
     caption=(
         "The drift split into its epoch-0 shift (before any update) and its epoch-1 adaptation, "
-        "per hypothesis."
+        "per hypothesis; the input mismatch's dose-response on an axis fitted to its points."
     ),
 )
 def postmortem_mechanism(ctx: Any) -> Figure:
@@ -205,20 +219,33 @@ def postmortem_mechanism(ctx: Any) -> Figure:
         )
         if dose is not None:
             doses.append((v, dose[1]))
+    title_b = "(b) dosis del desajuste de la entrada;\nazul: época 0; rojo: época 1 (IC ajustado)"
     if len(doses) > 1:
         doses.sort(key=lambda vd: vd[1])
         xs = np.arange(len(doses))
+        shown: list[float] = [0.0]  # every value drawn (differences and interval ends)
         for x, (v, _) in zip(xs, doses, strict=True):
             vd = pm["phase2"][v]["verdict"]
             shift = pm["phase2"][v]["mechanism"]["shift_epoch0"]
+            drift = {"diff": vd["diff"], "ci": vd["ci_adjusted"]}
             _interval(ax_b, x - 0.12, shift, "#4c72b0", vertical=True)
-            _interval(
-                ax_b, x + 0.12, {"diff": vd["diff"], "ci": vd["ci_adjusted"]}, "#c44e52", True
-            )
-        ax_b.axhline(thesis, color=GREY, ls=(0, (4, 2)), lw=1.0)
+            _interval(ax_b, x + 0.12, drift, "#c44e52", True)
+            for d in (shift, drift):
+                shown += [t for t in (d or {}).get("ci") or [] if t is not None]
+                shown += [d["diff"]] if d and d.get("diff") is not None else []
+        # The axis fits the points (a few hundredths): the thesis's drop, a tenth, would leave
+        # them a sliver of the panel; then its value goes in the title.
+        lo, hi = min(shown), max(shown)
+        if _thesis_in_view(lo, hi, thesis):
+            lo, hi = min(lo, thesis), max(hi, thesis)
+            ax_b.axhline(thesis, color=GREY, ls=(0, (4, 2)), lw=1.0)
+            ax_b.annotate(f"tesis: {num(thesis, '.3f')}", xy=(0.02, thesis), xycoords=("axes fraction", "data"),
+                          va="bottom", fontsize=8, color=GREY)  # fmt: skip
+        else:
+            title_b += f"\ntesis: {num(thesis, '.3f')}, fuera de escala"
+        ax_b.set_ylim(*_padded(lo, hi))
+        ax_b.set_xlim(-0.5, len(doses) - 0.5)
         ax_b.axhline(0.0, color=PHASE1_COLOR, lw=0.8, zorder=0)
-        ax_b.annotate(f"tesis: {num(thesis, '.3f')}", xy=(0.02, thesis), xycoords=("axes fraction", "data"),
-                      va="bottom", fontsize=8, color=GREY)  # fmt: skip
         ax_b.set_xticks(xs, [variant_name_es(v) for v, _ in doses], rotation=30, ha="right")
         ax_b.set_ylabel("Δ mAP val. (− Fase 1)")
         ax_b.yaxis.set_major_locator(MaxNLocator(5))
@@ -227,10 +254,7 @@ def postmortem_mechanism(ctx: Any) -> Figure:
         ax_b.set_axis_off()
         ax_b.text(0.5, 0.5, "sin variantes de dosis en esta ejecución\n(perfil configs/mechanism.yaml)",
                   ha="center", va="center", fontsize=8, transform=ax_b.transAxes)  # fmt: skip
-    ax_b.set_title(
-        "(b) dosis del desajuste de la entrada;\nazul: época 0; rojo: época 1 (IC ajustado)",
-        fontsize=8,
-    )
+    ax_b.set_title(title_b, fontsize=8)
     fig.suptitle("Relleno: el intervalo excluye el 0", fontsize=8)
     return fig
 
@@ -279,11 +303,10 @@ def postmortem_drift(ctx: Any) -> Figure:
     lo, hi = min([0.0, *lows]), max([0.0, *highs])
     # The thesis's epoch-1 point on the same scale, unless it would flatten the data (then
     # the title gives its value).
-    show_thesis = abs(thesis) <= 4 * max(hi - lo, 0.005)
+    show_thesis = _thesis_in_view(lo, hi, thesis)
     if show_thesis:
         lo, hi = min(lo, thesis), max(hi, thesis)
-    pad = max(0.01 - (hi - lo) / 2, 0.0) + 0.08 * (hi - lo)  # at least 0.02 high
-    lo, hi = lo - pad, hi + pad
+    lo, hi = _padded(lo, hi)
     for k, ax in enumerate(axes.flat):
         if k >= len(variants):
             ax.set_visible(False)

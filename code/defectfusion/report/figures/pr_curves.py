@@ -23,13 +23,13 @@ def pr_curves(ctx: Ctx) -> Figure:
     v, s = ctx.layout.adopted
     models = [
         (
-            "F1",
+            "Fase 1",
             ctx.phase1_label(),
             PHASE1_COLOR,
             ctx.layout.phase1(ctx.layout.main, "test_metrics.predictions.json"),
         ),
         (
-            "F2",
+            "Fase 2",
             ctx.phase2_label(),
             variant_color(ctx.layout, v),
             ctx.layout.phase2(v, s, "test_metrics.predictions.json"),
@@ -38,6 +38,7 @@ def pr_curves(ctx: Ctx) -> Figure:
     crit = ctx.critical_ids
     ious = ((0.5, "-"), (0.75, "--"))
     fig, axes = new_figure(1, max(1, len(crit)), 2.4, sharey=True)
+    fig.get_layout_engine().set(w_pad=0.06, wspace=0.06)  # the panels' tick labels apart
     ap_text: dict[int, list[str]] = {c: [] for c in crit}
     # Phase 1 wide and underneath, Phase 2 narrow on top: where the two curves coincide (most
     # of them do), Phase 1 shows as a dark edge instead of vanishing under Phase 2.
@@ -63,6 +64,11 @@ def pr_curves(ctx: Ctx) -> Figure:
         ax.set_xlabel("recall")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
+        # Labels at 0, 0.5 and 1 only (the quarters keep their grid lines): «1.00» at the right
+        # end of a panel touched the next panel's «0.00».
+        ax.set_xticks([0.0, 0.5, 1.0], ["0", "0.5", "1"])
+        ax.set_xticks([0.25, 0.75], minor=True)
+        ax.grid(which="minor", axis="x", alpha=0.3, lw=0.5)
     axes[0, 0].set_ylabel("precisión (interpolada)")
     from matplotlib.lines import Line2D
 
