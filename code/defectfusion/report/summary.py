@@ -15,7 +15,8 @@ The book reads only this file, the tables and the figures, so this schema is a c
      "reproduce": {"command": the snakemake command of this profile, "data_seed": the data
                    generator's seed, "dvc_remote": the remote's URL, "wall_seconds",
                    "wall_minutes": the run on the clock (null: unknown), "wall_known",
-                   "wall_es": the same as the book's table prints it},
+                   "wall_es": the same as the book's table prints it, "jobs_seconds": the
+                   jobs' times summed, "jobs_exceed_wall": whether that sum is the larger},
      "dataset": {"name":        the dataset's info.dataset, "synthetic": made by data/synth.py,
                  "classes":     class names in id order, "n_classes": how many,
                  "critical_classes": names of data.critical_classes,
@@ -769,6 +770,8 @@ def reproduce_info(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
     profile = (values.get("pipeline") or {}).get("profile") or "default"
     extra = "" if profile == "default" else f" --configfile configs/{profile}.yaml"
     seconds = end_to_end_seconds(layout)
+    benches = [read_benchmark(Path(name)) for name in layout.stage_benchmarks()]
+    summed = sum(b["s"] for b in benches if b is not None and b["s"] is not None)
     return {
         "command": f"snakemake --cores all{extra}",
         "data_seed": ((values.get("pipeline") or {}).get("dataset") or {}).get("seed"),
@@ -776,6 +779,10 @@ def reproduce_info(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "wall_seconds": seconds,
         "wall_minutes": None if seconds is None else round(seconds / 60, 1),
         "wall_known": seconds is not None,
+        # the jobs' own times summed (the runtime table's "Suma"): above the clock when jobs
+        # overlapped, below it when the run also waited between jobs
+        "jobs_seconds": round(summed, 1),
+        "jobs_exceed_wall": seconds is not None and summed > seconds,
         "wall_es": (
             f"{number_es(seconds / 60, '.1f')} min"
             if seconds is not None
