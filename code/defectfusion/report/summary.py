@@ -781,7 +781,7 @@ def reproduce_info(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
         "wall_known": seconds is not None,
         # the jobs' own times summed (the runtime table's "Suma"): above the clock when jobs
         # overlapped, below it when the run also waited between jobs
-        "jobs_seconds": round(summed, 1),
+        "jobs_seconds": round(summed),
         "jobs_exceed_wall": seconds is not None and summed > seconds,
         "wall_es": (
             f"{number_es(seconds / 60, '.1f')} min"
@@ -843,6 +843,9 @@ def _late_drift(
     ]  # fmt: skip
     return {
         "any": bool(late), "n": len(variants), "variants": variants, "sized": sized,
+        # none holds over every reported contrast: indications, not findings
+        "n_survive_all": sum(bool(c.get("survives_all")) for c in late),
+        "indicative": not any(c.get("survives_all") for c in late),
         "adopted": adopted in variants,
         "n_map": len({c["b"] for c in late if c["metric"] == "map"}),
         "n_critical_recall": len({c["b"] for c in late if c["metric"] == "critical_recall"}),
@@ -862,11 +865,13 @@ def rule_power(pm: dict[str, Any], hypotheses: list[str]) -> dict[str, Any]:
     verdicts = {v: ((pm.get("phase2") or {}).get(v) or {}).get("verdict") or {} for v in hypotheses}
     sized = {v: d["detectable_drop"] for v, d in verdicts.items() if d.get("detectable_drop")}
     if not sized:  # no hypothesis, or none with a spread: every key, none known
-        return {"known": False, "powered": False, "worst": None, "power": POWER, **dict.fromkeys(
+        return {"known": False, "powered": False, "worst": None, "power": POWER,
+                "bounds_exclude_threshold": False, **dict.fromkeys(
             ("detectable_max", "detectable_min", "reproduce_threshold", "thesis_drop",
-             "share_of_threshold"))}  # fmt: skip
+             "share_of_threshold", "lowest_bound"))}  # fmt: skip
     worst = max(sized, key=lambda v: sized[v])
     threshold = verdicts[worst].get("reproduce_threshold")
+    lows = [d["ci_adjusted"][0] for d in verdicts.values() if (d.get("ci_adjusted") or [None])[0] is not None]
     return {
         "known": True,
         "power": POWER,
@@ -877,7 +882,34 @@ def rule_power(pm: dict[str, Any], hypotheses: list[str]) -> dict[str, Any]:
         "thesis_drop": abs(pm["thesis"]["drop"]),
         "powered": threshold is not None and sized[worst] <= threshold,
         "share_of_threshold": None if not threshold else sized[worst] / threshold,
+        # the lowest adjusted lower bound over the hypotheses: whether any interval reaches
+        # the drop the rule calls a reproduction
+        "lowest_bound": min(lows) if lows else None,
+        "bounds_exclude_threshold": bool(lows) and threshold is not None
+        and min(lows) > -threshold,
     }
+
+
+def _with_equivalence(effects: dict[str, Any], margin: float) -> dict[str, Any]:
+    """The named effects, each measurement with ``equivalent``: its 95 % interval lies inside
+    the rule's equivalence margin (a stricter test than the 90 % interval TOST uses), so the
+    book can say "does not change" where the interval allows it, not only "inconclusive"."""
+    out: dict[str, Any] = {}
+    for name, effect in effects.items():
+        out[name] = dict(effect)
+        for which, splits in effect.items():
+            if not isinstance(splits, dict):
+                continue
+            out[name][which] = {
+                split: {
+                    m: {**d, "equivalent": d.get("ci", [None])[0] is not None
+                        and -margin <= d["ci"][0] and d["ci"][1] <= margin}
+                    if isinstance(d, dict) else d
+                    for m, d in metrics.items()
+                } if isinstance(metrics, dict) else metrics
+                for split, metrics in splits.items()
+            }  # fmt: skip
+    return out
 
 
 def coverage_summary(cov: dict[str, Any] | None) -> dict[str, Any]:
@@ -921,7 +953,9 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             "covers": pm["covers"],
             "thesis": pm["thesis"],
             "rule": pm["rule"],
-            "effects": pm["effects"],
+            "effects": _with_equivalence(pm["effects"], float(pm["rule"]["equivalence_margin"])),
+            # the equivalence margin as a share of the thesis's drop: what "no change" allows
+            "margin_share": float(pm["rule"]["equivalence_margin"]) / abs(pm["thesis"]["drop"]),
             "factorial": pm["factorial"],
             "has_factorial": pm["factorial"] is not None,
             "operating_point": pm["operating_point"],
