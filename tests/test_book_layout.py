@@ -82,7 +82,7 @@ def test_the_title_page_names_the_author_the_day_and_the_commit(
     _, pdf_path = printed
     title = pdfium.PdfDocument(pdf_path)[0].get_textpage().get_text_range()
     title = re.sub(r"\s+", " ", title)
-    assert "el proyecto defectfusion" in title  # thesis/_config.yml's author
+    assert "Proyecto defectfusion" in title  # thesis/_config.yml's author
     assert "28 de mayo de 2026" in title  # SOURCE_DATE_EPOCH's day, in Spanish
 
 
