@@ -269,6 +269,18 @@ def _pages(toc: Path) -> list[tuple[str, bool]]:
     return walk([{"file": data["root"]}, *(data.get("chapters") or [])], False)
 
 
+def _heading_text(text: str) -> str:
+    """A heading as the contents print it: its text, escaped, with its italics kept (the book
+    sets *post mortem* in italics, in the headings too)."""
+    import html as html_lib
+    import re
+
+    text = re.sub(r'<a class="headerlink".*?</a>', "", text, flags=re.S).strip()
+    parts = text.replace("</em>", "<em>").split("<em>")  # odd parts: inside <em>
+    plain = [html_lib.escape(html_lib.unescape(re.sub(r"<[^>]+>", "", p))) for p in parts]
+    return "".join(f"<em>{p}</em>" if i % 2 else p for i, p in enumerate(plain) if p)
+
+
 def _strip_tags(text: str) -> str:
     import html as html_lib
     import re
@@ -356,7 +368,7 @@ def front_matter(title: str, subtitle: str, articles: list[str], byline: Sequenc
     # every section's heading, with the id `_heading_ids` gave it
     heads = re.findall(r'<h([12]) id="([^"]+-titulo)">(.*?)</h\1>', joined, re.S)
     contents = "".join(
-        f'<li class="h{level}"><a href="#{hid}">{html_lib.escape(_strip_tags(text))}</a></li>'
+        f'<li class="h{level}"><a href="#{hid}">{_heading_text(text)}</a></li>'
         for level, hid, text in heads
     )
 
