@@ -817,16 +817,20 @@ def nested_spread(values: np.ndarray, phase1_of: Sequence[int]) -> dict[str, Any
     }
 
 
-def _half_width(spread: dict[str, Any], level: float) -> float:
+def _half_width(spread: dict[str, Any], level: float, power: float | None = None) -> float:
     """Each share at its own quantile, added in quadrature: t(S - 1) for the seeds, the
     normal one for the images. With the seeds dominating it is the exact t interval over
     seeds, with the images dominating the normal interval of the bootstrap; between the
     two it is a little wide. (A Welch-Satterthwaite t on the summed variance under-covers
     at 3 seeds: its estimated df grows exactly when the seeds' variance is small by chance,
-    92.6 % at a 5x seed spread in benchmarks/bench_coverage.py.)"""
+    92.6 % at a 5x seed spread in benchmarks/bench_coverage.py.) With `power`, each quantile
+    gains that of the power (`detectable_drop`)."""
     q = 1.0 - (1.0 - level / 100.0) / 2.0
-    z = float(stats.norm.ppf(q))
-    t = z if spread["df"] is None else float(stats.t.ppf(q, spread["df"]))
+    z = float(stats.norm.ppf(q)) + (float(stats.norm.ppf(power)) if power else 0.0)
+    t = z
+    if spread["df"] is not None:
+        t = float(stats.t.ppf(q, spread["df"]))
+        t += float(stats.t.ppf(power, spread["df"])) if power else 0.0
     return float(np.hypot(t * spread["seed_se"], z * spread["image_se"]))
 
 
@@ -850,14 +854,7 @@ def detectable_drop(spread: dict[str, Any], level: float, power: float = POWER) 
     `_half_width`. A difference under the half-width is never declared, however exactly it is
     measured; this is what the rule can see at the seed count it ran. An approximation: with
     3 seeds the seed share of the SE is itself uncertain, which the t quantiles only price in."""
-    if spread.get("se") is None:
-        return None
-    q = 1.0 - (1.0 - level / 100.0) / 2.0
-    z = float(stats.norm.ppf(q)) + float(stats.norm.ppf(power))
-    t = z if spread["df"] is None else (
-        float(stats.t.ppf(q, spread["df"])) + float(stats.t.ppf(power, spread["df"]))
-    )
-    return float(np.hypot(t * spread["seed_se"], z * spread["image_se"]))
+    return None if spread.get("se") is None else _half_width(spread, level, power)
 
 
 def t_p_value(diff: float | None, spread: dict[str, Any]) -> float | None:

@@ -579,6 +579,11 @@ def thesis_relative(thesis: dict[str, Any]) -> float:
     return thesis["drop"] / thesis["phase1"]
 
 
+def within_margin(ci: Sequence[float | None] | None, margin: float) -> bool:
+    """Whether an interval lies inside +-`margin`: "no change" in practice (equivalence)."""
+    return bool(ci) and ci[0] is not None and -margin <= ci[0] and ci[1] <= margin
+
+
 def _sign(ci: Sequence[float | None]) -> int:
     if ci[0] is None or ci[1] is None:
         return 0
@@ -619,7 +624,7 @@ def judge(
     t_rel = thesis_relative(thesis)
     fraction = None if relative is None else relative / t_rel  # > 0: the thesis's direction
     margin = float(rule["equivalence_margin"])
-    within = ci_val[0] is not None and -margin <= ci_val[0] and ci_val[1] <= margin
+    within = within_margin(ci_val, margin)
     big_enough = fraction is not None and fraction >= rule["min_fraction"]
     if sign < 0 and test_ok and big_enough:
         branch = "reproduces"

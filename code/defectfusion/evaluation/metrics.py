@@ -540,4 +540,3 @@ def pooled_cases(
         )
         out[direction] = ranked[:top] if top is not None else ranked
     return out
-

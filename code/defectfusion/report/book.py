@@ -13,7 +13,9 @@ that MathJax typesets in the HTML are drawn here, as SVG, by matplotlib's mathte
 
 from __future__ import annotations
 
+import html as html_lib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -213,7 +215,6 @@ def _cases_html(lhs: str, rows: list[str], rhs: str, size: float) -> str | None:
 def _math_svg(tex: str, size: float, display: bool = False) -> str | None:
     """`tex` drawn by matplotlib's mathtext, as inline <img>s; None if mathtext can't.
     Display math keeps TeX's display style: full-size fractions, and `cases` with its brace."""
-    import re
 
     for pattern, repl in _MATH_FIXES:
         tex = re.sub(pattern, repl, tex)
@@ -236,8 +237,6 @@ def _math_svg(tex: str, size: float, display: bool = False) -> str | None:
 
 def _typeset_math(html: str) -> str:
     """MathJax's \\( \\) and \\[ \\] in Sphinx's HTML, drawn as SVG images."""
-    import html as html_lib
-    import re
 
     def display(m: re.Match) -> str:
         svg = _math_svg(html_lib.unescape(m.group(1)), 11, display=True)
@@ -269,23 +268,22 @@ def _pages(toc: Path) -> list[tuple[str, bool]]:
     return walk([{"file": data["root"]}, *(data.get("chapters") or [])], False)
 
 
+_HEADERLINK = re.compile(r'<a class="headerlink".*?</a>', re.S)  # Sphinx's "#" anchor
+
+
 def _heading_text(text: str) -> str:
     """A heading as the contents print it: its text, escaped, with its italics kept (the book
     sets *post mortem* in italics, in the headings too)."""
-    import html as html_lib
-    import re
 
-    text = re.sub(r'<a class="headerlink".*?</a>', "", text, flags=re.S).strip()
+    text = _HEADERLINK.sub("", text).strip()
     parts = text.replace("</em>", "<em>").split("<em>")  # odd parts: inside <em>
     plain = [html_lib.escape(html_lib.unescape(re.sub(r"<[^>]+>", "", p))) for p in parts]
     return "".join(f"<em>{p}</em>" if i % 2 else p for i, p in enumerate(plain) if p)
 
 
 def _strip_tags(text: str) -> str:
-    import html as html_lib
-    import re
 
-    text = re.sub(r'<a class="headerlink".*?</a>', "", text, flags=re.S)
+    text = _HEADERLINK.sub("", text)
     return html_lib.unescape(re.sub(r"<[^>]+>", "", text)).strip()
 
 
@@ -293,7 +291,6 @@ def _heading_ids(article: str) -> str:
     """Each section's heading given the id ``SECTION-titulo``: the contents point at the
     heading, whose page is the one it prints on (a section's own box can start at the foot
     of the page before, with its label)."""
-    import re
 
     # a labelled section ("(sec-x)=") opens with an empty <span id> before its heading
     return re.sub(
@@ -307,7 +304,6 @@ def _one_document(name: str, article: str) -> str:
     """A page's article made part of one document: its ids prefixed with the page's name and
     its links, to itself or to another page, pointed at those ids, so references and the
     contents' page numbers (``target-counter``) resolve inside the PDF."""
-    import re
 
     article = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{name}--{m.group(1)}"', article)
     article = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{name}--{m.group(1)}"', article)
@@ -325,7 +321,6 @@ def title_lines(config: Path, environ: Mapping[str, str] = os.environ) -> list[s
     The day is today's, or SOURCE_DATE_EPOCH's where it is set (the reproducible-builds
     convention: a rebuild of the same commit prints the same day)."""
     import datetime as dt
-    import html as html_lib
 
     import yaml
     from babel.dates import format_date  # Sphinx's own dependency: the date in Spanish
@@ -361,8 +356,6 @@ def front_matter(title: str, subtitle: str, articles: list[str], byline: Sequenc
     and lists of figures and tables (each numbered caption with its page), from the joined
     articles. Written here because the book is printed from its HTML by WeasyPrint, which
     has no LaTeX-style front matter; `target-counter` gives the page numbers."""
-    import html as html_lib
-    import re
 
     joined = "\n".join(articles)
     # every section's heading, with the id `_heading_ids` gave it
@@ -411,7 +404,6 @@ def front_matter(title: str, subtitle: str, articles: list[str], byline: Sequenc
 def _unbroken_intervals(html: str) -> str:
     """Each confidence interval ``[−0.0437, −0.0068]`` of a table cell kept on one line: a
     narrow printed column broke them after the comma."""
-    import re
 
     interval = re.compile(r"\[[−+-]?\d+(?:\.\d+)?, [−+-]?\d+(?:\.\d+)?\]")
 
@@ -435,7 +427,6 @@ def _keep_together(html: str) -> str:
     """What the print CSS keeps on one page, marked in each results table: the whole table
     where it is short (``corta``: at most SHORT_TABLE_ROWS rows), and each row whose first
     cell repeats the one above's (``grupo-sigue``: the next seed of a variant) with it."""
-    import re
 
     def table(t: re.Match) -> str:
         body = re.search(r"<tbody\b.*?</tbody>", t.group(2), flags=re.S)
@@ -466,7 +457,6 @@ def build_pdf(html: str | Path, toc: str | Path, out: str | Path) -> Path:
     """Print the built site `html` (from `build_book`) to `out`/libro.pdf, pages in the order
     of `toc`: each page's article, one after the other, through WeasyPrint."""
     import logging
-    import re
 
     html, toc, out = (Path(p).resolve() for p in (html, toc, out))
     try:

@@ -103,6 +103,7 @@ The book reads only this file, the tables and the figures, so this schema is a c
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -722,11 +723,17 @@ def significant(pm: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def n_reported(pm: dict[str, Any]) -> int:
+    """How many of the post-mortem's contrasts the book reports (`reported`)."""
+    return sum(reported(c) for c in pm["contrasts"])
+
+
 def family_level(pm: dict[str, Any]) -> float:
     """The level at which every reported contrast's interval holds together at the rule's
     level (Bonferroni over all of them, not only over the rule's hypotheses)."""
-    n = max(1, sum(reported(c) for c in pm["contrasts"]))
-    return 100.0 - (100.0 - float(pm["rule"]["level"])) / n
+    from defectfusion.analysis.postmortem import adjusted_level  # deferred: loads scipy
+
+    return adjusted_level({**pm["rule"], "adjust": "bonferroni"}, n_reported(pm))
 
 
 def end_to_end_seconds(layout: Layout) -> float | None:
@@ -735,12 +742,22 @@ def end_to_end_seconds(layout: Layout) -> float | None:
     without the files, or when their times cannot be a run's (a `dvc pull` or checkout
     rewrites them: the span is then shorter than the chain data -> Phase 1 -> Phase 2 that
     any run waits for)."""
+    return _span(_stage_jobs(layout))
+
+
+def _stage_jobs(layout: Layout) -> list[tuple[str, float, float]]:
+    """Each stage job's benchmark file name, wall seconds and modification time."""
     jobs = []
     for name in layout.stage_benchmarks():
         path = Path(name)
         bench = read_benchmark(path)
         if bench is not None and bench["s"] is not None:
             jobs.append((path.name, bench["s"], path.stat().st_mtime))
+    return jobs
+
+
+def _span(jobs: list[tuple[str, float, float]]) -> float | None:
+    """`end_to_end_seconds` of these jobs."""
     if not jobs:
         return None
     span = max(e for _, _, e in jobs) - min(e - w for _, w, e in jobs)
@@ -769,9 +786,8 @@ def reproduce_info(values: dict[str, Any], layout: Layout) -> dict[str, Any]:
     generator's seed, the DVC remote, and the run's duration on the clock."""
     profile = (values.get("pipeline") or {}).get("profile") or "default"
     extra = "" if profile == "default" else f" --configfile configs/{profile}.yaml"
-    seconds = end_to_end_seconds(layout)
-    benches = [read_benchmark(Path(name)) for name in layout.stage_benchmarks()]
-    summed = sum(b["s"] for b in benches if b is not None and b["s"] is not None)
+    jobs = _stage_jobs(layout)
+    seconds, summed = _span(jobs), sum(w for _, w, _ in jobs)
     return {
         "command": f"snakemake --cores all{extra}",
         "data_seed": ((values.get("pipeline") or {}).get("dataset") or {}).get("seed"),
@@ -892,23 +908,16 @@ def rule_power(pm: dict[str, Any], hypotheses: list[str]) -> dict[str, Any]:
 
 def _with_equivalence(effects: dict[str, Any], margin: float) -> dict[str, Any]:
     """The named effects, each measurement with ``equivalent``: its 95 % interval lies inside
-    the rule's equivalence margin (a stricter test than the 90 % interval TOST uses), so the
-    book can say "does not change" where the interval allows it, not only "inconclusive"."""
-    out: dict[str, Any] = {}
-    for name, effect in effects.items():
-        out[name] = dict(effect)
-        for which, splits in effect.items():
-            if not isinstance(splits, dict):
-                continue
-            out[name][which] = {
-                split: {
-                    m: {**d, "equivalent": d.get("ci", [None])[0] is not None
-                        and -margin <= d["ci"][0] and d["ci"][1] <= margin}
-                    if isinstance(d, dict) else d
-                    for m, d in metrics.items()
-                } if isinstance(metrics, dict) else metrics
-                for split, metrics in splits.items()
-            }  # fmt: skip
+    the rule's equivalence margin (`postmortem.within_margin`; a stricter test than the 90 %
+    interval TOST uses), so the book can say "does not change" where the interval allows it,
+    not only "inconclusive"."""
+    from defectfusion.analysis.postmortem import within_margin  # deferred: loads scipy
+
+    out = copy.deepcopy(effects)
+    for effect in out.values():  # {"a", "b", which: {split: {metric: measurement}}}
+        for splits in (x for x in effect.values() if isinstance(x, dict)):
+            for measurement in (d for metrics in splits.values() for d in metrics.values()):
+                measurement["equivalent"] = within_margin(measurement.get("ci"), margin)
     return out
 
 
@@ -982,7 +991,7 @@ def postmortem_summary(pm: dict[str, Any]) -> dict[str, Any]:
             "n_epoch1_other_all": sum(c["survives_all"] for c in other),
             "power": rule_power(pm, hypotheses),
             "coverage": coverage_summary(pm.get("coverage")),
-            "n_reported": sum(reported(c) for c in pm["contrasts"]),
+            "n_reported": n_reported(pm),
             "any_significant": bool(sig),
             # of those, the ones that hold with Bonferroni over every reported contrast
             "n_significant_all": sum(c["survives_all"] for c in sig),

@@ -1021,7 +1021,7 @@ def significant_table(values: dict[str, Any], layout: Layout) -> Table:
             "all": c["survives_all"], "all_es": "sí" if c["survives_all"] else "no",
         })  # fmt: skip
     level = pm["rule"]["level_each"]
-    n_all = sum(S.reported(c) for c in pm["contrasts"])
+    n_all = S.n_reported(pm)
     cols = [
         Col("contrast", "B - A", "s", "Comparación (B − A)"),
         Col("metric", "Metric", "s", "Métrica"),
